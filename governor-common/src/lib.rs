@@ -1,1 +1,147 @@
+//! Types shared by the kernel programs (`governor-ebpf`) and user space
+//! (`governor`). Everything here is `#[repr(C)]` and plain old data: the
+//! kernel writes these bytes into the ring buffer and user space reads them
+//! back, so both sides must agree on every offset.
 #![no_std]
+
+/// Longest executable path the exec event carries (bytes, NUL-terminated).
+pub const FILENAME_MAX: usize = 256;
+/// Longest argv block the exec event carries (NUL-separated arguments).
+/// A power of two so the kernel side can bound the copy with a mask.
+pub const ARGV_MAX: usize = 512;
+/// `TASK_COMM_LEN` in the kernel.
+pub const COMM_LEN: usize = 16;
+
+/// Discriminates the events in the ring buffer; the first field of every event.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Exec = 1,
+    Exit = 2,
+    Fork = 3,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Exec),
+            2 => Some(Self::Exit),
+            3 => Some(Self::Fork),
+            _ => None,
+        }
+    }
+}
+
+/// Common prefix of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// An [`EventKind`] as u32.
+    pub kind: u32,
+    /// Thread-group id (the process id user space knows) the event is about.
+    pub pid: u32,
+    /// Thread-group id of the real parent.
+    pub ppid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` when the event fired (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// The process's `task_struct.start_time` (CLOCK_MONOTONIC, ns).
+    pub start_ns: u64,
+}
+
+/// A successful `execve`: the process now runs `filename`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecEvent {
+    pub hdr: EventHeader,
+    pub comm: [u8; COMM_LEN],
+    /// Bytes of `filename` used, without the NUL.
+    pub filename_len: u32,
+    /// Bytes of `argv` copied (may be cut at [`ARGV_MAX`]).
+    pub argv_len: u32,
+    /// Set when the argv block was longer than [`ARGV_MAX`].
+    pub argv_truncated: u32,
+    pub _pad: u32,
+    pub filename: [u8; FILENAME_MAX],
+    pub argv: [u8; ARGV_MAX],
+}
+
+/// The death of a process (its thread-group leader exiting).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitEvent {
+    pub hdr: EventHeader,
+    /// `task_struct.exit_code`: status in bits 8..16, terminating signal in
+    /// bits 0..7, core-dump flag in bit 7 (the `wait(2)` encoding).
+    pub exit_code: u32,
+    pub _pad: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A new process (not a thread) was forked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ForkEvent {
+    pub hdr: EventHeader,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Offsets the programs need, computed by user space at load time from the
+/// running kernel's BTF (`/sys/kernel/btf/vmlinux`) and the tracepoint
+/// formats in tracefs. Rust eBPF objects carry no CO-RE relocations, so
+/// nothing about kernel struct layout may be compiled in: an object built with
+/// one kernel's offsets reads garbage on another.
+///
+/// Handed to the programs as the read-only global [`KERNEL_CONFIG_SYMBOL`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// 1 once user space filled this in; the programs do nothing while 0.
+    pub configured: u32,
+    pub task_exit_code: u32,
+    pub task_start_time: u32,
+    pub task_real_parent: u32,
+    pub task_tgid: u32,
+    pub task_pid: u32,
+    pub task_mm: u32,
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
+    /// Offset of the `__data_loc char[] filename` field in the
+    /// `sched_process_exec` tracepoint record.
+    pub tp_exec_filename: u32,
+    pub file_f_mode: u32,
+    pub file_f_inode: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub sb_s_dev: u32,
+    pub _pad: u32,
+}
+
+/// Name of the global holding the [`KernelConfig`].
+pub const KERNEL_CONFIG_SYMBOL: &str = "GOVERNOR_KERNEL_CONFIG";
+/// Name of the lifecycle ring buffer map.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Name of the per-CPU counter of events lost because the ring was full.
+pub const DROPS_MAP: &str = "DROPPED";
+/// Name of the hash map of inodes the LSM layer refuses writes to.
+pub const DENY_INODES_MAP: &str = "DENY_WRITE_INODES";
+
+/// Key of [`DENY_INODES_MAP`]: a file identified by device and inode number,
+/// not by path, so hard links and renames can't get around it. `dev` uses the
+/// kernel's encoding (`major << 20 | minor`), not glibc's `st_dev`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InodeKey {
+    pub dev: u32,
+    pub _pad: u32,
+    pub ino: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] structs of integers and byte arrays
+    // with explicit padding fields, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::KernelConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InodeKey {}
+}

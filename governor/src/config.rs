@@ -1,0 +1,638 @@
+//! The TOML configuration: schema, parsing, and errors that name the file,
+//! line and key.
+//!
+//! Unknown keys are errors (a typo must not silently disable a limit), and
+//! every value is validated while parsing so the error points at it.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{de, Deserialize, Deserializer};
+use toml::Spanned;
+
+/// The config governor runs on when none is given (`cargo xtask run`).
+pub const EXAMPLE_CONFIG: &str = include_str!("../../examples/governor.toml");
+/// Where `governor run` looks by default.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/governor/governor.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub daemon: Daemon,
+    #[serde(default)]
+    pub defaults: Defaults,
+    #[serde(default)]
+    pub tiers: BTreeMap<String, Tier>,
+    #[serde(default)]
+    pub system: System,
+    #[serde(default, rename = "service")]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub alerts: Alerts,
+    #[serde(default)]
+    pub audit: Audit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Daemon {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Size of the kernel→daemon event ring.
+    #[serde(default = "default_ring")]
+    pub ring_size: ByteSize,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/governor")
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/governor/governor.sock")
+}
+fn default_ring() -> ByteSize {
+    ByteSize(crate::probes::DEFAULT_RING_BYTES as u64)
+}
+
+impl Default for Daemon {
+    fn default() -> Self {
+        Daemon {
+            state_dir: default_state_dir(),
+            socket: default_socket(),
+            ring_size: default_ring(),
+        }
+    }
+}
+
+/// What to do when a service enters a crash loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrashLoopAction {
+    /// Alert and audit only.
+    #[default]
+    Alert,
+    /// Also stop the service through its supervisor after `stop_after`
+    /// further crashes.
+    Stop,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Restart-velocity window.
+    #[serde(default = "default_window")]
+    pub window: HumanDuration,
+    /// Restarts tolerated in the window; one more is a crash loop.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    #[serde(default = "default_ceiling")]
+    pub memory_ceiling: ByteSize,
+    /// Clean uptime that ends a crash loop (and resets "restarting").
+    #[serde(default = "default_stable_after")]
+    pub stable_after: HumanDuration,
+    #[serde(default)]
+    pub crash_loop_action: CrashLoopAction,
+    /// With `crash_loop_action = "stop"`: crashes tolerated after entering
+    /// the loop before the service is stopped.
+    #[serde(default = "default_stop_after")]
+    pub stop_after: u32,
+}
+
+fn default_window() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
+}
+fn default_max_restarts() -> u32 {
+    2
+}
+fn default_ceiling() -> ByteSize {
+    ByteSize(200 << 20)
+}
+fn default_stable_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
+}
+fn default_stop_after() -> u32 {
+    3
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            window: default_window(),
+            max_restarts: default_max_restarts(),
+            memory_ceiling: default_ceiling(),
+            stable_after: default_stable_after(),
+            crash_loop_action: CrashLoopAction::default(),
+            stop_after: default_stop_after(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    pub memory_ceiling: Option<ByteSize>,
+    pub max_restarts: Option<u32>,
+    pub window: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct System {
+    #[serde(default = "default_floor")]
+    pub memory_floor: ByteSize,
+}
+
+fn default_floor() -> ByteSize {
+    ByteSize(500 << 20)
+}
+
+impl Default for System {
+    fn default() -> Self {
+        System {
+            memory_floor: default_floor(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: Spanned<String>,
+    /// pm2 app name (pm2 sets `name` in each app's environment).
+    pub pm2: Option<String>,
+    /// systemd unit, e.g. `lily.service`.
+    pub unit: Option<String>,
+    /// A cgroup path prefix, e.g. `/system.slice/lily.service`.
+    pub cgroup: Option<String>,
+    /// Executable path (exact) or basename.
+    pub exe: Option<String>,
+    /// Regex over the space-joined argv, with `exe`.
+    pub args: Option<ArgsRegex>,
+    pub tier: Option<Spanned<String>>,
+    #[serde(default)]
+    pub critical: bool,
+    pub max_restarts: Option<u32>,
+    pub window: Option<HumanDuration>,
+    pub memory_ceiling: Option<ByteSize>,
+    pub crash_loop_action: Option<CrashLoopAction>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alerts {
+    pub telegram: Option<governor_alerts::TelegramConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// Rotate `audit.jsonl` when it grows past this size; one chain spans
+    /// the files.
+    #[serde(default = "default_rotate")]
+    pub rotate_size: ByteSize,
+}
+
+fn default_rotate() -> ByteSize {
+    ByteSize(64 << 20)
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            rotate_size: default_rotate(),
+        }
+    }
+}
+
+/// A duration written like `10m`, `30s`, `1h30m`, `500ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+/// A size written like `200MiB`, `65MiB`, `1GiB`, `4096`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+/// A compiled argv regex.
+#[derive(Debug, Clone)]
+pub struct ArgsRegex(pub regex::Regex);
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration; write e.g. \"10m\", \"30s\", \"1h30m\"".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!(
+                "invalid duration \"{s}\": expected a number at \"{rest}\""
+            ));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("invalid duration \"{s}\": number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86_400),
+            "" => {
+                return Err(format!(
+                    "invalid duration \"{s}\": missing unit (ms, s, m, h or d)"
+                ))
+            }
+            u => {
+                return Err(format!(
+                    "invalid duration \"{s}\": unknown unit \"{u}\" (use ms, s, m, h or d)"
+                ))
+            }
+        };
+        total += d;
+    }
+    Ok(total)
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits == 0 {
+        return Err(format!(
+            "invalid size \"{s}\": write e.g. \"200MiB\", \"1GiB\""
+        ));
+    }
+    let n: u64 = t[..digits]
+        .parse()
+        .map_err(|_| format!("invalid size \"{s}\": number too large"))?;
+    let mult: u64 = match t[digits..].trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "invalid size \"{s}\": unknown unit \"{u}\" (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size \"{s}\": too large"))
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_size(&s).map(ByteSize).map_err(de::Error::custom),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ArgsRegex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        regex::Regex::new(&s)
+            .map(ArgsRegex)
+            .map_err(|e| de::Error::custom(format!("invalid regex: {e}")))
+    }
+}
+
+/// A config error located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// The offending key, dotted with its table (`defaults.window`), when known.
+    pub key: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if let Some(k) = &self.key {
+            write!(f, "key `{k}`: ")?;
+        }
+        write!(f, "{}", self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// 1-based (line, column) of a byte offset.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map(|i| offset - i).unwrap_or(offset + 1);
+    (line, col)
+}
+
+/// The dotted key at `offset`: the table header in force there plus the key
+/// on that line (`service.tier`, `defaults.window`).
+fn key_at(src: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(src.len());
+    let line_start = src[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_end = src[offset..]
+        .find('\n')
+        .map(|i| offset + i)
+        .unwrap_or(src.len());
+    let line = &src[line_start..line_end];
+    let trimmed = line.trim();
+    let section = src[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    if trimmed.starts_with('[') {
+        return Some(
+            trimmed
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        );
+    }
+    let key = trimmed.split('=').next()?.trim().trim_matches('"');
+    if key.is_empty() || !trimmed.contains('=') {
+        return section;
+    }
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+impl ConfigError {
+    fn at(file: &Path, src: &str, offset: usize, reason: String) -> Self {
+        let (line, column) = line_col(src, offset);
+        ConfigError {
+            file: file.to_path_buf(),
+            line,
+            column,
+            key: key_at(src, offset),
+            reason,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            key: None,
+            reason: format!("cannot read the config: {e}"),
+        })?;
+        Self::parse(path, &src)
+    }
+
+    /// Parses `src` (named `file` in errors) and checks cross-field rules.
+    pub fn parse(file: &Path, src: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(src).map_err(|e| {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            ConfigError::at(file, src, offset, e.message().trim().to_string())
+        })?;
+        cfg.validate(file, src)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &Path, src: &str) -> Result<(), ConfigError> {
+        let err = |offset: usize, reason: String| Err(ConfigError::at(file, src, offset, reason));
+        if self.defaults.window.0.is_zero() {
+            let off = src.find("window").unwrap_or(0);
+            return err(off, "the restart window must be longer than zero".into());
+        }
+        let mut seen = BTreeMap::new();
+        for svc in &self.services {
+            let name = svc.name.get_ref();
+            let at = svc.name.span().start;
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+            {
+                return err(
+                    at,
+                    format!("service name \"{name}\" must be non-empty and use only letters, digits, - _ . @"),
+                );
+            }
+            if seen.insert(name.clone(), at).is_some() {
+                return err(at, format!("duplicate service name \"{name}\""));
+            }
+            if svc.pm2.is_none() && svc.unit.is_none() && svc.cgroup.is_none() && svc.exe.is_none()
+            {
+                return err(
+                    at,
+                    format!(
+                        "service \"{name}\" has no matcher: set one of pm2, unit, cgroup or exe"
+                    ),
+                );
+            }
+            if svc.args.is_some() && svc.exe.is_none() {
+                return err(at, format!("service \"{name}\": `args` needs `exe`"));
+            }
+            if let Some(t) = &svc.tier {
+                if !self.tiers.contains_key(t.get_ref()) {
+                    let known: Vec<_> = self.tiers.keys().cloned().collect();
+                    return err(
+                        t.span().start,
+                        format!(
+                            "unknown tier \"{}\" (defined tiers: {})",
+                            t.get_ref(),
+                            known.join(", ")
+                        ),
+                    );
+                }
+            }
+            if let Some(w) = &svc.window {
+                if w.0.is_zero() {
+                    return err(
+                        at,
+                        format!("service \"{name}\": window must be longer than zero"),
+                    );
+                }
+            }
+        }
+        if let Some(t) = &self.alerts.telegram {
+            if let Err(p) = t.validate() {
+                let off = src.find("[alerts.telegram]").unwrap_or(0);
+                let key_off = src[off..]
+                    .find(&format!("\n{} ", p.key))
+                    .map(|i| off + i + 1)
+                    .unwrap_or(off);
+                let mut e = ConfigError::at(file, src, key_off, p.reason.clone());
+                e.key = Some(format!("alerts.telegram.{}", p.key));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Limits for one service, after tier and per-service overrides.
+    pub fn limits_for(&self, svc: Option<&Service>) -> Limits {
+        let d = &self.defaults;
+        let tier = svc
+            .and_then(|s| s.tier.as_ref())
+            .and_then(|t| self.tiers.get(t.get_ref()));
+        Limits {
+            window: svc
+                .and_then(|s| s.window)
+                .or(tier.and_then(|t| t.window))
+                .unwrap_or(d.window)
+                .0,
+            max_restarts: svc
+                .and_then(|s| s.max_restarts)
+                .or(tier.and_then(|t| t.max_restarts))
+                .unwrap_or(d.max_restarts),
+            memory_ceiling: svc
+                .and_then(|s| s.memory_ceiling)
+                .or(tier.and_then(|t| t.memory_ceiling))
+                .unwrap_or(d.memory_ceiling)
+                .0,
+            stable_after: d.stable_after.0,
+            action: svc
+                .and_then(|s| s.crash_loop_action)
+                .unwrap_or(d.crash_loop_action),
+            stop_after: d.stop_after,
+            critical: svc.map(|s| s.critical).unwrap_or(false),
+        }
+    }
+}
+
+/// Effective limits of one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub window: Duration,
+    pub max_restarts: u32,
+    pub memory_ceiling: u64,
+    pub stable_after: Duration,
+    pub action: CrashLoopAction,
+    pub stop_after: u32,
+    pub critical: bool,
+}
+
+/// SHA-256 of the config text, for the audit chain.
+pub fn config_hash(src: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(src.as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("g.toml"), src)
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let cfg = parse(EXAMPLE_CONFIG).unwrap();
+        assert!(!cfg.services.is_empty());
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("10x").is_err());
+        assert!(parse_duration("m").is_err());
+        assert_eq!(parse_size("200MiB").unwrap(), 200 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn tier_and_service_overrides() {
+        let cfg = parse(
+            "[defaults]\nmax_restarts = 2\n[tiers.thin]\nmemory_ceiling = \"65MiB\"\n\
+             [[service]]\nname = \"a\"\npm2 = \"a\"\ntier = \"thin\"\nmax_restarts = 5\n",
+        )
+        .unwrap();
+        let l = cfg.limits_for(cfg.services.first());
+        assert_eq!(l.memory_ceiling, 65 << 20);
+        assert_eq!(l.max_restarts, 5);
+        assert_eq!(l.window, Duration::from_secs(600));
+    }
+
+    /// Each malformed config names the right line and key.
+    #[test]
+    fn malformed_configs_name_line_and_key() {
+        let cases: &[(&str, usize, &str, &str)] = &[
+            ("[defaults]\nwindow = \"10x\"\n", 2, "defaults.window", "unknown unit"),
+            ("[daemon]\nstate_dir = \"/x\"\nsokcet = \"/y\"\n", 3, "daemon.sokcet", "unknown field"),
+            ("[defaults]\nmax_restarts = \"two\"\n", 2, "defaults.max_restarts", "invalid type"),
+            ("[system]\nmemory_floor = \"lots\"\n", 2, "system.memory_floor", "invalid size"),
+            (
+                "[[service]]\nname = \"lily\"\npm2 = \"lily\"\ntier = \"huge\"\n",
+                4,
+                "service.tier",
+                "unknown tier",
+            ),
+            ("[[service]]\nname = \"x\"\ncritical = true\n", 2, "service.name", "no matcher"),
+            (
+                "[[service]]\nname = \"x\"\nexe = \"/bin/x\"\nargs = \"([\"\n",
+                4,
+                "service.args",
+                "invalid regex",
+            ),
+            (
+                "[[service]]\nname = \"a\"\npm2 = \"a\"\n\n[[service]]\nname = \"a\"\npm2 = \"b\"\n",
+                6,
+                "service.name",
+                "duplicate",
+            ),
+            ("[defaults\nwindow = \"1m\"\n", 1, "", ""),
+        ];
+        for (src, line, key, reason) in cases {
+            let e = parse(src).expect_err(src);
+            assert_eq!(e.line, *line, "line for {src:?}: {e}");
+            if !key.is_empty() {
+                assert_eq!(e.key.as_deref(), Some(*key), "key for {src:?}: {e}");
+            }
+            assert!(e.reason.contains(reason), "reason for {src:?}: {e}");
+            assert!(e.to_string().starts_with(&format!("g.toml:{line}:")), "{e}");
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! `governor doctor`: what this kernel offers and which enforcement layers
+//! `governor run` would use. Every probe is real: program types are probed
+//! by loading a tiny program of each, and BPF LSM by attaching governor's own
+//! LSM program.
+
+use std::path::Path;
+
+use aya::programs::{LsmAttachType, ProgramType};
+use serde::Serialize;
+
+use crate::{btf::Btf, probes, tracefs};
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub checks: Vec<Check>,
+    /// Enforcement layers `governor run` would use, in order.
+    pub layers: Vec<String>,
+    pub bpf_lsm: bool,
+}
+
+fn check(name: &str, ok: bool, detail: impl Into<String>) -> Check {
+    Check {
+        name: name.into(),
+        ok,
+        detail: detail.into(),
+    }
+}
+
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Whether `path` is a mount of the filesystem with magic `magic`.
+fn is_fs(path: &str, magic: i64) -> bool {
+    let Ok(c) = std::ffi::CString::new(path) else {
+        return false;
+    };
+    // SAFETY: statfs only writes into the zeroed struct we own; the path is
+    // a valid NUL-terminated string.
+    unsafe {
+        let mut s: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == magic
+    }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Whether the filesystem holding `dir` accepts the immutable flag (the
+/// always-on enforcement layer), tested on a scratch file.
+pub fn immutable_flag_supported(dir: &Path) -> Result<(), String> {
+    let probe = dir.join(format!(".governor-flag-probe-{}", std::process::id()));
+    let f =
+        std::fs::File::create(&probe).map_err(|e| format!("create {}: {e}", probe.display()))?;
+    let r = crate::fsflags::set_flag(&f, crate::fsflags::FS_IMMUTABLE_FL, true)
+        .and_then(|_| crate::fsflags::set_flag(&f, crate::fsflags::FS_IMMUTABLE_FL, false));
+    drop(f);
+    std::fs::remove_file(&probe).ok();
+    r.map_err(|e| e.to_string())
+}
+
+pub fn run_checks(state_dir: &Path) -> Report {
+    let mut checks = Vec::new();
+    let kernel = kernel_release();
+    checks.push(check("kernel", true, &kernel));
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    checks.push(check(
+        "root",
+        root,
+        if root {
+            "running as root"
+        } else {
+            "not root: loading eBPF needs root"
+        },
+    ));
+
+    match Btf::from_sys_fs() {
+        Ok(btf) => {
+            let ok = btf.has_struct("task_struct");
+            checks.push(check("btf", ok, "/sys/kernel/btf/vmlinux readable"));
+        }
+        Err(e) => checks.push(check("btf", false, format!("{e:#}"))),
+    }
+    match tracefs::tracefs_root() {
+        Some(p) => checks.push(check("tracefs", true, p.display().to_string())),
+        None => checks.push(check(
+            "tracefs",
+            false,
+            "not mounted at /sys/kernel/tracing (cargo xtask setup mounts it)",
+        )),
+    }
+    let bpffs = is_fs("/sys/fs/bpf", BPF_FS_MAGIC);
+    checks.push(check(
+        "bpffs",
+        bpffs,
+        if bpffs {
+            "/sys/fs/bpf"
+        } else {
+            "not mounted at /sys/fs/bpf"
+        },
+    ));
+    match probes::kernel_config() {
+        Ok(c) => checks.push(check(
+            "offsets",
+            true,
+            format!(
+                "from running kernel: task_struct.exit_code={} start_time={} file.f_mode={} file.f_inode={}",
+                c.task_exit_code, c.task_start_time, c.file_f_mode, c.file_f_inode
+            ),
+        )),
+        Err(e) => checks.push(check("offsets", false, format!("{e:#}"))),
+    }
+    for (name, ty) in [
+        ("prog:tracepoint", ProgramType::TracePoint),
+        ("prog:raw_tracepoint", ProgramType::RawTracePoint),
+        ("prog:tracing(fentry)", ProgramType::Tracing),
+        ("prog:lsm", ProgramType::Lsm(LsmAttachType::Mac)),
+    ] {
+        match aya::sys::is_program_supported(ty) {
+            Ok(true) => checks.push(check(name, true, "loads")),
+            Ok(false) => checks.push(check(name, false, "refused by the kernel")),
+            Err(e) => checks.push(check(name, false, format!("probe failed: {e}"))),
+        }
+    }
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unreadable (securityfs not mounted?)".into());
+    checks.push(check("lsm list", true, &lsms));
+    let bpf_lsm = match probes::LsmGuard::load() {
+        Ok(_) => {
+            checks.push(check(
+                "bpf lsm",
+                true,
+                "governor's file_open program attached (and detached)",
+            ));
+            true
+        }
+        Err(e) => {
+            checks.push(check("bpf lsm", false, format!("{e:#}")));
+            false
+        }
+    };
+    let lifecycle = checks
+        .iter()
+        .filter(|c| c.name == "prog:tracepoint" || c.name == "offsets")
+        .all(|c| c.ok);
+    let dir = if state_dir.is_dir() {
+        state_dir
+    } else {
+        Path::new("/var/lib")
+    };
+    let mut layers = Vec::new();
+    match immutable_flag_supported(dir) {
+        Ok(()) => {
+            checks.push(check(
+                "vfs flags",
+                true,
+                format!("immutable/append-only flags work on {}", dir.display()),
+            ));
+            layers.push("vfs-flags".to_string());
+        }
+        Err(e) => checks.push(check("vfs flags", false, format!("{}: {e}", dir.display()))),
+    }
+    if lifecycle {
+        layers.push("ebpf-attempt-logging".to_string());
+    }
+    if bpf_lsm {
+        layers.push("bpf-lsm".to_string());
+    }
+    Report {
+        kernel,
+        checks,
+        layers,
+        bpf_lsm,
+    }
+}
+
+impl Report {
+    pub fn print_human(&self) {
+        println!("governor doctor — kernel {}", self.kernel);
+        for c in &self.checks {
+            println!(
+                "  [{}] {:<22} {}",
+                if c.ok { " ok " } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+        }
+        println!(
+            "BPF LSM: {}",
+            if self.bpf_lsm {
+                "active"
+            } else {
+                "not available"
+            }
+        );
+        println!(
+            "enforcement layers `governor run` would use: {}",
+            if self.layers.is_empty() {
+                "none".to_string()
+            } else {
+                self.layers.join(", ")
+            }
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! governor: an eBPF-powered root daemon that keeps a small Linux host
+//! honest. See DESIGN.md for the architecture; data flows one way:
+//!
+//! kernel ─ringbuf→ [`probes`]/[`events`] → [`proctable`] → tracker/policy →
+//! actions, audit, alerts.
+
+pub mod btf;
+pub mod config;
+pub mod daemon;
+pub mod doctor;
+pub mod events;
+pub mod fsflags;
+pub mod probes;
+pub mod proctable;
+pub mod tracefs;
+pub mod watch;

@@ -1,0 +1,312 @@
+//! Loads governor's kernel programs and hands out their event stream.
+//!
+//! The loader computes every offset the programs need from the running
+//! kernel (BTF and tracefs formats) and passes them in as a read-only global
+//! before load, so the same object is right on every kernel.
+
+use std::os::fd::AsRawFd;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{Lsm, RawTracePoint, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use governor_common::{
+    InodeKey, KernelConfig, DENY_INODES_MAP, DROPS_MAP, EVENTS_MAP, KERNEL_CONFIG_SYMBOL,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::{btf::Btf, events, tracefs};
+
+/// The compiled eBPF object, embedded so the binary is self-contained (the
+/// test binaries that run inside the qemu guest carry it too).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/governor"));
+
+/// Default lifecycle ring size. 1 MiB holds ~1,200 exec records (the
+/// largest) of backlog, which a storm on a 2-core host does not fill while
+/// the daemon drains it.
+pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+
+/// Computes the programs' [`KernelConfig`] for the running kernel.
+pub fn kernel_config() -> Result<KernelConfig> {
+    let btf = Btf::from_sys_fs()?;
+    let tracefs = tracefs::tracefs_root().context(
+        "tracefs is not mounted (tried /sys/kernel/tracing and /sys/kernel/debug/tracing); \
+         mount it with `mount -t tracefs tracefs /sys/kernel/tracing` or run `cargo xtask setup`",
+    )?;
+    let off = |s: &str, m: &str| btf.member_offset(s, m);
+    Ok(KernelConfig {
+        configured: 1,
+        task_exit_code: off("task_struct", "exit_code")?,
+        task_start_time: off("task_struct", "start_time")?,
+        task_real_parent: off("task_struct", "real_parent")?,
+        task_tgid: off("task_struct", "tgid")?,
+        task_pid: off("task_struct", "pid")?,
+        task_mm: off("task_struct", "mm")?,
+        mm_arg_start: off("mm_struct", "arg_start")?,
+        mm_arg_end: off("mm_struct", "arg_end")?,
+        tp_exec_filename: tracefs::field_offset(
+            &tracefs,
+            "sched",
+            "sched_process_exec",
+            "filename",
+        )?,
+        file_f_mode: off("file", "f_mode")?,
+        file_f_inode: off("file", "f_inode")?,
+        inode_i_ino: off("inode", "i_ino")?,
+        inode_i_sb: off("inode", "i_sb")?,
+        sb_s_dev: off("super_block", "s_dev")?,
+        _pad: 0,
+    })
+}
+
+/// Options for [`Probes::load`].
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    /// Size of the lifecycle ring in bytes (a power of two, ≥ 4 KiB).
+    pub ring_bytes: u32,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            ring_bytes: DEFAULT_RING_BYTES,
+        }
+    }
+}
+
+/// The loaded, attached lifecycle programs.
+pub struct Probes {
+    ebpf: Ebpf,
+    ring: AsyncFd<RingBuf<MapData>>,
+    drops: PerCpuArray<MapData, u64>,
+    log: Option<LogForwarder>,
+    pub config: KernelConfig,
+}
+
+/// Forwards the programs' aya-log records to the daemon's logger.
+pub struct LogForwarder(Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>);
+
+impl LogForwarder {
+    /// Forwards pending eBPF log records, waiting for some when none are
+    /// pending. Never resolves when the logger isn't available.
+    pub async fn forward(&mut self) {
+        match self.0.as_mut() {
+            Some(fd) => {
+                if let Ok(mut g) = fd.readable_mut().await {
+                    g.get_inner_mut().flush();
+                    g.clear_ready();
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Registers an fd-owning value with tokio's reactor.
+fn register<T: std::os::fd::AsFd + std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its file descriptor and moves into the AsyncFd,
+    // so the fd stays open for as long as it is registered.
+    unsafe { AsyncFd::register(inner) }
+        .map_err(|e| anyhow::anyhow!("registering a BPF map fd with tokio: {e}"))
+}
+
+fn check_ring_size(bytes: u32) -> Result<()> {
+    anyhow::ensure!(
+        bytes >= 4096 && bytes.is_power_of_two(),
+        "ring size {bytes} must be a power of two of at least 4096 bytes"
+    );
+    Ok(())
+}
+
+/// Loads the object with the kernel config set, without attaching anything.
+fn load_object(cfg: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
+    check_ring_size(ring_bytes)?;
+    EbpfLoader::new()
+        .override_global(KERNEL_CONFIG_SYMBOL, cfg, true)
+        .map_max_entries(EVENTS_MAP, ring_bytes)
+        .load(EBPF_OBJECT)
+        .context("loading governor's eBPF object into the kernel (needs root / CAP_BPF)")
+}
+
+impl Probes {
+    /// Loads and attaches the exec, exit and fork programs. Must be called
+    /// inside a tokio runtime (the ring is registered with its reactor).
+    pub fn load(opts: &ProbeOptions) -> Result<Self> {
+        let config = kernel_config()?;
+        let mut ebpf = load_object(&config, opts.ring_bytes)?;
+
+        // Forward the programs' aya-log records to our logger. Optional: a
+        // failure here must not stop event collection.
+        let log = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => register(l).ok(),
+            Err(e) => {
+                log::debug!("eBPF logger not initialised: {e}");
+                None
+            }
+        };
+
+        for (prog, name) in [
+            ("sched_process_exec", "sched_process_exec"),
+            ("sched_process_exit", "sched_process_exit"),
+        ] {
+            let p: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .with_context(|| format!("program {prog} missing from the eBPF object"))?
+                .try_into()?;
+            p.load().with_context(|| format!("loading {prog}"))?;
+            p.attach("sched", name)
+                .with_context(|| format!("attaching {prog} to tracepoint sched/{name}"))?;
+        }
+        let fork: &mut RawTracePoint = ebpf
+            .program_mut("sched_process_fork")
+            .context("program sched_process_fork missing from the eBPF object")?
+            .try_into()?;
+        fork.load().context("loading sched_process_fork")?;
+        fork.attach("sched_process_fork")
+            .context("attaching sched_process_fork raw tracepoint")?;
+
+        let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("EVENTS map missing")?)?;
+        let ring = register(ring)?;
+        let drops =
+            PerCpuArray::try_from(ebpf.take_map(DROPS_MAP).context("DROPPED map missing")?)?;
+        Ok(Probes {
+            ebpf,
+            ring,
+            drops,
+            log: Some(LogForwarder(log)),
+            config,
+        })
+    }
+
+    /// Events lost because the ring was full, summed over CPUs.
+    pub fn dropped(&self) -> Result<u64> {
+        let per_cpu = self.drops.get(&0, 0).context("reading the drop counter")?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// Waits until events are available, then hands each decoded event to
+    /// `f`. Records that fail to decode are reported to `bad`.
+    pub async fn next_batch(
+        &mut self,
+        mut f: impl FnMut(events::Event),
+        mut bad: impl FnMut(anyhow::Error),
+    ) -> Result<usize> {
+        let mut guard = self.ring.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            n += 1;
+            match events::decode(&item) {
+                Ok(ev) => f(ev),
+                Err(e) => bad(e),
+            }
+        }
+        guard.clear_ready();
+        Ok(n)
+    }
+
+    /// Drains events without waiting (for shutdown and tests).
+    pub fn drain(&mut self, mut f: impl FnMut(events::Event)) -> usize {
+        let ring = self.ring.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            n += 1;
+            if let Ok(ev) = events::decode(&item) {
+                f(ev)
+            }
+        }
+        n
+    }
+
+    /// Takes the eBPF log forwarder, to be polled beside the event ring.
+    pub fn take_log_forwarder(&mut self) -> LogForwarder {
+        self.log.take().unwrap_or(LogForwarder(None))
+    }
+
+    /// Raw fd of the ring, for diagnostics.
+    pub fn ring_fd(&self) -> i32 {
+        self.ring.get_ref().as_raw_fd()
+    }
+
+    /// The loaded object (for the LSM layer to reuse its maps).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+/// The BPF LSM layer: a `file_open` program that refuses write opens of the
+/// inodes in its map. Only available where the kernel lets BPF LSM programs
+/// attach (not on our 6.18 host; yes on stock Debian 6.1/6.12 with `bpf` in
+/// the LSM list).
+pub struct LsmGuard {
+    _ebpf: Ebpf,
+    inodes: BpfHashMap<MapData, InodeKey, u8>,
+}
+
+impl LsmGuard {
+    /// Loads and attaches the LSM program, or says why it can't.
+    pub fn load() -> Result<Self> {
+        let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+        anyhow::ensure!(
+            lsms.split(',').any(|l| l.trim() == "bpf"),
+            "BPF LSM is not in the kernel's active LSM list ({}); boot with lsm=...,bpf",
+            if lsms.is_empty() {
+                "securityfs not readable"
+            } else {
+                lsms.trim()
+            }
+        );
+        let config = kernel_config()?;
+        let mut ebpf = load_object(&config, 4096)?;
+        let btf = aya::Btf::from_sys_fs().context("reading kernel BTF for the LSM hook")?;
+        let prog: &mut Lsm = ebpf
+            .program_mut("file_open")
+            .context("program file_open missing from the eBPF object")?
+            .try_into()?;
+        prog.load("file_open", &btf)
+            .context("loading the BPF LSM file_open program")?;
+        prog.attach()
+            .context("attaching the BPF LSM file_open program (the kernel refused BPF LSM)")?;
+        let inodes = BpfHashMap::try_from(
+            ebpf.take_map(DENY_INODES_MAP)
+                .context("DENY_WRITE_INODES map missing")?,
+        )?;
+        Ok(LsmGuard {
+            _ebpf: ebpf,
+            inodes,
+        })
+    }
+
+    /// Refuses write opens of the file at `path` (by device and inode).
+    pub fn deny_writes(&mut self, path: &std::path::Path) -> Result<InodeKey> {
+        let key = inode_key(path)?;
+        self.inodes
+            .insert(key, 1, 0)
+            .with_context(|| format!("adding {} to the LSM deny map", path.display()))?;
+        Ok(key)
+    }
+
+    /// Lifts the refusal for `path`.
+    pub fn allow_writes(&mut self, path: &std::path::Path) -> Result<()> {
+        let key = inode_key(path)?;
+        self.inodes
+            .remove(&key)
+            .with_context(|| format!("removing {} from the LSM deny map", path.display()))
+    }
+}
+
+/// The kernel's identity of a file: `sb->s_dev` (major<<20|minor, not
+/// glibc's major<<8|minor) and the inode number.
+pub fn inode_key(path: &std::path::Path) -> Result<InodeKey> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    let dev = md.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    Ok(InodeKey {
+        dev: (major << 20) | minor,
+        _pad: 0,
+        ino: md.ino(),
+    })
+}
