@@ -271,7 +271,7 @@ pub fn file_open(ctx: LsmContext) -> i32 {
     };
     // SAFETY: the value is only tested for presence, never dereferenced
     // beyond the lookup.
-    if unsafe { DENY_WRITE_INODES.get(&key) }.is_some() {
+    if unsafe { DENY_WRITE_INODES.get(key) }.is_some() {
         warn!(&ctx, "governor: denied write open of inode {}", key.ino);
         return -EPERM;
     }

@@ -1,1 +1,246 @@
-//! Integration tests live in tests/tests/.
+//! Shared helpers for governor's integration tests: they load the real eBPF
+//! programs into the running kernel (root), spawn real processes and check
+//! what the kernel reported.
+//!
+//! The same test binaries run on the host and inside the qemu guests
+//! (`cargo xtask vm-test`); `GOVERNOR_IN_VM=1` tells them they are in a guest.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use governor::{
+    events::Event,
+    probes::{ProbeOptions, Probes},
+};
+
+/// Whether we run inside the qemu guest of `cargo xtask vm-test`.
+pub fn in_vm() -> bool {
+    std::env::var_os("GOVERNOR_IN_VM").is_some()
+}
+
+/// Fails loudly when not root: these tests exist to load real programs, so
+/// skipping them silently would be a lie.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "integration tests load eBPF programs and must run as root (cargo xtask test does)"
+    );
+}
+
+/// The `governor` binary next to the test executables
+/// (`target/<profile>/governor`).
+pub fn governor_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let mut bin = dir.join("governor");
+    if !bin.exists() && in_vm() {
+        // The guest's initramfs carries it in /bin.
+        bin = PathBuf::from("/bin/governor");
+    }
+    assert!(
+        bin.exists(),
+        "{} missing: build it first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Workspace root (where `target/pm2` lives).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Loads the lifecycle programs on a background thread and collects every
+/// event they deliver until stopped.
+pub struct Collector {
+    events: Arc<Mutex<Vec<Event>>>,
+    stop: Arc<AtomicBool>,
+    /// Whether the collector drains the ring (false = let it fill up).
+    draining: Arc<AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<u64>>>,
+}
+
+impl Collector {
+    pub fn start() -> Self {
+        Self::start_with(ProbeOptions::default(), true)
+    }
+
+    /// Starts with the given ring size; `drain = false` leaves the ring
+    /// undrained until [`Collector::resume`].
+    pub fn start_with(opts: ProbeOptions, drain: bool) -> Self {
+        require_root();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let draining = Arc::new(AtomicBool::new(drain));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ev, st, dr) = (events.clone(), stop.clone(), draining.clone());
+        let thread = std::thread::spawn(move || -> anyhow::Result<u64> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut probes = match Probes::load(&opts) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        ready_tx.send(Err(msg.clone())).ok();
+                        anyhow::bail!(msg);
+                    }
+                };
+                ready_tx.send(Ok(())).ok();
+                loop {
+                    if dr.load(Ordering::SeqCst) {
+                        let mut batch = Vec::new();
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(20),
+                            probes.next_batch(|e| batch.push(e), |e| panic!("bad record: {e:#}")),
+                        )
+                        .await;
+                        ev.lock().unwrap().extend(batch);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    if st.load(Ordering::SeqCst) {
+                        let mut batch = Vec::new();
+                        probes.drain(|e| batch.push(e));
+                        ev.lock().unwrap().extend(batch);
+                        return probes.dropped();
+                    }
+                }
+            })
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("loading the eBPF programs failed: {e}"),
+            Err(_) => panic!("collector thread died before loading"),
+        }
+        Collector {
+            events,
+            stop,
+            draining,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn resume(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// A snapshot of the events so far.
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds over the collected events, or panics.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&[Event]) -> bool) {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if pred(&self.events.lock().unwrap()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("timed out after {timeout:?} waiting for {what}");
+    }
+
+    /// Stops, returning every event and the kernel's drop counter.
+    pub fn stop(mut self) -> (Vec<Event>, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        let dropped = self
+            .thread
+            .take()
+            .expect("thread")
+            .join()
+            .expect("collector panicked")
+            .expect("collector failed");
+        let events = std::mem::take(&mut *self.events.lock().unwrap());
+        (events, dropped)
+    }
+}
+
+/// Exit events of `pid`.
+pub fn exits_of(events: &[Event], pid: u32) -> Vec<governor::events::Exit> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Exit(x) if x.pid == pid => Some(x.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Exec events of `pid`.
+pub fn execs_of(events: &[Event], pid: u32) -> Vec<governor::events::Exec> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Exec(x) if x.pid == pid => Some(x.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// pm2 CLI in its own PM2_HOME, so tests never touch a user's pm2.
+pub struct Pm2 {
+    pub home: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl Pm2 {
+    pub fn isolated() -> Self {
+        let bin = workspace_root().join("target/pm2/node_modules/.bin/pm2");
+        assert!(
+            bin.exists(),
+            "pinned pm2 missing at {}: run cargo xtask setup",
+            bin.display()
+        );
+        Pm2 {
+            home: tempfile::tempdir().unwrap(),
+            bin,
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .env("PM2_HOME", self.home.path())
+            .output()
+            .expect("run pm2");
+        assert!(
+            out.status.success(),
+            "pm2 {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn jlist(&self) -> serde_json::Value {
+        let out = self.run(&["jlist"]);
+        // pm2 may print warnings before the JSON.
+        let start = out.find('[').expect("jlist JSON");
+        serde_json::from_str(&out[start..]).expect("jlist parses")
+    }
+}
+
+impl Drop for Pm2 {
+    fn drop(&mut self) {
+        Command::new(&self.bin)
+            .arg("kill")
+            .env("PM2_HOME", self.home.path())
+            .output()
+            .ok();
+    }
+}

@@ -1,1 +1,178 @@
-fn main() {}
+//! `cargo xtask`: set up a host, build, run, test, benchmark.
+//!
+//! Every command that needs the toolchain runs `setup` first (it only checks
+//! when everything is in place), so a new user needs exactly two commands:
+//! `cargo xtask run` and `cargo xtask test`.
+
+mod setup;
+mod vm;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "governor's build, setup and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install everything a fresh Debian 12 / Ubuntu host needs (root):
+    /// apt packages, the pinned nightly with rust-src, bpf-linker 0.13.0
+    /// against LLVM 22, pinned pm2 for the tests, and the kernel filesystem
+    /// mounts. Idempotent: skips what is done.
+    Setup,
+    /// Set up if needed, build, and run the daemon in the foreground on the
+    /// example config (examples/governor.toml). Ctrl-C stops it.
+    Run {
+        /// Use this config instead of the example.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Set up if needed and run every test: unit tests, the root integration
+    /// tests on this kernel, then the integration tests inside a qemu guest
+    /// running a stock Debian 6.1 kernel with BPF LSM.
+    Test {
+        /// Guest kernels to also test on: 6.1, 6.12, all, or none.
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
+        /// Only run tests whose names contain these strings.
+        filter: Vec<String>,
+    },
+    /// Build the integration tests and run them in qemu guests.
+    VmTest {
+        /// 6.1, 6.12 or all.
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
+        /// Per-guest timeout in seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+        /// Test name filter, passed to the test binaries.
+        #[arg(last = true)]
+        filter: Vec<String>,
+    },
+    /// Run the benchmarks (root); figures are ratios against a baseline
+    /// measured in the same run.
+    Bench {
+        /// Only these benchmarks (lifecycle, daemon, audit, velocity).
+        only: Vec<String>,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c.env("PATH", setup::path_with_cargo_bin());
+    c
+}
+
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.cmd {
+        Cmd::Setup => setup::setup(&setup::Needs::all()),
+        Cmd::Run { config } => {
+            setup::setup(&setup::Needs::build())?;
+            run_cmd(cargo().args(["build", "--release", "-p", "governor"]))?;
+            let config = match config {
+                Some(c) => c,
+                None => root.join("examples/governor.toml"),
+            };
+            println!(
+                "xtask: starting governor on {} (Ctrl-C stops it)",
+                config.display()
+            );
+            let bin = root.join("target/release/governor");
+            run_cmd(Command::new(bin).arg("run").arg("--config").arg(&config))
+        }
+        Cmd::Test { kernel, filter } => {
+            setup::setup(&setup::Needs::all())?;
+            let mut c = cargo();
+            c.args(["test", "--workspace", "--", "--test-threads=1"]);
+            c.args(&filter);
+            run_cmd(&mut c)?;
+            if kernel != "none" {
+                vm_test(&root, &kernel, Duration::from_secs(900), &filter)?;
+            }
+            println!("xtask: all tests passed");
+            Ok(())
+        }
+        Cmd::VmTest {
+            kernel,
+            timeout,
+            filter,
+        } => {
+            setup::setup(&setup::Needs::all())?;
+            vm_test(&root, &kernel, Duration::from_secs(timeout), &filter)
+        }
+        Cmd::Bench { only } => {
+            setup::setup(&setup::Needs::all())?;
+            run_cmd(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "governor",
+                "-p",
+                "governor-tests",
+                "--bins",
+            ]))?;
+            let mut c = Command::new(root.join("target/release/governor-bench"));
+            c.args(&only);
+            run_cmd(&mut c)
+        }
+    }
+}
+
+/// Builds the integration tests and the governor binary, and runs them in
+/// the chosen guest kernels (with `governor doctor` first).
+fn vm_test(root: &Path, kernel: &str, timeout: Duration, filter: &[String]) -> Result<()> {
+    let kernels = vm::parse_kernel_arg(kernel)?;
+    run_cmd(cargo().args(["build", "-p", "governor"]))?;
+    let tests = vm::build_test_binaries(root, &["-p".into(), "governor-tests".into()])?;
+    let tests: Vec<PathBuf> = tests
+        .into_iter()
+        // The library target's unit tests hold nothing; the integration
+        // test binaries are the ones that exercise the kernel.
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !n.starts_with("governor_tests-"))
+        })
+        .collect();
+    let governor = root.join("target/debug/governor");
+    let opts = vm::VmOptions {
+        kernels,
+        test_binaries: tests,
+        extra_binaries: vec![governor.clone()],
+        pre_commands: vec![vec![governor.display().to_string(), "doctor".into()]],
+        filter: filter.to_vec(),
+        timeout,
+        target_dir: root.join("target"),
+    };
+    vm::vm_test(&opts)
+}
