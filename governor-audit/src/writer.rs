@@ -246,6 +246,7 @@ impl AuditLog {
             Some(s) => log.check_against(s)?,
             None => None,
         };
+        let found_head = log.head.clone();
         let mut interrupted_set_asides = Vec::new();
         for p in orphans {
             interrupted_set_asides.push(log.finish_orphan(&p)?);
@@ -257,7 +258,7 @@ impl AuditLog {
         if let (Some(msg), Some(s)) = (&truncation, &stored) {
             let mut d = Detail::new();
             d.insert("expected_head".into(), Value::from(s.to_string()));
-            d.insert("found_head".into(), Value::from(log.head.to_string()));
+            d.insert("found_head".into(), Value::from(found_head.to_string()));
             d.insert("problem".into(), Value::from(msg.clone()));
             log.append(KIND_TRUNCATION, None, d)
                 .context("recording the detected truncation in the audit log")?;
