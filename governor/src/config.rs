@@ -71,7 +71,7 @@ impl Default for Daemon {
 }
 
 /// What to do when a service enters a crash loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum CrashLoopAction {
     /// Alert and audit only.

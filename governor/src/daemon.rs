@@ -1,28 +1,48 @@
-//! `governor run`: the daemon's event loop. I/O (ring, signals, timers)
-//! lives here; decisions live in the policy modules.
+//! `governor run`: the daemon. This module is the event loop and its I/O —
+//! the ring, signals, timers, the control channel, the audit writer and the
+//! alert sink. Decisions come from the pure policy in [`crate::velocity`].
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
+use governor_alerts::{Alert, AlertSink, DeliveryOutcome, Severity, TelegramSender, Tuning};
+use governor_audit::{AuditHandle, AuditLog, Head};
+use serde_json::{json, Map, Value};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
 
 use crate::{
-    config::Config,
-    events::Event,
+    config::{config_hash, Config, Limits},
+    control::{self, Incoming, Request, Response},
+    events::{monotonic_ns, Event},
     probes::{ProbeOptions, Probes},
-    proctable::{Matcher, ProcTable},
+    proctable::{Matcher, ProcTable, Process},
+    supervisor::{describe_view, supervisor_of, RealSupervisors, SupervisorOps},
+    velocity::{Death, Decision, InstanceInfo, Live, Persisted, Supervisor, Velocity},
     watch,
 };
 
-/// Logs go to stderr, human-readable or one JSON object per line.
+/// Logs go to stderr, human-readable or one JSON object per line. The HTTP
+/// client logs request URLs — which hold the bot token — at debug level, so
+/// its targets are capped at warn whatever RUST_LOG says.
 pub fn init_logging(json: bool) {
     let env = env_logger::Env::default().default_filter_or("info");
     let mut b = env_logger::Builder::from_env(env);
+    for t in governor_alerts::SECRET_LEAKING_LOG_TARGETS {
+        b.filter_module(t, log::LevelFilter::Warn);
+    }
     if json {
         b.format(|buf, rec| {
             use std::io::Write;
-            let line = serde_json::json!({
-                "ts": crate::events::rfc3339(std::time::SystemTime::now()),
+            let line = json!({
+                "ts": crate::events::rfc3339(SystemTime::now()),
                 "level": rec.level().to_string().to_lowercase(),
                 "target": rec.target(),
                 "msg": rec.args().to_string(),
@@ -33,45 +53,685 @@ pub fn init_logging(json: bool) {
     b.init();
 }
 
-/// Daemon state the event loop owns.
+/// Results of work done off the event loop, coming back to it.
+enum Side {
+    Delivery(DeliveryOutcome),
+    SupervisorView {
+        service: String,
+        view: std::result::Result<Value, String>,
+        for_crash_loop: bool,
+    },
+    Stopped {
+        service: String,
+        supervisor: Supervisor,
+        result: std::result::Result<String, String>,
+    },
+}
+
+/// Without Telegram, alerts live in the daemon's log only — which
+/// [`Daemon::alert`] has already written.
+struct LogOnly;
+
+impl AlertSink for LogOnly {
+    fn send(&self, _alert: Alert) {}
+}
+
+/// Detection latency samples (kernel exit → audit entry durable), in µs.
+#[derive(Default)]
+struct Latency {
+    samples: Vec<u64>,
+}
+
+impl Latency {
+    fn record(&mut self, us: u64) {
+        if self.samples.len() >= 10_000 {
+            self.samples.remove(0);
+        }
+        self.samples.push(us);
+    }
+
+    fn summary(&self) -> Value {
+        if self.samples.is_empty() {
+            return json!({ "count": 0 });
+        }
+        let mut s = self.samples.clone();
+        s.sort_unstable();
+        let pct = |p: f64| s[((s.len() - 1) as f64 * p).round() as usize];
+        json!({ "count": s.len(), "p50_us": pct(0.5), "p99_us": pct(0.99), "max_us": s[s.len() - 1] })
+    }
+}
+
+/// Everything the event loop owns.
 pub struct Daemon {
-    pub config_path: PathBuf,
-    pub config: Config,
-    pub table: ProcTable,
+    config_path: PathBuf,
+    config: Config,
+    config_hash: String,
+    /// Configured service name → index in `config.services`.
+    service_index: HashMap<String, usize>,
+    table: ProcTable,
+    velocity: Velocity,
+    velocity_dirty: bool,
+    audit: AuditHandle,
+    alerts: Arc<dyn AlertSink>,
+    telegram: Option<Arc<TelegramSender>>,
+    supervisors: Arc<dyn SupervisorOps>,
+    side_tx: mpsc::UnboundedSender<Side>,
+    layers: Vec<String>,
+    views: HashMap<String, Value>,
+    latency: Latency,
+    decisions: Vec<(Decision, u64)>,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn wall_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => {
+            let mut m = Map::new();
+            m.insert("value".into(), other);
+            m
+        }
+    }
+}
+
+fn velocity_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("velocity.json")
+}
+
+/// Loads the persisted restart history; a damaged file is reported and
+/// moved aside, never silently dropped.
+fn load_velocity(state_dir: &Path) -> (Velocity, Option<String>) {
+    let path = velocity_path(state_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Velocity::default(), None),
+        Err(e) => {
+            return (
+                Velocity::default(),
+                Some(format!("reading {}: {e}", path.display())),
+            )
+        }
+    };
+    match serde_json::from_str::<Persisted>(&text) {
+        Ok(p) => (p.into_velocity(wall_ns(), monotonic_ns()), None),
+        Err(e) => {
+            let aside = path.with_extension(format!("json.bad-{}", wall_ns() / 1_000_000_000));
+            let _ = std::fs::rename(&path, &aside);
+            (
+                Velocity::default(),
+                Some(format!(
+                    "{} is damaged ({e}); moved to {}",
+                    path.display(),
+                    aside.display()
+                )),
+            )
+        }
+    }
+}
+
+fn save_velocity(state_dir: &Path, v: &Velocity) -> Result<()> {
+    let path = velocity_path(state_dir);
+    let tmp = path.with_extension("json.tmp");
+    let data = serde_json::to_vec(&Persisted::new(v, wall_ns(), monotonic_ns()))?;
+    {
+        use std::io::Write;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&data)?;
+        f.sync_data()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} into place", tmp.display()))
+}
+
+fn state_dir_secure(p: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(p)
+        .with_context(|| format!("creating state directory {}", p.display()))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {} to root", p.display()))
 }
 
 impl Daemon {
-    fn reload(&mut self) {
-        match Config::load(&self.config_path) {
-            Ok(cfg) => {
-                self.table.set_matcher(Matcher::new(&cfg));
-                self.config = cfg;
-                log::info!("config reloaded from {}", self.config_path.display());
-            }
-            Err(e) => log::error!("config reload rejected, keeping the old config: {e}"),
+    fn index_services(cfg: &Config) -> HashMap<String, usize> {
+        cfg.services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.get_ref().clone(), i))
+            .collect()
+    }
+
+    fn limits_of(&self, service: &str) -> Limits {
+        let svc = self
+            .service_index
+            .get(service)
+            .map(|&i| &self.config.services[i]);
+        self.config.limits_for(svc)
+    }
+
+    fn instance_info(&self, p: &Process) -> InstanceInfo {
+        InstanceInfo {
+            service: p.service.clone(),
+            configured: p.configured,
+            supervisor: supervisor_of(p),
+            limits: self.limits_of(&p.service),
         }
     }
 
+    fn live(&self, service: &str) -> Vec<Live> {
+        self.table
+            .instances_of(service)
+            .map(|p| Live {
+                pid: p.pid,
+                start_ns: p.start_ns,
+            })
+            .collect()
+    }
+
+    fn head_str(&self) -> String {
+        match self.audit.head() {
+            Some(Head { seq, hash }) => format!("{seq}:{}", &hash[..hash.len().min(16)]),
+            None => "empty".into(),
+        }
+    }
+
+    /// Every alert also goes to the daemon's log.
+    fn alert(
+        &self,
+        severity: Severity,
+        kind: &str,
+        service: Option<&str>,
+        title: String,
+        body: String,
+    ) {
+        let level = match severity {
+            Severity::Info => log::Level::Info,
+            Severity::Warning => log::Level::Warn,
+            Severity::Critical => log::Level::Error,
+        };
+        log::log!(
+            level,
+            "alert [{kind}] {title}{}{body}",
+            if body.is_empty() { "" } else { " — " }
+        );
+        let mut a = Alert::new(severity, kind, title)
+            .with_body(body)
+            .with_audit_head(self.head_str());
+        if let Some(s) = service {
+            a = a.with_service(s);
+        }
+        self.alerts.send(a);
+    }
+
+    /// Appends to the audit chain and waits until it is durable.
+    async fn audit(&self, kind: &str, service: Option<&str>, detail: Value) -> Option<Head> {
+        match self.audit.append(kind, service, obj(detail)).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                log::error!("audit append of {kind} failed: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// Applies one kernel event; decisions are collected and carried out
+    /// after the batch (they await the audit writer).
     fn on_event(&mut self, ev: Event) {
-        let service = watch::track(&mut self.table, &ev);
-        if let Event::Exit(e) = &ev {
-            log::debug!(
-                "exit pid {} ({service}) code {:?} signal {:?}",
-                e.pid,
-                e.code,
-                e.signal
-            );
+        match &ev {
+            Event::Exit(e) => {
+                let Some(p) = self.table.on_exit(e) else {
+                    return;
+                };
+                if !p.instance {
+                    return;
+                }
+                let info = self.instance_info(&p);
+                let d = Death {
+                    ts_ns: e.ts_ns,
+                    pid: e.pid,
+                    code: e.code,
+                    signal: e.signal,
+                    uptime_ns: e.ts_ns.saturating_sub(e.start_ns),
+                    planned: false,
+                };
+                let out = self.velocity.on_death(&info, d);
+                if self.velocity.services.contains_key(&info.service) {
+                    self.velocity_dirty = true;
+                }
+                for dec in out {
+                    self.decisions.push((dec, e.ts_ns));
+                }
+            }
+            _ => {
+                watch::track(&mut self.table, &ev);
+            }
+        }
+    }
+
+    async fn carry_out(&mut self) {
+        let decisions = std::mem::take(&mut self.decisions);
+        for (dec, exit_ns) in decisions {
+            self.decide(dec, exit_ns).await;
+        }
+    }
+
+    async fn decide(&mut self, dec: Decision, exit_ns: u64) {
+        match dec {
+            Decision::EnteredCrashLoop {
+                service,
+                restarts,
+                max_restarts,
+                window_s,
+                last,
+                supervisor,
+            } => {
+                let how = match (last.code, last.signal) {
+                    (Some(c), _) => format!("exit code {c}"),
+                    (_, Some(s)) => format!("signal {s}"),
+                    _ => "unknown".into(),
+                };
+                let detail = json!({
+                    "restarts_in_window": restarts,
+                    "max_restarts": max_restarts,
+                    "window_s": window_s,
+                    "last_exit": {"pid": last.pid, "code": last.code, "signal": last.signal, "uptime_ms": last.uptime_ns / 1_000_000},
+                    "supervisor": supervisor,
+                    "action": self.limits_of(&service).action,
+                });
+                if self
+                    .audit("crash_loop.entered", Some(&service), detail)
+                    .await
+                    .is_some()
+                {
+                    let us = monotonic_ns().saturating_sub(exit_ns) / 1000;
+                    self.latency.record(us);
+                    log::debug!("crash loop of {service} durable {us} µs after the exit");
+                }
+                let sup = match &supervisor {
+                    Supervisor::Pm2 { name, pm_id, .. } => format!(
+                        "pm2 app {name} (id {})",
+                        pm_id.map(|i| i.to_string()).unwrap_or("?".into())
+                    ),
+                    Supervisor::Systemd { unit } => format!("systemd unit {unit}"),
+                    Supervisor::None => "no supervisor (restarted by something else)".into(),
+                };
+                self.alert(
+                    Severity::Critical,
+                    "crash loop",
+                    Some(&service),
+                    format!("crash loop: {service} — {restarts} restarts in {}", human_secs(window_s)),
+                    format!(
+                        "allowed {max_restarts}; last exit: {how} after {} ms (pid {}); supervised by {sup}",
+                        last.uptime_ns / 1_000_000,
+                        last.pid
+                    ),
+                );
+                self.fetch_view(&service, supervisor, true);
+            }
+            Decision::StillCrashing {
+                service,
+                restarts,
+                crashes_since,
+                last,
+            } => {
+                // Grouped by the alert sender into periodic reminders.
+                self.alert(
+                    Severity::Critical,
+                    "crash loop",
+                    Some(&service),
+                    format!("crash loop: {service} — {restarts} restarts in window"),
+                    format!(
+                        "{crashes_since} crashes since the loop began; last exit code {:?} signal {:?} after {} ms",
+                        last.code,
+                        last.signal,
+                        last.uptime_ns / 1_000_000
+                    ),
+                );
+            }
+            Decision::Stop {
+                service,
+                supervisor,
+                crashes_since,
+            } => {
+                self.audit(
+                    "crash_loop.action",
+                    Some(&service),
+                    json!({"action": "stop", "supervisor": supervisor, "crashes_since": crashes_since, "state": "requested"}),
+                )
+                .await;
+                let ops = self.supervisors.clone();
+                let tx = self.side_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = ops.stop(&supervisor).map_err(|e| format!("{e:#}"));
+                    let _ = tx.send(Side::Stopped {
+                        service,
+                        supervisor,
+                        result,
+                    });
+                });
+            }
+            Decision::Recovered {
+                service,
+                clean_uptime_ns,
+                episode_ns,
+                quiet,
+            } => {
+                self.velocity_dirty = true;
+                self.audit(
+                    "crash_loop.recovered",
+                    Some(&service),
+                    json!({"clean_uptime_ms": clean_uptime_ns / 1_000_000, "episode_ms": episode_ns / 1_000_000, "quiet": quiet}),
+                )
+                .await;
+                let why = if quiet {
+                    "no deaths and nothing running since".to_string()
+                } else {
+                    format!("clean for {}", human_secs(clean_uptime_ns / 1_000_000_000))
+                };
+                self.alert(
+                    Severity::Warning,
+                    "crash loop recovered",
+                    Some(&service),
+                    format!("recovered: {service} — {why}"),
+                    format!(
+                        "the crash loop lasted {}",
+                        human_secs(episode_ns / 1_000_000_000)
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Asks the supervisor for its view off the event loop.
+    fn fetch_view(&self, service: &str, supervisor: Supervisor, for_crash_loop: bool) {
+        if supervisor == Supervisor::None {
+            return;
+        }
+        let ops = self.supervisors.clone();
+        let tx = self.side_tx.clone();
+        let service = service.to_string();
+        tokio::task::spawn_blocking(move || {
+            let view = ops.view(&supervisor).map_err(|e| format!("{e:#}"));
+            let _ = tx.send(Side::SupervisorView {
+                service,
+                view,
+                for_crash_loop,
+            });
+        });
+    }
+
+    async fn on_side(&mut self, s: Side) {
+        match s {
+            Side::Delivery(o) => {
+                let kind = if o.delivered {
+                    "alert.delivered"
+                } else {
+                    "alert.failed"
+                };
+                if !o.delivered {
+                    log::error!(
+                        "alert {:?} for {:?} could not be delivered: {:?}",
+                        o.kind,
+                        o.service,
+                        o.error
+                    );
+                }
+                self.audit(
+                    kind,
+                    o.service.as_deref(),
+                    json!({"alert_kind": o.kind, "attempts": o.attempts, "grouped_count": o.grouped_count, "follow_up": o.follow_up, "error": o.error}),
+                )
+                .await;
+            }
+            Side::SupervisorView {
+                service,
+                view,
+                for_crash_loop,
+            } => match view {
+                Ok(v) => {
+                    if for_crash_loop {
+                        self.audit("crash_loop.supervisor_view", Some(&service), v.clone())
+                            .await;
+                        self.alert(
+                            Severity::Warning,
+                            "supervisor view",
+                            Some(&service),
+                            format!("{service}: {}", describe_view(&v)),
+                            "while governor counts a crash loop from the kernel's exit events"
+                                .into(),
+                        );
+                    }
+                    self.views.insert(service, v);
+                }
+                Err(e) => log::warn!("supervisor view of {service}: {e}"),
+            },
+            Side::Stopped {
+                service,
+                supervisor,
+                result,
+            } => {
+                let (state, msg) = match &result {
+                    Ok(out) => ("done", out.trim().chars().take(500).collect::<String>()),
+                    Err(e) => ("failed", e.clone()),
+                };
+                self.audit(
+                    "crash_loop.action",
+                    Some(&service),
+                    json!({"action": "stop", "supervisor": supervisor, "state": state, "output": msg}),
+                )
+                .await;
+                let sev = if result.is_ok() {
+                    Severity::Warning
+                } else {
+                    Severity::Critical
+                };
+                self.alert(
+                    sev,
+                    "crash loop action",
+                    Some(&service),
+                    format!("stop {service}: {state}"),
+                    msg,
+                );
+            }
+        }
+    }
+
+    fn reload(&mut self) -> std::result::Result<String, String> {
+        let src = std::fs::read_to_string(&self.config_path).unwrap_or_default();
+        match Config::load(&self.config_path) {
+            Ok(cfg) => {
+                self.table.set_matcher(Matcher::new(&cfg));
+                self.service_index = Self::index_services(&cfg);
+                self.config = cfg;
+                self.config_hash = config_hash(&src);
+                // New limits apply to the history too.
+                let infos: Vec<InstanceInfo> = self
+                    .velocity
+                    .services
+                    .iter()
+                    .map(|(n, t)| InstanceInfo {
+                        service: n.clone(),
+                        configured: self.service_index.contains_key(n),
+                        supervisor: t.supervisor.clone(),
+                        limits: self.limits_of(n),
+                    })
+                    .collect();
+                for i in &infos {
+                    self.velocity.refresh(i);
+                }
+                Ok(self.config_hash.clone())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Status rows: configured services, anything with history, pm2 apps.
+    fn status(&self, all: bool) -> Vec<crate::velocity::ServiceStatus> {
+        let now = monotonic_ns();
+        let mut names: std::collections::BTreeSet<String> =
+            self.service_index.keys().cloned().collect();
+        names.extend(self.velocity.services.keys().cloned());
+        for p in self.table.iter() {
+            if p.instance && (all || p.pm2.is_some()) {
+                names.insert(p.service.clone());
+            }
+        }
+        names
+            .into_iter()
+            .map(|name| {
+                let live = self.live(&name);
+                let sup = self
+                    .table
+                    .instances_of(&name)
+                    .next()
+                    .map(supervisor_of)
+                    .unwrap_or_default();
+                self.velocity.status(
+                    &name,
+                    &self.limits_of(&name),
+                    self.service_index.contains_key(&name),
+                    &sup,
+                    &live,
+                    now,
+                )
+            })
+            .collect()
+    }
+
+    async fn on_request(&mut self, inc: Incoming) {
+        let Incoming {
+            req, peer, reply, ..
+        } = inc;
+        match req {
+            Request::Status { all } => {
+                let rows = self.status(all);
+                let latency = self.latency.summary();
+                let head = self.audit.head().map(|h| h.to_string());
+                let layers = self.layers.clone();
+                let ops = self.supervisors.clone();
+                let cached = self.views.clone();
+                // Supervisor views take a pm2/systemctl round trip: off the loop.
+                tokio::task::spawn_blocking(move || {
+                    let mut services = Vec::new();
+                    let mut pm2_cache: HashMap<u32, Value> = HashMap::new();
+                    for r in rows {
+                        let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
+                        let view = match &r.supervisor {
+                            Supervisor::None => None,
+                            s @ Supervisor::Pm2 { god_pid, .. } => {
+                                let _ = pm2_cache.entry(*god_pid);
+                                ops.view(s).ok().or_else(|| cached.get(&r.name).cloned())
+                            }
+                            s => ops.view(s).ok().or_else(|| cached.get(&r.name).cloned()),
+                        };
+                        if let Some(view) = view {
+                            v["supervisor_view"] = json!(describe_view(&view));
+                            v["supervisor_raw"] = view;
+                        }
+                        services.push(v);
+                    }
+                    let _ = reply.send(Response::ok(json!({
+                        "services": services,
+                        "audit_head": head,
+                        "layers": layers,
+                        "detection_latency": latency,
+                    })));
+                });
+            }
+            Request::Deploy {
+                service,
+                grace_s,
+                reason,
+            } => {
+                let known = self.service_index.contains_key(&service)
+                    || self.velocity.services.contains_key(&service)
+                    || self.table.instances_of(&service).next().is_some();
+                if !known {
+                    let _ = reply.send(Response::err(format!(
+                        "unknown service {service:?}: not configured and not running (see governor status --all)"
+                    )));
+                    return;
+                }
+                let info = InstanceInfo {
+                    service: service.clone(),
+                    configured: self.service_index.contains_key(&service),
+                    supervisor: self
+                        .table
+                        .instances_of(&service)
+                        .next()
+                        .map(supervisor_of)
+                        .unwrap_or_default(),
+                    limits: self.limits_of(&service),
+                };
+                self.velocity
+                    .deploy(&info, monotonic_ns(), grace_s * 1_000_000_000);
+                self.velocity_dirty = true;
+                let head = self
+                    .audit(
+                        "service.deploy",
+                        Some(&service),
+                        json!({"grace_s": grace_s, "reason": reason, "by_uid": peer.uid, "by_pid": peer.pid}),
+                    )
+                    .await;
+                self.alert(
+                    Severity::Info,
+                    "deploy",
+                    Some(&service),
+                    format!("deploy: {service}"),
+                    format!(
+                        "restarts in the next {} are planned: {reason}",
+                        human_secs(grace_s)
+                    ),
+                );
+                let _ = reply.send(Response::ok(json!({"service": service, "grace_s": grace_s, "audit": head.map(|h| h.to_string())})));
+            }
+            Request::ProtectList | Request::Approve { .. } | Request::ApproveEnd { .. } => {
+                let _ = reply.send(Response::err(
+                    "protected files are not configured in this daemon ([protect] is not supported yet)",
+                ));
+            }
         }
     }
 }
 
-fn ensure_dir(p: &Path) -> Result<()> {
-    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))
+pub fn human_secs(s: u64) -> String {
+    match s {
+        s if s >= 3600 && s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
+        s if s >= 60 => format!("{} min {} s", s / 60, s % 60),
+        s => format!("{s} s"),
+    }
 }
 
 pub async fn run(config_path: PathBuf) -> Result<()> {
     let config = Config::load(&config_path).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
-    ensure_dir(&config.daemon.state_dir)?;
+    let src = std::fs::read_to_string(&config_path).unwrap_or_default();
+    let state_dir = config.daemon.state_dir.clone();
+    state_dir_secure(&state_dir)?;
+
+    // The audit chain first: everything after this is recorded.
+    let (log, report) = AuditLog::open(
+        &state_dir,
+        governor_audit::Options {
+            rotate_bytes: Some(config.audit.rotate_size.0),
+            append_only: true,
+        },
+    )
+    .context("opening the audit log")?;
+    log::info!("audit log {}: {report}", log.log_path().display());
+    let audit = governor_audit::spawn_writer(log)?;
+
     let mut probes = Probes::load(&ProbeOptions {
         ring_bytes: config.daemon.ring_size.0 as u32,
     })?;
@@ -79,38 +739,182 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let seeded = table
         .seed_from_proc()
         .context("seeding the process table from /proc")?;
-    log::info!(
-        "governor {} started: {seeded} processes, {} services configured",
-        env!("CARGO_PKG_VERSION"),
-        config.services.len()
-    );
+    let (velocity, velocity_problem) = load_velocity(&state_dir);
+
+    let (side_tx, mut side_rx) = mpsc::unbounded_channel::<Side>();
+    let (alerts, telegram): (Arc<dyn AlertSink>, Option<Arc<TelegramSender>>) =
+        match &config.alerts.telegram {
+            Some(t) => {
+                let v = t
+                    .validate()
+                    .map_err(|p| anyhow::anyhow!("alerts.telegram.{p}"))?;
+                let tx = side_tx.clone();
+                let sender = Arc::new(TelegramSender::with_callback(
+                    v,
+                    Tuning::default(),
+                    Box::new(move |o| {
+                        let _ = tx.send(Side::Delivery(o));
+                    }),
+                )?);
+                (sender.clone(), Some(sender))
+            }
+            None => (Arc::new(LogOnly), None),
+        };
+
+    let layers = vec!["ebpf-lifecycle".to_string()];
     let mut d = Daemon {
-        config_path,
+        service_index: Daemon::index_services(&config),
+        config_path: config_path.clone(),
+        config_hash: config_hash(&src),
         config,
         table,
+        velocity,
+        velocity_dirty: false,
+        audit,
+        alerts,
+        telegram,
+        supervisors: Arc::new(RealSupervisors),
+        side_tx,
+        layers,
+        views: HashMap::new(),
+        latency: Latency::default(),
+        decisions: Vec::new(),
     };
+    let infos: Vec<InstanceInfo> = d
+        .velocity
+        .services
+        .iter()
+        .map(|(n, t)| InstanceInfo {
+            service: n.clone(),
+            configured: d.service_index.contains_key(n),
+            supervisor: t.supervisor.clone(),
+            limits: d.limits_of(n),
+        })
+        .collect();
+    for i in &infos {
+        d.velocity.refresh(i);
+    }
+    let host = host_name();
+    let started = d
+        .audit(
+            "daemon.started",
+            None,
+            json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "config_path": config_path.display().to_string(),
+                "config_hash": d.config_hash,
+                "layers": d.layers,
+                "pid": std::process::id(),
+                "host": host,
+                "kernel": crate::doctor::kernel_release(),
+                "processes": seeded,
+                "services_with_history": d.velocity.services.len(),
+                "history_problem": velocity_problem,
+            }),
+        )
+        .await;
+    if let Some(p) = &velocity_problem {
+        log::warn!("restart history: {p}");
+    }
+    log::info!(
+        "governor {} started on {host}: {seeded} processes, {} services configured, {} with restart history, audit head {}",
+        env!("CARGO_PKG_VERSION"),
+        d.config.services.len(),
+        d.velocity.services.len(),
+        started.map(|h| h.to_string()).unwrap_or_default()
+    );
+    d.alert(
+        Severity::Warning,
+        "daemon started",
+        None,
+        format!("governor started on {host}"),
+        format!(
+            "layers: {}; audit head {}",
+            d.layers.join(", "),
+            d.head_str()
+        ),
+    );
+
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Incoming>(16);
+    let socket = control::serve(&d.config.daemon.socket, ctl_tx)?;
+    log::info!("control socket {}", socket.display());
+
     let mut logs = probes.take_log_forwarder();
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_drops = 0;
+    let stop_reason;
     loop {
         tokio::select! {
-            r = probes.next_batch(|ev| d.on_event(ev), |e| log::warn!("bad event record: {e:#}")) => { r?; }
+            r = probes.next_batch(|ev| d.on_event(ev), |e| log::warn!("bad event record: {e:#}")) => {
+                r?;
+                d.carry_out().await;
+            }
             _ = logs.forward() => {}
-            _ = hup.recv() => d.reload(),
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            Some(s) = side_rx.recv() => d.on_side(s).await,
+            Some(inc) = ctl_rx.recv() => d.on_request(inc).await,
+            _ = hup.recv() => {
+                match d.reload() {
+                    Ok(hash) => {
+                        log::info!("config reloaded from {}", d.config_path.display());
+                        d.audit("config.reloaded", None, json!({"config_hash": hash, "path": d.config_path.display().to_string()})).await;
+                    }
+                    Err(e) => {
+                        log::error!("config reload rejected, keeping the old config: {e}");
+                        d.audit("config.rejected", None, json!({"error": e, "path": d.config_path.display().to_string(), "kept_config_hash": d.config_hash})).await;
+                        d.alert(Severity::Warning, "config rejected", None, "config reload rejected; old config kept".into(), e);
+                    }
+                }
+            }
+            _ = term.recv() => { stop_reason = "SIGTERM"; break; }
+            _ = int.recv() => { stop_reason = "SIGINT"; break; }
             _ = tick.tick() => {
+                let now = monotonic_ns();
+                let live: HashMap<String, Vec<Live>> = d
+                    .velocity
+                    .services
+                    .keys()
+                    .map(|n| (n.clone(), d.live(n)))
+                    .collect();
+                let out = d.velocity.tick(now, |n| live.get(n).cloned().unwrap_or_default());
+                for dec in out {
+                    d.decisions.push((dec, now));
+                }
+                d.carry_out().await;
+                if d.velocity_dirty {
+                    match save_velocity(&state_dir, &d.velocity) {
+                        Ok(()) => d.velocity_dirty = false,
+                        Err(e) => log::error!("saving restart history: {e:#}"),
+                    }
+                }
                 let drops = probes.dropped()?;
                 if drops > last_drops {
                     log::warn!("{} lifecycle events lost (ring full), {drops} in all", drops - last_drops);
+                    d.audit("events.lost", None, json!({"lost": drops - last_drops, "total": drops})).await;
                     last_drops = drops;
                 }
             }
         }
     }
-    log::info!("governor stopping");
+    log::info!("governor stopping ({stop_reason})");
+    if let Err(e) = save_velocity(&state_dir, &d.velocity) {
+        log::error!("saving restart history: {e:#}");
+    }
+    d.audit("daemon.stopped", None, json!({"reason": stop_reason}))
+        .await;
+    if let Some(t) = &d.telegram {
+        let r = t.shutdown(Duration::from_secs(3));
+        log::info!("alerts: {:?}", r.stats);
+    }
+    while let Ok(s) = side_rx.try_recv() {
+        if let Side::Delivery(_) = s {
+            d.on_side(s).await;
+        }
+    }
+    d.audit.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
     Ok(())
 }

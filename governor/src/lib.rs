@@ -5,12 +5,16 @@
 //! actions, audit, alerts.
 
 pub mod btf;
+pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod doctor;
 pub mod events;
 pub mod fsflags;
 pub mod probes;
 pub mod proctable;
+pub mod supervisor;
 pub mod tracefs;
+pub mod velocity;
 pub mod watch;

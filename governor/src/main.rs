@@ -4,7 +4,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use governor::{
-    config::{Config, DEFAULT_CONFIG_PATH},
+    cli::{self, Target},
+    config::{parse_duration, Config, DEFAULT_CONFIG_PATH},
     daemon, doctor,
     proctable::Matcher,
     watch,
@@ -58,6 +59,37 @@ enum Cmd {
         /// The config file to check.
         path: PathBuf,
     },
+    /// Services as the daemon sees them: state (stable, restarting,
+    /// crash-loop, down), restarts in window, rate, last exit, pids, and what
+    /// the supervisor (pm2/systemd) says. Root only.
+    Status {
+        /// A JSON object with a `services` array.
+        #[arg(long)]
+        json: bool,
+        /// Also list every unmanaged process group the daemon tracks.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Record a deploy of SERVICE: its restarts during the grace period are
+    /// planned and don't count toward a crash loop (still shown). Root only.
+    Deploy {
+        service: String,
+        /// How long restarts count as the deploy's own.
+        #[arg(long, default_value = "2m", value_parser = dur)]
+        grace: std::time::Duration,
+        /// Why (recorded in the audit chain).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// The audit chain: verify it, or show its latest entries.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     /// Report kernel features and which enforcement layers `governor run`
     /// would use.
     Doctor {
@@ -68,6 +100,70 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// Config to find the daemon's socket in.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The daemon's control socket (overrides the config).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn target(self) -> Target {
+        Target {
+            config: self.config,
+            socket: self.socket,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Walk the whole chain (every rotated file): exit 0 with
+    /// `ok: N entries, head SEQ:HASH`, else 1 naming the first bad entry.
+    Verify {
+        /// The log (default: audit.jsonl in the config's state_dir).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Fail when the chain ends before this head (detects truncation).
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect_head: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the last entries.
+    Tail {
+        #[arg(short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Keep printing new entries as they are appended.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Raw JSON lines.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        log: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn dur(s: &str) -> Result<std::time::Duration, String> {
+    parse_duration(s)
+}
+
+fn report(r: anyhow::Result<()>, what: &str) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("governor {what}: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -127,6 +223,48 @@ fn main() -> ExitCode {
             };
             block_on(watch::run(json, matcher))
         }
+        Cmd::Status { json, all, target } => {
+            report(cli::status(&target.target(), json, all), "status")
+        }
+        Cmd::Deploy {
+            service,
+            grace,
+            reason,
+            target,
+        } => report(
+            cli::deploy(&target.target(), &service, grace.as_secs(), &reason),
+            "deploy",
+        ),
+        Cmd::Audit { cmd } => match cmd {
+            AuditCmd::Verify {
+                log,
+                expect_head,
+                config,
+            } => match (Target {
+                config,
+                socket: None,
+            })
+            .audit_log(log)
+            {
+                Ok(log) => cli::audit_verify(&log, expect_head.as_deref()),
+                Err(e) => report(Err(e), "audit verify"),
+            },
+            AuditCmd::Tail {
+                n,
+                follow,
+                json,
+                log,
+                config,
+            } => report(
+                (Target {
+                    config,
+                    socket: None,
+                })
+                .audit_log(log)
+                .and_then(|l| cli::audit_tail(&l, n, follow, json)),
+                "audit tail",
+            ),
+        },
         Cmd::Run { config, log_format } => {
             daemon::init_logging(matches!(log_format, LogFormat::Json));
             block_on(daemon::run(config))

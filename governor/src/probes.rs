@@ -21,7 +21,7 @@ use crate::{btf::Btf, events, tracefs};
 
 /// The compiled eBPF object, embedded so the binary is self-contained (the
 /// test binaries that run inside the qemu guest carry it too).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/governor"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/governor-ebpf"));
 
 /// Default lifecycle ring size. 1 MiB holds ~1,200 exec records (the
 /// largest) of backlog, which a storm on a 2-core host does not fill while

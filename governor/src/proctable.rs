@@ -34,6 +34,10 @@ pub struct Process {
     pub service: String,
     /// Whether the service came from the config (not a fingerprint).
     pub configured: bool,
+    /// An instance of its service (its parent belongs to another service:
+    /// pm2's God daemon, systemd, a shell loop) rather than a helper child
+    /// the service spawned. Only instance deaths are restarts.
+    pub instance: bool,
 }
 
 /// Matches processes to configured services.
@@ -203,6 +207,33 @@ impl ProcTable {
             p.service = s;
             p.configured = c;
         }
+        self.recompute_instances();
+    }
+
+    pub fn matcher(&self) -> &Matcher {
+        &self.matcher
+    }
+
+    fn parent_service(&self, ppid: u32) -> Option<&str> {
+        self.procs.get(&ppid).map(|p| p.service.as_str())
+    }
+
+    fn recompute_instances(&mut self) {
+        let services: HashMap<u32, String> = self
+            .procs
+            .iter()
+            .map(|(pid, p)| (*pid, p.service.clone()))
+            .collect();
+        for p in self.procs.values_mut() {
+            p.instance = services.get(&p.ppid) != Some(&p.service);
+        }
+    }
+
+    /// Live instances of a service.
+    pub fn instances_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Process> + 'a {
+        self.procs
+            .values()
+            .filter(move |p| p.instance && p.service == service)
     }
 
     pub fn len(&self) -> usize {
@@ -262,10 +293,12 @@ impl ProcTable {
                 unit,
                 service: String::new(),
                 configured: false,
+                instance: true,
             };
             (p.service, p.configured) = self.matcher.resolve(&p);
             self.procs.insert(pid, p);
         }
+        self.recompute_instances();
         Ok(self.procs.len())
     }
 
@@ -286,8 +319,10 @@ impl ProcTable {
             unit: unit.or_else(|| inherited.and_then(|p| p.unit.clone())),
             service: String::new(),
             configured: false,
+            instance: true,
         };
         (p.service, p.configured) = self.matcher.resolve(&p);
+        p.instance = self.parent_service(p.ppid) != Some(p.service.as_str());
         self.procs.insert(e.pid, p);
         &self.procs[&e.pid]
     }
@@ -295,10 +330,12 @@ impl ProcTable {
     /// A new process starts as a copy of its parent.
     pub fn on_fork(&mut self, f: &Fork) {
         let p = match self.procs.get(&f.ppid) {
+            // Same service as its parent, so a helper child, not an instance.
             Some(parent) => Process {
                 pid: f.pid,
                 ppid: f.ppid,
                 start_ns: f.start_ns,
+                instance: false,
                 ..parent.clone()
             },
             None => {
@@ -313,6 +350,7 @@ impl ProcTable {
                     unit: None,
                     service: String::new(),
                     configured: false,
+                    instance: true,
                 };
                 (p.service, p.configured) = self.matcher.resolve(&p);
                 p

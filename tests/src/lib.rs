@@ -244,3 +244,234 @@ impl Drop for Pm2 {
             .ok();
     }
 }
+
+/// A stand-in for the Telegram Bot API: a real HTTP server on 127.0.0.1
+/// (shared with governor-alerts' own tests).
+#[path = "../../governor-alerts/tests/support/mod.rs"]
+pub mod botapi;
+
+/// A running `governor run` with its own state dir, socket and config.
+pub struct DaemonProc {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl DaemonProc {
+    /// Writes a config (daemon section filled in, `extra` appended) and
+    /// starts the daemon, waiting until its control socket answers.
+    pub fn start(extra: &str) -> Self {
+        require_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Traversable by others, so a non-root client reaches the socket and
+        // hears the daemon's own refusal.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .ok();
+        let state = dir.path().join("state");
+        let socket = dir.path().join("governor.sock");
+        let config = dir.path().join("governor.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\n\n{extra}",
+                state.display(),
+                socket.display()
+            ),
+        )
+        .expect("write config");
+        let mut d = DaemonProc {
+            dir,
+            config,
+            socket,
+            state,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// (Re)starts the daemon process on the same config and state.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .expect("daemon log");
+        let child = Command::new(governor_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn governor run");
+        self.child = Some(child);
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if governor::control::request(
+                &self.socket,
+                &governor::control::Request::Status { all: false },
+                false,
+            )
+            .is_ok()
+            {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("governor run exited early with {st}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "governor run did not open its socket in time:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.state.join("audit.jsonl")
+    }
+
+    /// Every audit entry so far (all rotated files), parsed.
+    pub fn audit_entries(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for f in governor_audit_files(&self.audit_log()) {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        }
+        out
+    }
+
+    pub fn entries_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.audit_entries()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect()
+    }
+
+    /// `governor status --json` through the CLI.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(governor_bin())
+            .args(["status", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .expect("governor status");
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The status row of one service, if listed.
+    pub fn service(&self, name: &str) -> Option<serde_json::Value> {
+        self.status()["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+    }
+
+    /// Waits until `pred` holds for the status, returning that status.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            if Instant::now() > end {
+                panic!(
+                    "timed out waiting for {what}; last status: {s:#}\nlog:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the daemon child we spawned.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let st = self.child.take().expect("running").wait().expect("wait");
+        st
+    }
+
+    /// SIGKILL and reap: a crash.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            c.wait().ok();
+        }
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            c.wait().ok();
+        }
+        // The log keeps the append-only flag; clear it so the tempdir can go.
+        for f in governor_audit_files(&self.audit_log()) {
+            Command::new("chattr").arg("-a").arg(&f).output().ok();
+        }
+    }
+}
+
+/// The audit log files, oldest first (rotated `.N` files, then the live one).
+pub fn governor_audit_files(log: &std::path::Path) -> Vec<PathBuf> {
+    let mut rotated: Vec<(u64, PathBuf)> = std::fs::read_dir(log.parent().expect("dir"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let n = name.strip_prefix("audit.jsonl.")?.parse().ok()?;
+                    Some((n, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    rotated.sort();
+    let mut v: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    v.push(log.to_path_buf());
+    v
+}
+
+/// Runs `governor ARGS`, returning (exit code, stdout, stderr).
+pub fn governor(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(governor_bin())
+        .args(args)
+        .output()
+        .expect("run governor");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

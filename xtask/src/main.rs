@@ -74,6 +74,14 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The cargo target directory (honours CARGO_TARGET_DIR).
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => workspace_root().join("target"),
+    }
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
@@ -107,13 +115,16 @@ fn main() -> Result<()> {
                 "xtask: starting governor on {} (Ctrl-C stops it)",
                 config.display()
             );
-            let bin = root.join("target/release/governor");
+            let bin = target_dir().join("release/governor");
             run_cmd(Command::new(bin).arg("run").arg("--config").arg(&config))
         }
         Cmd::Test { kernel, filter } => {
             setup::setup(&setup::Needs::all())?;
             let mut c = cargo();
-            c.args(["test", "--workspace", "--", "--test-threads=1"]);
+            c.args(["build"]);
+            run_cmd(&mut c)?;
+            let mut c = cargo();
+            c.args(["test", "--", "--test-threads=1"]);
             c.args(&filter);
             run_cmd(&mut c)?;
             if kernel != "none" {
@@ -141,7 +152,7 @@ fn main() -> Result<()> {
                 "governor-tests",
                 "--bins",
             ]))?;
-            let mut c = Command::new(root.join("target/release/governor-bench"));
+            let mut c = Command::new(target_dir().join("release/governor-bench"));
             c.args(&only);
             run_cmd(&mut c)
         }
@@ -152,7 +163,10 @@ fn main() -> Result<()> {
 /// the chosen guest kernels (with `governor doctor` first).
 fn vm_test(root: &Path, kernel: &str, timeout: Duration, filter: &[String]) -> Result<()> {
     let kernels = vm::parse_kernel_arg(kernel)?;
-    run_cmd(cargo().args(["build", "-p", "governor"]))?;
+    // Build the default members (not just -p governor) so cargo unifies
+    // features exactly as `cargo test` does and the eBPF object is built once.
+    // (Never --workspace: that would build the eBPF crate for the host.)
+    run_cmd(cargo().arg("build"))?;
     let tests = vm::build_test_binaries(root, &["-p".into(), "governor-tests".into()])?;
     let tests: Vec<PathBuf> = tests
         .into_iter()
@@ -164,7 +178,7 @@ fn vm_test(root: &Path, kernel: &str, timeout: Duration, filter: &[String]) -> R
                 .is_some_and(|n| !n.starts_with("governor_tests-"))
         })
         .collect();
-    let governor = root.join("target/debug/governor");
+    let governor = target_dir().join("debug/governor");
     let opts = vm::VmOptions {
         kernels,
         test_binaries: tests,
@@ -172,7 +186,7 @@ fn vm_test(root: &Path, kernel: &str, timeout: Duration, filter: &[String]) -> R
         pre_commands: vec![vec![governor.display().to_string(), "doctor".into()]],
         filter: filter.to_vec(),
         timeout,
-        target_dir: root.join("target"),
+        target_dir: target_dir(),
     };
     vm::vm_test(&opts)
 }

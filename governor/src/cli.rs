@@ -1,0 +1,247 @@
+//! Client-side commands: they talk to the daemon over the control socket or
+//! read the audit log directly, and render for people or for machines.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::{
+    config::{Config, DEFAULT_CONFIG_PATH},
+    control::{self, Request},
+};
+
+/// Where the CLI finds the daemon and its files: `--socket`/`--log`, else the
+/// config (`--config`, default /etc/governor/governor.toml), else defaults.
+pub struct Target {
+    pub config: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn load_config(&self) -> Result<Option<Config>> {
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        if self.config.is_none() && !path.exists() {
+            return Ok(None);
+        }
+        Config::load(&path)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("invalid config: {e}"))
+    }
+
+    pub fn socket(&self) -> Result<PathBuf> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        Ok(self
+            .load_config()?
+            .map(|c| c.daemon.socket)
+            .unwrap_or_else(|| crate::config::Daemon::default().socket))
+    }
+
+    pub fn audit_log(&self, log: Option<PathBuf>) -> Result<PathBuf> {
+        if let Some(l) = log {
+            return Ok(l);
+        }
+        Ok(self
+            .load_config()?
+            .map(|c| c.daemon.state_dir)
+            .unwrap_or_else(|| crate::config::Daemon::default().state_dir)
+            .join("audit.jsonl"))
+    }
+}
+
+/// Sends a request; prints the daemon's refusal (or our failure) clearly.
+fn ask(target: &Target, req: &Request, pass_stdin: bool) -> Result<Value> {
+    let socket = target.socket()?;
+    let resp = control::request(&socket, req, pass_stdin)?;
+    if !resp.ok {
+        anyhow::bail!(
+            "{}",
+            resp.error.unwrap_or_else(|| "the daemon refused".into())
+        );
+    }
+    Ok(resp.data)
+}
+
+fn ms_human(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms}ms"),
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn last_exit_str(v: &Value) -> String {
+    if v.is_null() {
+        return "-".into();
+    }
+    let how = match (v["code"].as_i64(), v["signal"].as_i64()) {
+        (Some(c), _) => format!("code {c}"),
+        (_, Some(s)) => format!("sig {s}"),
+        _ => "?".into(),
+    };
+    format!(
+        "{how} after {}, {} ago{}",
+        ms_human(v["uptime_ms"].as_u64().unwrap_or(0)),
+        ms_human(v["ago_ms"].as_u64().unwrap_or(0)),
+        if v["planned"] == true {
+            " (planned)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Renders `governor status` as a table a person reads at a glance.
+pub fn render_status(data: &Value) -> String {
+    let mut rows = vec![[
+        "SERVICE".to_string(),
+        "STATE".into(),
+        "RESTARTS".into(),
+        "RATE/MIN".into(),
+        "UPTIME".into(),
+        "PIDS".into(),
+        "LAST EXIT".into(),
+        "SUPERVISOR SAYS".into(),
+    ]];
+    for s in data["services"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let pids: Vec<String> = s["pids"]
+            .as_array()
+            .map(|a| a.iter().map(|p| p.to_string()).collect())
+            .unwrap_or_default();
+        let mut state = s["state"].as_str().unwrap_or("?").to_string();
+        if state == "crash-loop" {
+            state = "CRASH-LOOP".into();
+        }
+        rows.push([
+            s["name"].as_str().unwrap_or("?").to_string(),
+            state,
+            format!(
+                "{}/{} in {}{}",
+                s["restarts_in_window"],
+                s["max_restarts"],
+                ms_human(s["window_s"].as_u64().unwrap_or(0) * 1000),
+                match s["planned_in_window"].as_u64() {
+                    Some(n) if n > 0 => format!(" (+{n} planned)"),
+                    _ => String::new(),
+                }
+            ),
+            format!("{:.1}", s["rate_per_min"].as_f64().unwrap_or(0.0)),
+            s["uptime_ms"]
+                .as_u64()
+                .map(ms_human)
+                .unwrap_or_else(|| "-".into()),
+            if pids.is_empty() {
+                "-".into()
+            } else {
+                pids.join(",")
+            },
+            last_exit_str(&s["last_exit"]),
+            s["supervisor_view"].as_str().unwrap_or("-").to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if let Some(h) = data["audit_head"].as_str() {
+        out.push_str(&format!("audit head {h}\n"));
+    }
+    out
+}
+
+pub fn status(target: &Target, json: bool, all: bool) -> Result<()> {
+    let data = ask(target, &Request::Status { all }, false)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+    } else {
+        print!("{}", render_status(&data));
+    }
+    Ok(())
+}
+
+pub fn deploy(target: &Target, service: &str, grace_s: u64, reason: &str) -> Result<()> {
+    let data = ask(
+        target,
+        &Request::Deploy {
+            service: service.into(),
+            grace_s,
+            reason: reason.into(),
+        },
+        false,
+    )?;
+    println!(
+        "deploy of {service} recorded (audit {}); restarts in the next {grace_s} s are planned",
+        data["audit"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+pub fn audit_verify(log: &Path, expect_head: Option<&str>) -> ExitCode {
+    let expect = match expect_head.map(str::parse::<governor_audit::Head>) {
+        None => None,
+        Some(Ok(h)) => Some(h),
+        Some(Err(e)) => {
+            eprintln!("governor audit verify: --expect-head: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match governor_audit::verify(log, expect.as_ref()) {
+        Ok(ok) => {
+            println!("{ok}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("FAIL: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_entry(e: &governor_audit::Entry, json: bool) {
+    if json {
+        println!("{}", e.to_line().trim_end());
+    } else {
+        println!("{e}");
+    }
+}
+
+pub fn audit_tail(log: &Path, n: usize, follow: bool, json: bool) -> Result<()> {
+    let entries =
+        governor_audit::tail(log, n).with_context(|| format!("reading {}", log.display()))?;
+    for e in &entries {
+        print_entry(e, json);
+    }
+    if follow {
+        let from = governor_audit::end_offset(log)?;
+        governor_audit::follow(log, from, |e| {
+            print_entry(e, json);
+            use std::io::Write;
+            std::io::stdout().flush().is_ok()
+        })?;
+    }
+    Ok(())
+}

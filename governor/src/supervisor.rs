@@ -1,0 +1,261 @@
+//! The edge to process supervisors (pm2, systemd): stopping a service and
+//! asking for the supervisor's own view of it. Behind a trait so the policy
+//! and daemon are tested without them.
+//!
+//! No shell is involved: every command is an argv built from validated
+//! names. pm2 commands run as the user who owns pm2's God daemon, with that
+//! daemon's PM2_HOME, so root never touches another user's pm2 state as root.
+
+use std::{
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{proctable::Process, velocity::Supervisor};
+
+/// Derives how a process is supervised from what the table knows of it.
+pub fn supervisor_of(p: &Process) -> Supervisor {
+    if let Some(app) = &p.pm2 {
+        return Supervisor::Pm2 {
+            name: app.name.clone(),
+            pm_id: app.pm_id,
+            god_pid: p.ppid,
+        };
+    }
+    if let Some(unit) = &p.unit {
+        return Supervisor::Systemd { unit: unit.clone() };
+    }
+    Supervisor::None
+}
+
+/// Side effects on supervisors.
+pub trait SupervisorOps: Send + Sync {
+    /// Stops the service through its supervisor; returns what it said.
+    fn stop(&self, s: &Supervisor) -> Result<String>;
+    /// The supervisor's own view of the service (status, its restart count).
+    fn view(&self, s: &Supervisor) -> Result<serde_json::Value>;
+}
+
+/// The real thing: `pm2` and `systemctl`.
+pub struct RealSupervisors;
+
+/// Names we pass to pm2/systemctl: no option injection, no odd bytes.
+fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.starts_with('-')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c))
+    {
+        bail!("refusing to pass {what} {name:?} to a supervisor: unexpected characters");
+    }
+    Ok(())
+}
+
+/// How to run pm2 as its God daemon does: the node binary, pm2's CLI next to
+/// the Daemon.js it runs, its PM2_HOME and its owner.
+struct Pm2Cli {
+    node: PathBuf,
+    cli: PathBuf,
+    home: Option<String>,
+    uid: u32,
+    gid: u32,
+}
+
+fn pm2_cli(god_pid: u32) -> Result<Pm2Cli> {
+    let argv: Vec<String> = std::fs::read(format!("/proc/{god_pid}/cmdline"))
+        .with_context(|| format!("pm2 God daemon (pid {god_pid}) is gone"))?
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    let node = std::fs::read_link(format!("/proc/{god_pid}/exe"))
+        .with_context(|| format!("reading the exe of pm2's God daemon (pid {god_pid})"))?;
+    let daemon_js = argv
+        .iter()
+        .find(|a| a.ends_with("lib/Daemon.js"))
+        .with_context(|| format!("pid {god_pid} doesn't look like pm2's God daemon: {argv:?}"))?;
+    let cli = Path::new(daemon_js)
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("bin/pm2"))
+        .context("locating pm2's CLI")?;
+    let home = std::fs::read(format!("/proc/{god_pid}/environ"))
+        .ok()
+        .and_then(|env| {
+            env.split(|&b| b == 0).find_map(|v| {
+                v.strip_prefix(b"PM2_HOME=")
+                    .map(|h| String::from_utf8_lossy(h).into_owned())
+            })
+        });
+    let status = std::fs::read_to_string(format!("/proc/{god_pid}/status"))?;
+    let id_of = |key: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    };
+    Ok(Pm2Cli {
+        node,
+        cli,
+        home,
+        uid: id_of("Uid:").unwrap_or(0),
+        gid: id_of("Gid:").unwrap_or(0),
+    })
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<String> {
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(20))
+        .with_context(|| format!("running {what}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(text)
+}
+
+fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::io::Result<std::process::Output> {
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r,
+        Err(_) => {
+            // SAFETY: kill(2) on the child we spawned and haven't reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out",
+            ))
+        }
+    }
+}
+
+impl Pm2Cli {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.node);
+        c.arg(&self.cli).args(args);
+        c.env_clear();
+        c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        if let Some(h) = &self.home {
+            c.env("PM2_HOME", h);
+        }
+        // Least privilege: act as pm2's owner, not as root.
+        c.uid(self.uid).gid(self.gid);
+        c
+    }
+}
+
+impl SupervisorOps for RealSupervisors {
+    fn stop(&self, s: &Supervisor) -> Result<String> {
+        match s {
+            Supervisor::Pm2 { name, god_pid, .. } => {
+                check_name("pm2 app", name)?;
+                let pm2 = pm2_cli(*god_pid)?;
+                run(pm2.command(&["stop", name]), &format!("pm2 stop {name}"))
+            }
+            Supervisor::Systemd { unit } => {
+                check_name("unit", unit)?;
+                let mut c = Command::new("systemctl");
+                c.args(["stop", "--no-block", "--", unit]);
+                run(c, &format!("systemctl stop {unit}"))
+            }
+            Supervisor::None => bail!("no supervisor to stop this service through"),
+        }
+    }
+
+    fn view(&self, s: &Supervisor) -> Result<serde_json::Value> {
+        match s {
+            Supervisor::Pm2 { name, god_pid, .. } => {
+                check_name("pm2 app", name)?;
+                let pm2 = pm2_cli(*god_pid)?;
+                let out = run(pm2.command(&["jlist"]), "pm2 jlist")?;
+                let start = out.find('[').context("pm2 jlist printed no JSON")?;
+                let list: serde_json::Value =
+                    serde_json::from_str(&out[start..]).context("parsing pm2 jlist")?;
+                let app = list
+                    .as_array()
+                    .and_then(|a| a.iter().find(|x| x["name"] == name.as_str()))
+                    .with_context(|| format!("pm2 doesn't list {name}"))?;
+                let env = &app["pm2_env"];
+                Ok(serde_json::json!({
+                    "supervisor": "pm2",
+                    "status": env["status"],
+                    "restarts": env["restart_time"],
+                    "unstable_restarts": env["unstable_restarts"],
+                    "pid": app["pid"],
+                }))
+            }
+            Supervisor::Systemd { unit } => {
+                check_name("unit", unit)?;
+                let mut c = Command::new("systemctl");
+                c.args([
+                    "show",
+                    "-p",
+                    "ActiveState,SubState,NRestarts,MainPID",
+                    "--",
+                    unit,
+                ]);
+                let out = run(c, &format!("systemctl show {unit}"))?;
+                let mut v = serde_json::Map::new();
+                v.insert("supervisor".into(), "systemd".into());
+                for line in out.lines() {
+                    if let Some((k, val)) = line.split_once('=') {
+                        v.insert(k.to_string(), val.into());
+                    }
+                }
+                Ok(v.into())
+            }
+            Supervisor::None => Ok(serde_json::json!({"supervisor": "none"})),
+        }
+    }
+}
+
+/// One line for tables and alerts: "pm2 says online, 37 restarts (0 unstable)".
+pub fn describe_view(v: &serde_json::Value) -> String {
+    match v["supervisor"].as_str() {
+        Some("pm2") => format!(
+            "pm2 says {}, {} restarts ({} unstable)",
+            v["status"].as_str().unwrap_or("?"),
+            v["restarts"],
+            v["unstable_restarts"]
+        ),
+        Some("systemd") => format!(
+            "systemd says {}/{}, NRestarts={}",
+            v["ActiveState"].as_str().unwrap_or("?"),
+            v["SubState"].as_str().unwrap_or("?"),
+            v["NRestarts"].as_str().unwrap_or("?")
+        ),
+        _ => "no supervisor".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("x", "lily").is_ok());
+        assert!(check_name("x", "lily.service").is_ok());
+        assert!(check_name("x", "--all").is_err());
+        assert!(check_name("x", "a b").is_err());
+        assert!(check_name("x", "a;rm").is_err());
+        assert!(check_name("x", "").is_err());
+    }
+}

@@ -1,0 +1,296 @@
+//! The audit chain as the daemon writes it, and the CLI that checks it:
+//! start/reload/stop entries, tampering caught by `governor audit verify`,
+//! kill -9 mid-write, the append-only attribute, and Telegram alerts through
+//! a real HTTP stand-in of the Bot API.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::PermissionsExt,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use governor_tests::{botapi::BotServer, governor, DaemonProc};
+
+fn verify(log: &std::path::Path, extra: &[&str]) -> (i32, String) {
+    let mut args = vec!["audit", "verify", "--log", log.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, out, err) = governor(&args);
+    (code, format!("{out}{err}"))
+}
+
+#[test]
+fn daemon_records_start_reload_reject_and_stop() {
+    let mut d = DaemonProc::start("[defaults]\nmax_restarts = 2\n");
+    let started = d.entries_of("daemon.started");
+    assert_eq!(started.len(), 1);
+    let det = &started[0]["detail"];
+    assert_eq!(det["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(det["config_hash"].as_str().unwrap().len(), 64);
+    assert!(
+        det["layers"].as_array().is_some_and(|l| !l.is_empty()),
+        "{det}"
+    );
+
+    // A bad config on SIGHUP is rejected and the old one kept.
+    let good = fs::read_to_string(&d.config).unwrap();
+    fs::write(
+        &d.config,
+        good.replace("max_restarts = 2", "max_restarts = 2\nwindow = \"soon\""),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    let end = Instant::now() + Duration::from_secs(10);
+    while d.entries_of("config.rejected").is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rejected = d.entries_of("config.rejected");
+    assert_eq!(rejected.len(), 1, "{}", d.log());
+    assert!(rejected[0]["detail"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("defaults.window"));
+    // Still serving, on the old config.
+    assert!(d.status()["services"].is_array());
+    fs::write(
+        &d.config,
+        good.replace("max_restarts = 2", "max_restarts = 4"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    let end = Instant::now() + Duration::from_secs(10);
+    while d.entries_of("config.reloaded").is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.entries_of("config.reloaded").len(), 1, "{}", d.log());
+    assert!(d.stop().success());
+    assert_eq!(d.entries_of("daemon.stopped").len(), 1);
+    let (code, out) = verify(&d.audit_log(), &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ok: 4 entries, head 4:"), "{out}");
+}
+
+/// Tampering with the daemon's log is caught by the CLI, naming the entry.
+#[test]
+fn verify_cli_names_the_tampered_entry() {
+    let mut d = DaemonProc::start("");
+    for _ in 0..4 {
+        d.signal(libc::SIGHUP);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    d.stop();
+    let log = d.audit_log();
+    Command::new("chattr").arg("-a").arg(&log).status().unwrap();
+    let pristine = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = pristine.lines().collect();
+    assert!(lines.len() >= 6, "{pristine}");
+    let head = fs::read_to_string(d.state.join("audit.head")).unwrap();
+    let head = head.trim();
+
+    // One byte of a middle entry.
+    let mut bad = lines.clone();
+    let edited = bad[2].replacen("config.reloaded", "config.reloadex", 1);
+    bad[2] = &edited;
+    fs::write(&log, bad.join("\n") + "\n").unwrap();
+    let (code, out) = verify(&log, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(":3:") && out.contains("seq 3") && out.contains("hash mismatch"),
+        "{out}"
+    );
+
+    // A deleted line: seq gap at the next one.
+    let mut bad = lines.clone();
+    bad.remove(2);
+    fs::write(&log, bad.join("\n") + "\n").unwrap();
+    let (code, out) = verify(&log, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(":3:") && out.contains("seq"), "{out}");
+
+    // Truncated tail: a valid shorter chain, caught only against the head.
+    fs::write(&log, lines[..3].join("\n") + "\n").unwrap();
+    let (code, out) = verify(&log, &[]);
+    assert_eq!(code, 0, "a prefix is a valid chain on its own: {out}");
+    let (code, out) = verify(&log, &["--expect-head", head]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("head"), "{out}");
+
+    fs::write(&log, &pristine).unwrap();
+    let (code, out) = verify(&log, &["--expect-head", head]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// kill -9 while the daemon writes many entries: the chain verifies, and a
+/// torn last line is set aside and recorded at the next start.
+#[test]
+fn kill9_mid_write_then_torn_tail_is_recovered() {
+    let mut d = DaemonProc::start("");
+    let pid = d.pid();
+    let t = std::thread::spawn(move || {
+        for _ in 0..400 {
+            // SAFETY: kill(2) on the daemon's pid; it may already be dead.
+            if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(250));
+    d.kill9();
+    t.join().unwrap();
+    let n = d.entries_of("config.reloaded").len();
+    assert!(
+        n > 10,
+        "the daemon should have been writing many entries, wrote {n}"
+    );
+    let (code, out) = verify(&d.audit_log(), &[]);
+    assert_eq!(code, 0, "after kill -9: {out}");
+
+    // A crash mid-line leaves a torn tail (O_APPEND works through +a).
+    let torn = "{\"seq\":99999,\"ts\":\"2026-";
+    fs::OpenOptions::new()
+        .append(true)
+        .open(d.audit_log())
+        .unwrap()
+        .write_all(torn.as_bytes())
+        .unwrap();
+    d.spawn();
+    let torn_entries = d.entries_of("audit.torn_tail");
+    assert_eq!(torn_entries.len(), 1, "{}", d.log());
+    let saved = torn_entries[0]["detail"]["saved_to"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let saved_path = if saved.starts_with('/') {
+        std::path::PathBuf::from(&saved)
+    } else {
+        d.state.join(&saved)
+    };
+    assert_eq!(
+        fs::read_to_string(&saved_path).unwrap(),
+        torn,
+        "torn bytes set aside in {saved}"
+    );
+    d.stop();
+    let (code, out) = verify(&d.audit_log(), &[]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn append_only_log_refuses_rewrites_from_other_processes() {
+    let d = DaemonProc::start("");
+    let log = d.audit_log().display().to_string();
+    let out = Command::new("/bin/sh")
+        .args(["-c", &format!("echo forged > {log}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not permitted"),
+        "{out:?}"
+    );
+    let out = Command::new("/bin/sh")
+        .args(["-c", &format!("mv {log} {log}.moved")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "rename of the log must be refused");
+    // The daemon itself still appends.
+    let before = d.audit_entries().len();
+    d.signal(libc::SIGHUP);
+    let end = Instant::now() + Duration::from_secs(10);
+    while d.audit_entries().len() == before && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.audit_entries().len(), before + 1);
+}
+
+fn telegram_section(api: &str, token: &std::path::Path) -> String {
+    format!(
+        "[alerts.telegram]\nbot_token_file = \"{}\"\nchat_id = \"-1001234567890\"\napi_url = \"{api}\"\nmin_severity = \"warning\"\n",
+        token.display()
+    )
+}
+
+/// Startup notice and alert deliveries reach the Bot API stand-in, and each
+/// delivery is recorded in the chain with the head in the message.
+#[test]
+fn telegram_startup_notice_and_delivery_audit() {
+    let bot = BotServer::start(vec![]);
+    let (_tdir, token) = governor_tests::botapi::token_file();
+    let d = DaemonProc::start(&telegram_section(&bot.url(), &token));
+    let reqs = bot.wait_for(1, Duration::from_secs(10));
+    assert_eq!(reqs.len(), 1, "startup notice expected");
+    assert!(
+        reqs[0].path.ends_with("/sendMessage") && reqs[0].path.contains("/bot"),
+        "{}",
+        reqs[0].path
+    );
+    let text = reqs[0].text();
+    assert!(text.contains("governor started on"), "{text}");
+    assert!(
+        text.contains("audit 1:") || text.contains("head 1:"),
+        "head in the message: {text}"
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while d.entries_of("alert.delivered").is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.entries_of("alert.delivered").len(), 1, "{}", d.log());
+}
+
+/// Bad Telegram settings are config errors naming the key.
+#[test]
+fn telegram_config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    let check = |body: &str| -> (i32, String) {
+        let cfg = dir.path().join("g.toml");
+        fs::write(&cfg, body).unwrap();
+        let (code, out, err) = governor(&["check-config", cfg.to_str().unwrap()]);
+        (code, format!("{out}{err}"))
+    };
+    let section = |tok: &str, chat: Option<&str>, api: &str| {
+        let mut s = format!("[alerts.telegram]\nbot_token_file = \"{tok}\"\n");
+        if let Some(c) = chat {
+            s.push_str(&format!("chat_id = \"{c}\"\n"));
+        }
+        s.push_str(&format!("api_url = \"{api}\"\n"));
+        s
+    };
+    let tok = token.to_str().unwrap();
+    // Missing file.
+    let (code, out) = check(&section(tok, Some("42"), "https://api.telegram.org"));
+    assert_eq!(code, 1);
+    assert!(out.contains("bot_token_file"), "{out}");
+    // World-readable.
+    fs::write(&token, "123456:ABCdef\n").unwrap();
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out) = check(&section(tok, Some("42"), "https://api.telegram.org"));
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("bot_token_file") && out.contains("chmod 600"),
+        "{out}"
+    );
+    // Empty.
+    fs::write(&token, "\n").unwrap();
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out) = check(&section(tok, Some("42"), "https://api.telegram.org"));
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("bot_token_file") && out.contains("empty"),
+        "{out}"
+    );
+    fs::write(&token, "123456:ABCdef\n").unwrap();
+    // chat_id absent.
+    let (code, out) = check(&section(tok, None, "https://api.telegram.org"));
+    assert_eq!(code, 1);
+    assert!(out.contains("chat_id"), "{out}");
+    // api_url not a URL.
+    let (code, out) = check(&section(tok, Some("42"), "not a url"));
+    assert_eq!(code, 1);
+    assert!(out.contains("api_url"), "{out}");
+    // And the good one passes.
+    let (code, out) = check(&section(tok, Some("42"), "https://api.telegram.org"));
+    assert_eq!(code, 0, "{out}");
+}
