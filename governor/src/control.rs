@@ -296,16 +296,19 @@ pub fn request(socket: &Path, req: &Request, pass_stdin: bool) -> Result<Respons
     stream.set_read_timeout(Some(Duration::from_secs(90)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
-    if pass_stdin {
-        send_with_fd(stream.as_raw_fd(), &line, 0)?;
+    let sent = if pass_stdin {
+        send_with_fd(stream.as_raw_fd(), &line, 0)
     } else {
-        stream.write_all(&line)?;
-    }
+        stream.write_all(&line).map_err(Into::into)
+    };
+    // The daemon may refuse (and hang up) before reading the request; its
+    // answer is still waiting to be read, so a failed write isn't the end.
     let mut resp = String::new();
     BufReader::new(&stream)
         .read_line(&mut resp)
         .context("reading the daemon's answer")?;
     if resp.is_empty() {
+        sent?;
         bail!("the daemon closed the connection without answering");
     }
     serde_json::from_str(&resp).context("parsing the daemon's answer")

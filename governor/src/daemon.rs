@@ -224,7 +224,7 @@ impl Daemon {
         InstanceInfo {
             service: p.service.clone(),
             configured: p.configured,
-            supervisor: supervisor_of(p),
+            supervisor: supervisor_of(p, &self.table),
             limits: self.limits_of(&p.service),
         }
     }
@@ -595,7 +595,7 @@ impl Daemon {
                     .table
                     .instances_of(&name)
                     .next()
-                    .map(supervisor_of)
+                    .map(|p| supervisor_of(p, &self.table))
                     .unwrap_or_default();
                 self.velocity.status(
                     &name,
@@ -670,7 +670,7 @@ impl Daemon {
                         .table
                         .instances_of(&service)
                         .next()
-                        .map(supervisor_of)
+                        .map(|p| supervisor_of(p, &self.table))
                         .unwrap_or_default(),
                     limits: self.limits_of(&service),
                 };

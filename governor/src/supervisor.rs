@@ -15,15 +15,27 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{proctable::Process, velocity::Supervisor};
+use crate::{
+    proctable::{ProcTable, Process},
+    velocity::Supervisor,
+};
 
 /// Derives how a process is supervised from what the table knows of it.
-pub fn supervisor_of(p: &Process) -> Supervisor {
+/// For pm2, the God daemon's argv as the kernel saw it at exec time names
+/// the pm2 install (pm2 rewrites its process title right after).
+pub fn supervisor_of(p: &Process, table: &ProcTable) -> Supervisor {
     if let Some(app) = &p.pm2 {
+        let daemon_js = table.get(p.ppid).and_then(|god| {
+            god.argv
+                .iter()
+                .find(|a| a.ends_with("lib/Daemon.js"))
+                .cloned()
+        });
         return Supervisor::Pm2 {
             name: app.name.clone(),
             pm_id: app.pm_id,
             god_pid: p.ppid,
+            daemon_js,
         };
     }
     if let Some(unit) = &p.unit {
@@ -66,32 +78,56 @@ struct Pm2Cli {
     gid: u32,
 }
 
-fn pm2_cli(god_pid: u32) -> Result<Pm2Cli> {
-    let argv: Vec<String> = std::fs::read(format!("/proc/{god_pid}/cmdline"))
-        .with_context(|| format!("pm2 God daemon (pid {god_pid}) is gone"))?
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    let node = std::fs::read_link(format!("/proc/{god_pid}/exe"))
-        .with_context(|| format!("reading the exe of pm2's God daemon (pid {god_pid})"))?;
-    let daemon_js = argv
+/// Finds pm2's CLI: from the God daemon's Daemon.js (seen at its exec),
+/// else from the `_` its launching shell left in its environment, else the
+/// usual install locations.
+fn locate_cli(daemon_js: Option<&str>, env: &[(String, String)]) -> Result<PathBuf> {
+    if let Some(root) = daemon_js.and_then(|js| Path::new(js).parent()?.parent()) {
+        let cli = root.join("bin/pm2");
+        if cli.is_file() {
+            return Ok(cli);
+        }
+    }
+    let launched = env
         .iter()
-        .find(|a| a.ends_with("lib/Daemon.js"))
-        .with_context(|| format!("pid {god_pid} doesn't look like pm2's God daemon: {argv:?}"))?;
-    let cli = Path::new(daemon_js)
-        .parent()
-        .and_then(Path::parent)
-        .map(|root| root.join("bin/pm2"))
-        .context("locating pm2's CLI")?;
-    let home = std::fs::read(format!("/proc/{god_pid}/environ"))
-        .ok()
-        .and_then(|env| {
-            env.split(|&b| b == 0).find_map(|v| {
-                v.strip_prefix(b"PM2_HOME=")
-                    .map(|h| String::from_utf8_lossy(h).into_owned())
-            })
-        });
+        .find(|(k, _)| k == "_")
+        .map(|(_, v)| PathBuf::from(v))
+        .filter(|p| p.file_name().is_some_and(|n| n == "pm2"));
+    launched
+        .into_iter()
+        .chain(
+            [
+                "/usr/local/bin/pm2",
+                "/usr/bin/pm2",
+                "/usr/local/lib/node_modules/pm2/bin/pm2",
+            ]
+            .iter()
+            .map(PathBuf::from),
+        )
+        .find(|p| p.is_file())
+        .context(
+            "can't find pm2's CLI for this God daemon (its exec wasn't seen and pm2 \
+             isn't in /usr/local/bin or /usr/bin)",
+        )
+}
+
+fn pm2_cli(god_pid: u32, daemon_js: Option<&str>) -> Result<Pm2Cli> {
+    let node = std::fs::read_link(format!("/proc/{god_pid}/exe"))
+        .with_context(|| format!("pm2 God daemon (pid {god_pid}) is gone"))?;
+    let env: Vec<(String, String)> = std::fs::read(format!("/proc/{god_pid}/environ"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter_map(|v| {
+            let v = String::from_utf8_lossy(v);
+            v.split_once('=')
+                .map(|(k, val)| (k.to_string(), val.to_string()))
+        })
+        .collect();
+    let cli = locate_cli(daemon_js, &env)?;
+    let home = env
+        .iter()
+        .find(|(k, _)| k == "PM2_HOME")
+        .map(|(_, v)| v.clone());
     let status = std::fs::read_to_string(format!("/proc/{god_pid}/status"))?;
     let id_of = |key: &str| -> Option<u32> {
         status
@@ -164,9 +200,14 @@ impl Pm2Cli {
 impl SupervisorOps for RealSupervisors {
     fn stop(&self, s: &Supervisor) -> Result<String> {
         match s {
-            Supervisor::Pm2 { name, god_pid, .. } => {
+            Supervisor::Pm2 {
+                name,
+                god_pid,
+                daemon_js,
+                ..
+            } => {
                 check_name("pm2 app", name)?;
-                let pm2 = pm2_cli(*god_pid)?;
+                let pm2 = pm2_cli(*god_pid, daemon_js.as_deref())?;
                 run(pm2.command(&["stop", name]), &format!("pm2 stop {name}"))
             }
             Supervisor::Systemd { unit } => {
@@ -181,9 +222,14 @@ impl SupervisorOps for RealSupervisors {
 
     fn view(&self, s: &Supervisor) -> Result<serde_json::Value> {
         match s {
-            Supervisor::Pm2 { name, god_pid, .. } => {
+            Supervisor::Pm2 {
+                name,
+                god_pid,
+                daemon_js,
+                ..
+            } => {
                 check_name("pm2 app", name)?;
-                let pm2 = pm2_cli(*god_pid)?;
+                let pm2 = pm2_cli(*god_pid, daemon_js.as_deref())?;
                 let out = run(pm2.command(&["jlist"]), "pm2 jlist")?;
                 let start = out.find('[').context("pm2 jlist printed no JSON")?;
                 let list: serde_json::Value =

@@ -33,6 +33,9 @@ pub enum Supervisor {
         pm_id: Option<u32>,
         /// pid of pm2's God daemon (the instance's parent).
         god_pid: u32,
+        /// The God daemon's `lib/Daemon.js`, which locates pm2's CLI.
+        #[serde(default)]
+        daemon_js: Option<String>,
     },
     Systemd {
         unit: String,
@@ -553,6 +556,7 @@ mod tests {
                 name: name.into(),
                 pm_id: Some(0),
                 god_pid: 1,
+                daemon_js: None,
             },
             limits: limits(max),
         }

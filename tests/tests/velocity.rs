@@ -37,6 +37,7 @@ impl ShellLoop {
             .arg("-c")
             .arg("while true; do \"$0\"; done")
             .arg(&app)
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         (ShellLoop(child), app.display().to_string())
