@@ -50,9 +50,13 @@ fn assert_uptime(exit: &governor::events::Exit, observed: Duration) {
         up <= observed + Duration::from_millis(2),
         "kernel uptime {up:?} longer than observed {observed:?}"
     );
+    // Our observation adds the reaping latency on top of the kernel's
+    // figure. Under qemu's software emulation (the vm-test guests) that
+    // latency alone is tens of ms, so the bound there is looser.
+    let slack = if governor_tests::in_vm() { 150 } else { 20 };
     assert!(
-        observed.saturating_sub(up) <= Duration::from_millis(20),
-        "kernel uptime {up:?} more than 20 ms off the observed {observed:?}"
+        observed.saturating_sub(up) <= Duration::from_millis(slack),
+        "kernel uptime {up:?} more than {slack} ms off the observed {observed:?}"
     );
 }
 

@@ -555,6 +555,8 @@ m cgroup2 cgroup2 /sys/fs/cgroup
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root GOVERNOR_IN_VM=1 RUST_BACKTRACE=1
 cd /root
 hostname governor-vm
+# Loopback only (-nic none): tests talk to local stand-ins, e.g. the Bot API.
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up || echo "GOVERNOR-VM-WARN no loopback"
 echo "GOVERNOR-VM-KERNEL $(uname -r)"
 echo "GOVERNOR-VM-LSM $(cat /sys/kernel/security/lsm)"
 "#,
