@@ -705,6 +705,14 @@ impl Daemon {
     }
 }
 
+/// Loading parses the kernel's BTF (several MiB, twice: ours and aya's);
+/// glibc keeps the freed heap unless asked to give it back, and a daemon
+/// that stays resident should not carry its start-up peak forever.
+fn release_startup_memory() {
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
+}
+
 pub fn human_secs(s: u64) -> String {
     match s {
         s if s >= 3600 && s % 3600 == 0 => format!("{} h", s / 3600),
@@ -740,6 +748,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         .seed_from_proc()
         .context("seeding the process table from /proc")?;
     let (velocity, velocity_problem) = load_velocity(&state_dir);
+    release_startup_memory();
 
     let (side_tx, mut side_rx) = mpsc::unbounded_channel::<Side>();
     let (alerts, telegram): (Arc<dyn AlertSink>, Option<Arc<TelegramSender>>) =
@@ -872,6 +881,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             _ = term.recv() => { stop_reason = "SIGTERM"; break; }
             _ = int.recv() => { stop_reason = "SIGINT"; break; }
             _ = tick.tick() => {
+                // Records queued without a wakeup (forks) are picked up here
+                // at the latest.
+                probes.drain(|ev| d.on_event(ev));
                 let now = monotonic_ns();
                 let live: HashMap<String, Vec<Live>> = d
                     .velocity

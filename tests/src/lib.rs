@@ -76,6 +76,7 @@ pub struct Collector {
     /// Whether the collector drains the ring (false = let it fill up).
     draining: Arc<AtomicBool>,
     thread: Option<JoinHandle<anyhow::Result<u64>>>,
+    stats: Arc<Mutex<Vec<(String, u64, u64)>>>,
 }
 
 impl Collector {
@@ -91,7 +92,13 @@ impl Collector {
         let stop = Arc::new(AtomicBool::new(false));
         let draining = Arc::new(AtomicBool::new(drain));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (ev, st, dr) = (events.clone(), stop.clone(), draining.clone());
+        let stats = Arc::new(Mutex::new(Vec::new()));
+        let (ev, st, dr, sts) = (
+            events.clone(),
+            stop.clone(),
+            draining.clone(),
+            stats.clone(),
+        );
         let thread = std::thread::spawn(move || -> anyhow::Result<u64> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -122,6 +129,7 @@ impl Collector {
                         let mut batch = Vec::new();
                         probes.drain(|e| batch.push(e));
                         ev.lock().unwrap().extend(batch);
+                        *sts.lock().unwrap() = probes.program_stats();
                         return probes.dropped();
                     }
                 }
@@ -137,6 +145,7 @@ impl Collector {
             stop,
             draining,
             thread: Some(thread),
+            stats,
         }
     }
 
@@ -161,8 +170,19 @@ impl Collector {
         panic!("timed out after {timeout:?} waiting for {what}");
     }
 
+    /// Kernel run statistics of the programs, (name, runs, ns), as of stop.
+    pub fn program_stats(&self) -> Vec<(String, u64, u64)> {
+        self.stats.lock().unwrap().clone()
+    }
+
     /// Stops, returning every event and the kernel's drop counter.
-    pub fn stop(mut self) -> (Vec<Event>, u64) {
+    pub fn stop(self) -> (Vec<Event>, u64) {
+        let (events, dropped, _) = self.stop_with_stats();
+        (events, dropped)
+    }
+
+    /// Stops, also returning the programs' kernel run statistics.
+    pub fn stop_with_stats(mut self) -> (Vec<Event>, u64, Vec<(String, u64, u64)>) {
         self.stop.store(true, Ordering::SeqCst);
         let dropped = self
             .thread
@@ -172,7 +192,8 @@ impl Collector {
             .expect("collector panicked")
             .expect("collector failed");
         let events = std::mem::take(&mut *self.events.lock().unwrap());
-        (events, dropped)
+        let stats = self.stats.lock().unwrap().clone();
+        (events, dropped, stats)
     }
 }
 

@@ -111,7 +111,7 @@ fn check_system() -> Result<()> {
 }
 
 fn apt_packages(needs: &Needs) -> Result<()> {
-    let mut pkgs = vec!["llvm-22-dev", "bpftool", "libc6-dev", "pkg-config"];
+    let mut pkgs = vec!["llvm-22-dev", "bpftool", "libc6-dev", "pkg-config", "time"];
     if needs.vm {
         pkgs.extend(["qemu-system-x86", "busybox-static", "cpio", "zstd"]);
     }
