@@ -43,6 +43,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod approval;
 mod config;
 mod format;
 mod group;

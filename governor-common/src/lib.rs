@@ -115,6 +115,33 @@ pub struct KernelConfig {
     pub inode_i_sb: u32,
     pub sb_s_dev: u32,
     pub _pad: u32,
+    // --- Protected files (issue 6); see [`protect`]. ---
+    /// `task_struct.files` → `files_struct.fdt` → `fdtable.{fd,max_fds}`:
+    /// fd → `struct file *` without CO-RE.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    /// `task_struct.fs` → `fs_struct.pwd` (a `struct path`) → `path.dentry`.
+    pub task_fs: u32,
+    pub fs_pwd: u32,
+    pub path_dentry: u32,
+    pub dentry_d_inode: u32,
+    pub dentry_d_parent: u32,
+    /// `dentry.d_name` plus `qstr.name`: the name pointer of a dentry.
+    pub dentry_d_name_ptr: u32,
+    pub mm_exe_file: u32,
+    pub file_f_path: u32,
+    /// Offsets in the `syscalls/sys_enter_*` / `sys_exit_*` records (from
+    /// the tracefs formats): `__syscall_nr`, the first argument (the others
+    /// follow at 8-byte steps, checked per syscall by the loader) and `ret`.
+    pub tp_sys_nr: u32,
+    pub tp_sys_args: u32,
+    pub tp_sys_ret: u32,
+    /// Argument positions of the BPF LSM hooks whose signatures changed
+    /// across kernels (e.g. `inode_setattr` gained an idmap argument), from
+    /// the BTF of `bpf_lsm_<hook>`; see [`protect::LsmArgs`].
+    pub lsm: protect::LsmArgs,
 }
 
 /// Name of the global holding the [`KernelConfig`].
@@ -136,6 +163,8 @@ pub struct InodeKey {
     pub _pad: u32,
     pub ino: u64,
 }
+
+pub mod protect;
 
 #[cfg(feature = "user")]
 mod pod {

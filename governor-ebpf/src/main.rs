@@ -11,6 +11,9 @@
 #![no_std]
 #![no_main]
 
+/// Protected files: attempt logging and the LSM layer (issue 6).
+mod protect;
+
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
@@ -23,8 +26,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use governor_common::{
-    EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, InodeKey, KernelConfig, ARGV_MAX,
-    COMM_LEN,
+    protect::LsmArgs, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, InodeKey,
+    KernelConfig, ARGV_MAX, COMM_LEN,
 };
 
 /// Filled in by user space before load (see the crate docs). `no_mangle` so
@@ -48,6 +51,34 @@ static GOVERNOR_KERNEL_CONFIG: KernelConfig = KernelConfig {
     inode_i_sb: 0,
     sb_s_dev: 0,
     _pad: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_fd: 0,
+    fdtable_max_fds: 0,
+    task_fs: 0,
+    fs_pwd: 0,
+    path_dentry: 0,
+    dentry_d_inode: 0,
+    dentry_d_parent: 0,
+    dentry_d_name_ptr: 0,
+    mm_exe_file: 0,
+    file_f_path: 0,
+    tp_sys_nr: 0,
+    tp_sys_args: 0,
+    tp_sys_ret: 0,
+    lsm: LsmArgs {
+        setattr_dentry: 0xff,
+        setattr_nargs: 0,
+        setxattr_dentry: 0xff,
+        setxattr_nargs: 0,
+        removexattr_dentry: 0xff,
+        removexattr_nargs: 0,
+        set_acl_dentry: 0xff,
+        set_acl_nargs: 0,
+        remove_acl_dentry: 0xff,
+        remove_acl_nargs: 0,
+        _pad: [0; 2],
+    },
 };
 
 /// Lifecycle events. The size is a default: the loader sets the real one.

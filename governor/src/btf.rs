@@ -20,6 +20,8 @@ const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
+const KIND_FUNC: u32 = 12;
+const KIND_FUNC_PROTO: u32 = 13;
 
 #[derive(Debug, Clone)]
 struct Member {
@@ -47,6 +49,9 @@ pub struct Btf {
     strings: Vec<u8>,
     /// Struct name → type id, for structs with members (not forward decls).
     structs: HashMap<String, u32>,
+    /// Function name → type id of its FUNC_PROTO (protected files: LSM hook
+    /// argument positions).
+    funcs: HashMap<String, u32>,
 }
 
 fn u16_at(b: &[u8], off: usize) -> Result<u16> {
@@ -129,8 +134,21 @@ impl Btf {
                     }
                     12 * vlen
                 }
-                6 => 8 * vlen,   // ENUM
-                13 => 8 * vlen,  // FUNC_PROTO
+                6 => 8 * vlen, // ENUM
+                KIND_FUNC_PROTO => {
+                    // Parameters: (name_off, type); kept as members with no
+                    // offset so `func_params` can name them.
+                    for i in 0..vlen {
+                        let m = off + i * 8;
+                        members.push(Member {
+                            name_off: u32_at(types_sec, m)?,
+                            type_id: u32_at(types_sec, m + 4)?,
+                            bit_offset: 0,
+                            bitfield_size: 0,
+                        });
+                    }
+                    8 * vlen
+                }
                 14 => 4,         // VAR
                 15 => 12 * vlen, // DATASEC
                 17 => 4,         // DECL_TAG
@@ -151,15 +169,22 @@ impl Btf {
             types,
             strings,
             structs: HashMap::new(),
+            funcs: HashMap::new(),
         };
         let mut structs = HashMap::new();
+        let mut funcs = HashMap::new();
         for (id, t) in btf.types.iter().enumerate() {
             if t.kind == KIND_STRUCT && t.name_off != 0 && !t.members.is_empty() {
                 let name = btf.name(t.name_off).to_string();
                 structs.entry(name).or_insert(id as u32);
             }
+            if t.kind == KIND_FUNC && t.name_off != 0 {
+                let name = btf.name(t.name_off).to_string();
+                funcs.entry(name).or_insert(t.size_or_type);
+            }
         }
         btf.structs = structs;
+        btf.funcs = funcs;
         Ok(btf)
     }
 
@@ -223,6 +248,22 @@ impl Btf {
             "{strukt}.{member} is a bitfield; can't read it as a whole value"
         );
         Ok(bits / 8)
+    }
+
+    /// Parameter names of kernel function `func` (e.g. `bpf_lsm_inode_setattr`),
+    /// in order; `None` when the kernel has no such function.
+    pub fn func_params(&self, func: &str) -> Option<Vec<String>> {
+        let proto = self.types.get(*self.funcs.get(func)? as usize)?;
+        if proto.kind != KIND_FUNC_PROTO {
+            return None;
+        }
+        Some(
+            proto
+                .members
+                .iter()
+                .map(|m| self.name(m.name_off).to_string())
+                .collect(),
+        )
     }
 
     /// Whether the kernel BTF has a struct of this name (used by probes).

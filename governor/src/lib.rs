@@ -14,6 +14,7 @@ pub mod events;
 pub mod fsflags;
 pub mod probes;
 pub mod proctable;
+pub mod protect;
 pub mod supervisor;
 pub mod tracefs;
 pub mod velocity;

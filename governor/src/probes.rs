@@ -21,7 +21,8 @@ use crate::{btf::Btf, events, tracefs};
 
 /// The compiled eBPF object, embedded so the binary is self-contained (the
 /// test binaries that run inside the qemu guest carry it too).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/governor-ebpf"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/governor-ebpf"));
 
 /// Default lifecycle ring size. 512 KiB holds ~600 exec records (the
 /// largest) of backlog, which the lossless storm test and benchmark (5,000+
@@ -60,6 +61,28 @@ pub fn kernel_config() -> Result<KernelConfig> {
         inode_i_sb: off("inode", "i_sb")?,
         sb_s_dev: off("super_block", "s_dev")?,
         _pad: 0,
+        // Protected files (issue 6).
+        task_files: off("task_struct", "files")?,
+        files_fdt: off("files_struct", "fdt")?,
+        fdtable_fd: off("fdtable", "fd")?,
+        fdtable_max_fds: off("fdtable", "max_fds")?,
+        task_fs: off("task_struct", "fs")?,
+        fs_pwd: off("fs_struct", "pwd")?,
+        path_dentry: off("path", "dentry")?,
+        dentry_d_inode: off("dentry", "d_inode")?,
+        dentry_d_parent: off("dentry", "d_parent")?,
+        dentry_d_name_ptr: off("dentry", "d_name")? + off("qstr", "name")?,
+        mm_exe_file: off("mm_struct", "exe_file")?,
+        file_f_path: off("file", "f_path")?,
+        // Soft: a kernel without syscall tracepoints still runs lifecycle;
+        // the protect loader refuses zeros with the reason.
+        tp_sys_nr: tracefs::field_offset(&tracefs, "syscalls", "sys_enter_openat", "__syscall_nr")
+            .unwrap_or(0),
+        tp_sys_args: tracefs::field_offset(&tracefs, "syscalls", "sys_enter_openat", "dfd")
+            .unwrap_or(0),
+        tp_sys_ret: tracefs::field_offset(&tracefs, "syscalls", "sys_exit_openat", "ret")
+            .unwrap_or(0),
+        lsm: crate::protect::kernel::lsm_args(&btf),
     })
 }
 

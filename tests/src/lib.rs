@@ -276,6 +276,9 @@ impl Drop for Pm2 {
 #[path = "../../governor-alerts/tests/support/mod.rs"]
 pub mod botapi;
 
+/// Protected files: a Protector on a thread, attempts as root or nobody.
+pub mod protect;
+
 /// A running `governor run` with its own state dir, socket and config.
 pub struct DaemonProc {
     pub dir: tempfile::TempDir,

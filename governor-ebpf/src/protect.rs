@@ -1,0 +1,754 @@
+//! Protected files (issue 6): layer 2 (attempt logging on syscall
+//! tracepoints) and layer 3 (BPF LSM refusals).
+//!
+//! Layer 2 is two generic programs, `protect_sys_enter` and
+//! `protect_sys_exit`, attached to the `syscalls/sys_{enter,exit}_*`
+//! tracepoint of every syscall that can modify a file. User space describes
+//! each syscall in [`SYSCALL_DESCS`] (which argument is the path, the dirfd,
+//! the fd, the flags — derived from the tracefs formats), so the programs
+//! hold no per-syscall layout. The enter side records the arguments per
+//! thread when the call can concern a protected file:
+//!
+//! * open family: only with write intent or `O_TRUNC` (read opens cost one
+//!   flags test);
+//! * fd-based calls and flag-changing ioctls: only when the fd's inode
+//!   (task → files → fdtable → file → inode, offsets from BTF) is in
+//!   [`PROTECTED_INODES`];
+//! * path-based calls: always (they are rare), since no inode exists yet.
+//!
+//! The exit side emits one [`AttemptEvent`] per attempt with the result:
+//! successful opens whose new fd is a protected inode; refused path-based
+//! calls (EPERM/EACCES — which is how the kernel and the LSM layer refuse)
+//! whatever the name, for user space to resolve and confirm by inode;
+//! successful path-based calls only when a basename is protected
+//! ([`PROTECTED_NAMES`]); every fd-based call on a protected inode.
+//!
+//! Layer 3 refuses, with EPERM, every modification of an inode marked
+//! `INODE_DENY`, for every process but the daemon.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+    },
+    macros::{lsm, map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{LsmContext, TracePointContext},
+};
+use governor_common::{
+    protect::{
+        AttemptEvent, ProtectRuntime, SyscallDesc, ARG_NONE, ATTEMPT_PATH_MAX, EXE_DEPTH,
+        FNV_OFFSET, FNV_PRIME, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS, INODE_DENY,
+        INODE_DIR_GUARD, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE,
+        VALID_BASE0, VALID_BASE1, VALID_KEY, VALID_PATH0, VALID_PATH1,
+    },
+    InodeKey,
+};
+
+use crate::{read_at, GOVERNOR_KERNEL_CONFIG};
+
+/// Filled in by the protect loader before load (see `ProtectRuntime`).
+#[no_mangle]
+static GOVERNOR_PROTECT_RUNTIME: ProtectRuntime = ProtectRuntime {
+    enabled: 0,
+    daemon_tgid: 0,
+};
+
+/// Attempt events. The size is a default: the loader may set another.
+#[map(name = "PROTECT_EVENTS")]
+static PROTECT_EVENTS: RingBuf = RingBuf::with_byte_size(256 << 10, 0);
+
+#[map(name = "PROTECT_DROPS")]
+static PROTECT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "PROTECTED_INODES")]
+static PROTECTED_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(16384, 0);
+
+#[map(name = "PROTECTED_NAMES")]
+static PROTECTED_NAMES: HashMap<u64, u32> = HashMap::with_max_entries(16384, 0);
+
+#[map(name = "SYSCALL_DESCS")]
+static SYSCALL_DESCS: Array<SyscallDesc> = Array::with_max_entries(SYSCALL_TABLE_SIZE, 0);
+
+/// Arguments recorded at syscall entry, per thread, until its exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Pending {
+    nr: u32,
+    valid: u32,
+    args: [u64; 6],
+    key: InodeKey,
+    flags: u64,
+    arg: u64,
+}
+
+/// Scratch space to test a path's basename before reserving ring space.
+#[map(name = "PROTECT_SCRATCH")]
+static PROTECT_SCRATCH: PerCpuArray<[u8; ATTEMPT_PATH_MAX]> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "PROTECT_PENDING")]
+static PROTECT_PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(8192, 0);
+
+const EPERM: i64 = 1;
+const EACCES: i64 = 13;
+const O_ACCMODE: u64 = 3;
+const O_TRUNC: u64 = 0o1000;
+const AT_FDCWD: i32 = -100;
+const AT_EMPTY_PATH: u64 = 0x1000;
+const FMODE_WRITE: u32 = 0x2;
+
+/// Reads one field of the kernel config. A volatile load from the frozen
+/// read-only global, so the verifier sees it as a constant (and prunes
+/// branches that depend on it, which the LSM argument selection needs).
+macro_rules! kc {
+    ($f:ident) => {{
+        #[allow(unused_unsafe)]
+        // SAFETY: a volatile read of a field of an always-initialised static.
+        let v = unsafe { core::ptr::read_volatile(&GOVERNOR_KERNEL_CONFIG.$f) };
+        v
+    }};
+}
+
+macro_rules! rt {
+    ($f:ident) => {{
+        #[allow(unused_unsafe)]
+        // SAFETY: as for `kc!`.
+        let v = unsafe { core::ptr::read_volatile(&GOVERNOR_PROTECT_RUNTIME.$f) };
+        v
+    }};
+}
+
+#[inline(always)]
+fn active() -> bool {
+    kc!(configured) != 0 && rt!(enabled) != 0
+}
+
+#[inline(always)]
+fn is_daemon() -> bool {
+    (bpf_get_current_pid_tgid() >> 32) as u32 == rt!(daemon_tgid)
+}
+
+#[inline(always)]
+fn count_drop() {
+    if let Some(slot) = PROTECT_DROPS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot from the lookup, valid for this program run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The identity of an inode: (`i_sb->s_dev`, `i_ino`).
+#[inline(always)]
+fn inode_key(inode: u64) -> InodeKey {
+    if inode == 0 {
+        return InodeKey {
+            dev: 0,
+            _pad: 0,
+            ino: 0,
+        };
+    }
+    let sb: u64 = read_at(inode, kc!(inode_i_sb));
+    InodeKey {
+        dev: read_at(sb, kc!(sb_s_dev)),
+        _pad: 0,
+        ino: read_at(inode, kc!(inode_i_ino)),
+    }
+}
+
+#[inline(always)]
+fn dentry_key(dentry: u64) -> InodeKey {
+    inode_key(read_at(dentry, kc!(dentry_d_inode)))
+}
+
+/// The inode behind `fd` of the current task.
+#[inline(always)]
+fn fd_key(task: u64, fd: u64) -> InodeKey {
+    let files: u64 = read_at(task, kc!(task_files));
+    let fdt: u64 = read_at(files, kc!(files_fdt));
+    let max: u32 = read_at(fdt, kc!(fdtable_max_fds));
+    if fd >= max as u64 {
+        return inode_key(0);
+    }
+    let arr: u64 = read_at(fdt, kc!(fdtable_fd));
+    if arr == 0 {
+        return inode_key(0);
+    }
+    let file: u64 = read_at(arr + fd * 8, 0);
+    inode_key(read_at(file, kc!(file_f_inode)))
+}
+
+/// The inode of the current working directory.
+#[inline(always)]
+fn cwd_key(task: u64) -> InodeKey {
+    let fs: u64 = read_at(task, kc!(task_fs));
+    if fs == 0 {
+        return inode_key(0);
+    }
+    let dentry: u64 = read_at(fs, kc!(fs_pwd) + kc!(path_dentry));
+    dentry_key(dentry)
+}
+
+#[inline(always)]
+fn flags_of(key: &InodeKey) -> u32 {
+    if key.ino == 0 {
+        return 0;
+    }
+    // SAFETY: the value is copied out right away.
+    unsafe { PROTECTED_INODES.get(key) }.copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn is_protected(key: &InodeKey) -> bool {
+    flags_of(key) != 0
+}
+
+#[inline(always)]
+fn arg_of(p: &Pending, i: u8) -> u64 {
+    match i {
+        0 => p.args[0],
+        1 => p.args[1],
+        2 => p.args[2],
+        3 => p.args[3],
+        4 => p.args[4],
+        5 => p.args[5],
+        _ => 0,
+    }
+}
+
+#[tracepoint]
+pub fn protect_sys_enter(ctx: TracePointContext) -> u32 {
+    if !active() || is_daemon() {
+        return 0;
+    }
+    // SAFETY: reads inside the tracepoint record at offsets from its format.
+    let nr: i32 = unsafe { ctx.read_at(kc!(tp_sys_nr) as usize) }.unwrap_or(-1);
+    if nr < 0 || nr as u32 >= SYSCALL_TABLE_SIZE {
+        return 0;
+    }
+    let Some(d) = SYSCALL_DESCS.get(nr as u32) else {
+        return 0;
+    };
+    let d = *d;
+    if d.kind == 0 {
+        return 0;
+    }
+    // The six argument slots in one read. For syscalls with fewer
+    // arguments the tail is whatever follows the record; it is never used.
+    // SAFETY: as above.
+    let args: [u64; 6] = unsafe { ctx.read_at(kc!(tp_sys_args) as usize) }.unwrap_or([0; 6]);
+    let mut p = Pending {
+        nr: nr as u32,
+        valid: 0,
+        args,
+        key: inode_key(0),
+        flags: 0,
+        arg: 0,
+    };
+    // SAFETY: bpf_get_current_task has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    match d.kind {
+        KIND_OPEN => {
+            let mut flags = d.implied_flags as u64;
+            if d.how != ARG_NONE {
+                let how = arg_of(&p, d.how);
+                // `struct open_how` starts with `__u64 flags` (uapi).
+                // SAFETY: a user pointer read through the helper.
+                flags |= unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or(0);
+            } else if d.flags != ARG_NONE {
+                flags |= arg_of(&p, d.flags);
+            }
+            if flags & O_ACCMODE == 0 && flags & O_TRUNC == 0 {
+                return 0;
+            }
+            p.flags = flags;
+        }
+        KIND_FD => {
+            let key = fd_key(task, arg_of(&p, d.fd));
+            if !is_protected(&key) {
+                return 0;
+            }
+            p.key = key;
+            p.valid |= VALID_KEY;
+            if d.flags != ARG_NONE {
+                p.flags = arg_of(&p, d.flags);
+            }
+        }
+        KIND_IOCTL => {
+            let cmd = arg_of(&p, d.cmd) as u32;
+            if cmd != FS_IOC_SETFLAGS && cmd != FS_IOC32_SETFLAGS && cmd != FS_IOC_FSSETXATTR {
+                return 0;
+            }
+            let key = fd_key(task, arg_of(&p, d.fd));
+            if !is_protected(&key) {
+                return 0;
+            }
+            p.key = key;
+            p.valid |= VALID_KEY;
+            p.flags = cmd as u64;
+            // Both FS_IOC_SETFLAGS and struct fsxattr start with a 32-bit
+            // flags word.
+            let ptr = arg_of(&p, d.arg);
+            // SAFETY: a user pointer read through the helper.
+            p.arg = unsafe { bpf_probe_read_user(ptr as *const u32) }.unwrap_or(0) as u64;
+        }
+        KIND_PATH => {
+            if d.flags != ARG_NONE {
+                p.flags = arg_of(&p, d.flags);
+            }
+            // A NULL or (with AT_EMPTY_PATH) empty path means "the dirfd
+            // itself": an fd-based call in disguise (futimens, fchownat).
+            if d.dirfd0 != ARG_NONE && d.path0 != ARG_NONE {
+                let ptr = arg_of(&p, d.path0);
+                let empty = if ptr == 0 {
+                    true
+                } else if p.flags & AT_EMPTY_PATH != 0 {
+                    // SAFETY: a user pointer read through the helper.
+                    unsafe { bpf_probe_read_user(ptr as *const u8) }.unwrap_or(1) == 0
+                } else {
+                    false
+                };
+                if empty {
+                    let key = fd_key(task, arg_of(&p, d.dirfd0));
+                    if !is_protected(&key) {
+                        return 0;
+                    }
+                    p.key = key;
+                    p.valid |= VALID_KEY;
+                }
+            }
+        }
+        _ => return 0,
+    }
+    let id = bpf_get_current_pid_tgid();
+    let _ = PROTECT_PENDING.insert(&id, &p, 0);
+    0
+}
+
+/// FNV-1a 64 of the last component of the NUL-terminated path in `buf`.
+#[inline(always)]
+fn basename_hash(buf: &[u8; ATTEMPT_PATH_MAX]) -> u64 {
+    let mut h = FNV_OFFSET;
+    let mut i = 0;
+    while i < ATTEMPT_PATH_MAX {
+        let c = buf[i & (ATTEMPT_PATH_MAX - 1)];
+        if c == 0 {
+            break;
+        }
+        if c == b'/' {
+            h = FNV_OFFSET;
+        } else {
+            h = (h ^ c as u64).wrapping_mul(FNV_PRIME);
+        }
+        i += 1;
+    }
+    h
+}
+
+/// Whether the basename of path argument `idx` is a protected name.
+#[inline(always)]
+fn path_name_protected(p: &Pending, idx: u8) -> bool {
+    if idx == ARG_NONE {
+        return false;
+    }
+    let ptr = arg_of(p, idx);
+    if ptr == 0 {
+        return false;
+    }
+    let Some(buf) = PROTECT_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: the per-CPU scratch buffer is ours for this program run.
+    let buf = unsafe { &mut *buf };
+    buf[0] = 0;
+    // SAFETY: a user pointer read through the helper, bounded by `buf`.
+    if unsafe { bpf_probe_read_user_str_bytes(ptr as *const u8, buf) }.is_err() {
+        return false;
+    }
+    let h = basename_hash(buf);
+    // SAFETY: presence test only.
+    unsafe { PROTECTED_NAMES.get(&h) }.is_some()
+}
+
+/// Reads the path argument `idx` into `dst`; returns whether it was read.
+/// `base` receives the directory it is relative to when it is relative.
+#[inline(always)]
+fn read_path(
+    task: u64,
+    p: &Pending,
+    path_idx: u8,
+    dirfd_idx: u8,
+    dst: &mut [u8; ATTEMPT_PATH_MAX],
+    base: &mut InodeKey,
+    dirfd: &mut i32,
+) -> (bool, bool) {
+    *dirfd = AT_FDCWD;
+    if path_idx == ARG_NONE {
+        return (false, false);
+    }
+    let ptr = arg_of(p, path_idx);
+    if ptr == 0 {
+        return (false, false);
+    }
+    // SAFETY: a user pointer read through the helper, bounded by `dst`.
+    let ok = unsafe { bpf_probe_read_user_str_bytes(ptr as *const u8, dst) }.is_ok();
+    if !ok {
+        return (false, false);
+    }
+    if dst[0] == b'/' {
+        return (true, false);
+    }
+    if dirfd_idx != ARG_NONE {
+        *dirfd = arg_of(p, dirfd_idx) as i32;
+    }
+    *base = if *dirfd == AT_FDCWD {
+        cwd_key(task)
+    } else {
+        fd_key(task, *dirfd as u32 as u64)
+    };
+    (true, base.ino != 0)
+}
+
+#[tracepoint]
+pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
+    if !active() {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let Some(pp) = PROTECT_PENDING.get_ptr(&id) else {
+        return 0;
+    };
+    // SAFETY: the pointer comes from the lookup; the entry is copied out
+    // before it is removed.
+    let p = unsafe { *pp };
+    let _ = PROTECT_PENDING.remove(&id);
+    // SAFETY: reads inside the tracepoint record at offsets from its format.
+    let nr: i32 = unsafe { ctx.read_at(kc!(tp_sys_nr) as usize) }.unwrap_or(-1);
+    if nr < 0 || nr as u32 != p.nr {
+        return 0;
+    }
+    let Some(d) = SYSCALL_DESCS.get(p.nr) else {
+        return 0;
+    };
+    let d = *d;
+    // SAFETY: as above.
+    let ret: i64 = unsafe { ctx.read_at(kc!(tp_sys_ret) as usize) }.unwrap_or(0);
+    let refused = ret == -EPERM || ret == -EACCES;
+    // SAFETY: bpf_get_current_task has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let mut key = p.key;
+    let mut valid = p.valid & VALID_KEY;
+    match d.kind {
+        KIND_OPEN => {
+            if ret >= 0 {
+                key = fd_key(task, ret as u64);
+                if !is_protected(&key) {
+                    return 0;
+                }
+                valid |= VALID_KEY;
+            } else if !refused {
+                return 0;
+            }
+        }
+        KIND_FD | KIND_IOCTL => {}
+        KIND_PATH => {
+            if valid & VALID_KEY == 0 && !refused {
+                // A successful path-based call: report it only when a
+                // basename is protected, tested before taking ring space.
+                if ret != 0
+                    || !(path_name_protected(&p, d.path0) || path_name_protected(&p, d.path1))
+                {
+                    return 0;
+                }
+            }
+        }
+        _ => return 0,
+    }
+
+    let Some(mut entry) = PROTECT_EVENTS.reserve::<AttemptEvent>(0) else {
+        count_drop();
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved, exclusively owned ring entry; every
+    // field is written before submit.
+    unsafe {
+        (*ev).nr = p.nr;
+        (*ev).op = d.op as u32;
+        (*ev).pid = (id >> 32) as u32;
+        (*ev).tid = id as u32;
+        let parent: u64 = read_at(task, kc!(task_real_parent));
+        (*ev).ppid = read_at::<i32>(parent, kc!(task_tgid)) as u32;
+        (*ev).uid = bpf_get_current_uid_gid() as u32;
+        (*ev).ret = ret;
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).key = key;
+        (*ev).base0 = inode_key(0);
+        (*ev).base1 = inode_key(0);
+        (*ev).flags = p.flags;
+        (*ev).arg = p.arg;
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*ev).path0[0] = 0;
+        (*ev).path1[0] = 0;
+        let (r0, b0) = read_path(
+            task,
+            &p,
+            d.path0,
+            d.dirfd0,
+            &mut (*ev).path0,
+            &mut (*ev).base0,
+            &mut (*ev).dirfd0,
+        );
+        let (r1, b1) = read_path(
+            task,
+            &p,
+            d.path1,
+            d.dirfd1,
+            &mut (*ev).path1,
+            &mut (*ev).base1,
+            &mut (*ev).dirfd1,
+        );
+        if r0 {
+            valid |= VALID_PATH0;
+        }
+        if b0 {
+            valid |= VALID_BASE0;
+        }
+        if r1 {
+            valid |= VALID_PATH1;
+        }
+        if b1 {
+            valid |= VALID_BASE1;
+        }
+        (*ev).valid = valid;
+        // The executable's path, leaf first, from its dentries.
+        let mm: u64 = read_at(task, kc!(task_mm));
+        let exe_file: u64 = read_at(mm, kc!(mm_exe_file));
+        let mut dentry: u64 = read_at(exe_file, kc!(file_f_path) + kc!(path_dentry));
+        let mut depth = 0u32;
+        let mut i = 0;
+        while i < EXE_DEPTH {
+            if dentry == 0 {
+                break;
+            }
+            let name: u64 = read_at(dentry, kc!(dentry_d_name_ptr));
+            let Some(slot) = (*ev).exe.get_mut(i) else {
+                break;
+            };
+            slot[0] = 0;
+            if name != 0 {
+                let _ = bpf_probe_read_kernel_str_bytes(name as *const u8, slot);
+            }
+            depth += 1;
+            let parent: u64 = read_at(dentry, kc!(dentry_d_parent));
+            if parent == dentry {
+                break;
+            }
+            dentry = parent;
+            i += 1;
+        }
+        (*ev).exe_depth = depth;
+    }
+    entry.submit(0);
+    0
+}
+
+// ---------------------------------------------------------------------------
+// Layer 3: BPF LSM.
+
+#[inline(always)]
+fn lsm_exempt() -> bool {
+    !active() || is_daemon()
+}
+
+#[inline(always)]
+fn denied(key: &InodeKey) -> bool {
+    flags_of(key) & INODE_DENY != 0
+}
+
+#[inline(always)]
+fn dir_guarded(dir_inode: u64) -> bool {
+    let f = flags_of(&inode_key(dir_inode));
+    f & INODE_DIR_GUARD != 0 && f & INODE_DENY != 0
+}
+
+/// Argument `i` of an LSM hook. `i` comes from the frozen config, so the
+/// verifier sees a constant and keeps only the matching arm (a context read
+/// past the hook's arguments would be rejected).
+#[inline(always)]
+fn lsm_arg(ctx: &LsmContext, i: u8) -> u64 {
+    match i {
+        0 => ctx.arg(0),
+        1 => ctx.arg(1),
+        2 => ctx.arg(2),
+        3 => ctx.arg(3),
+        4 => ctx.arg(4),
+        5 => ctx.arg(5),
+        6 => ctx.arg(6),
+        _ => 0,
+    }
+}
+
+const DENY: i32 = -(EPERM as i32);
+
+#[lsm(hook = "file_open")]
+pub fn protect_file_open(ctx: LsmContext) -> i32 {
+    let prev: i32 = ctx.arg(1);
+    if prev != 0 {
+        return prev;
+    }
+    if lsm_exempt() {
+        return 0;
+    }
+    let file: u64 = ctx.arg(0);
+    let mode: u32 = read_at(file, kc!(file_f_mode));
+    if mode & FMODE_WRITE == 0 {
+        return 0;
+    }
+    if denied(&inode_key(read_at(file, kc!(file_f_inode)))) {
+        return DENY;
+    }
+    0
+}
+
+#[lsm(hook = "file_ioctl")]
+pub fn protect_file_ioctl(ctx: LsmContext) -> i32 {
+    let prev: i32 = ctx.arg(3);
+    if prev != 0 {
+        return prev;
+    }
+    if lsm_exempt() {
+        return 0;
+    }
+    let cmd: u32 = ctx.arg(1);
+    if cmd != FS_IOC_SETFLAGS && cmd != FS_IOC32_SETFLAGS && cmd != FS_IOC_FSSETXATTR {
+        return 0;
+    }
+    let file: u64 = ctx.arg(0);
+    if denied(&inode_key(read_at(file, kc!(file_f_inode)))) {
+        return DENY;
+    }
+    0
+}
+
+#[lsm(hook = "inode_unlink")]
+pub fn protect_inode_unlink(ctx: LsmContext) -> i32 {
+    let prev: i32 = ctx.arg(2);
+    if prev != 0 {
+        return prev;
+    }
+    if lsm_exempt() {
+        return 0;
+    }
+    let dir: u64 = ctx.arg(0);
+    let dentry: u64 = ctx.arg(1);
+    if denied(&dentry_key(dentry)) || dir_guarded(dir) {
+        return DENY;
+    }
+    0
+}
+
+#[lsm(hook = "inode_link")]
+pub fn protect_inode_link(ctx: LsmContext) -> i32 {
+    let prev: i32 = ctx.arg(3);
+    if prev != 0 {
+        return prev;
+    }
+    if lsm_exempt() {
+        return 0;
+    }
+    let old: u64 = ctx.arg(0);
+    let dir: u64 = ctx.arg(1);
+    if denied(&dentry_key(old)) || dir_guarded(dir) {
+        return DENY;
+    }
+    0
+}
+
+#[lsm(hook = "inode_rename")]
+pub fn protect_inode_rename(ctx: LsmContext) -> i32 {
+    let prev: i32 = ctx.arg(4);
+    if prev != 0 {
+        return prev;
+    }
+    if lsm_exempt() {
+        return 0;
+    }
+    let old_dir: u64 = ctx.arg(0);
+    let old: u64 = ctx.arg(1);
+    let new_dir: u64 = ctx.arg(2);
+    let new: u64 = ctx.arg(3);
+    if denied(&dentry_key(old))
+        || denied(&dentry_key(new))
+        || dir_guarded(old_dir)
+        || dir_guarded(new_dir)
+    {
+        return DENY;
+    }
+    0
+}
+
+#[lsm(hook = "inode_create")]
+pub fn protect_inode_create(ctx: LsmContext) -> i32 {
+    let prev: i32 = ctx.arg(3);
+    if prev != 0 {
+        return prev;
+    }
+    if lsm_exempt() {
+        return 0;
+    }
+    let dir: u64 = ctx.arg(0);
+    if dir_guarded(dir) {
+        return DENY;
+    }
+    0
+}
+
+/// A hook whose dentry argument moved between kernels.
+#[inline(always)]
+fn dentry_hook(ctx: &LsmContext, dentry_idx: u8, nargs: u8) -> i32 {
+    if dentry_idx == ARG_NONE {
+        return 0;
+    }
+    let prev = lsm_arg(ctx, nargs) as i32;
+    if prev != 0 {
+        return prev;
+    }
+    if lsm_exempt() {
+        return 0;
+    }
+    if denied(&dentry_key(lsm_arg(ctx, dentry_idx))) {
+        return DENY;
+    }
+    0
+}
+
+/// chmod, chown, utimes, truncate (also `O_TRUNC` and `ftruncate`).
+#[lsm(hook = "inode_setattr")]
+pub fn protect_inode_setattr(ctx: LsmContext) -> i32 {
+    dentry_hook(&ctx, kc!(lsm).setattr_dentry, kc!(lsm).setattr_nargs)
+}
+
+#[lsm(hook = "inode_setxattr")]
+pub fn protect_inode_setxattr(ctx: LsmContext) -> i32 {
+    dentry_hook(&ctx, kc!(lsm).setxattr_dentry, kc!(lsm).setxattr_nargs)
+}
+
+#[lsm(hook = "inode_removexattr")]
+pub fn protect_inode_removexattr(ctx: LsmContext) -> i32 {
+    dentry_hook(
+        &ctx,
+        kc!(lsm).removexattr_dentry,
+        kc!(lsm).removexattr_nargs,
+    )
+}
+
+/// POSIX ACLs stopped going through `inode_setxattr` in 6.2.
+#[lsm(hook = "inode_set_acl")]
+pub fn protect_inode_set_acl(ctx: LsmContext) -> i32 {
+    dentry_hook(&ctx, kc!(lsm).set_acl_dentry, kc!(lsm).set_acl_nargs)
+}
+
+#[lsm(hook = "inode_remove_acl")]
+pub fn protect_inode_remove_acl(ctx: LsmContext) -> i32 {
+    dentry_hook(&ctx, kc!(lsm).remove_acl_dentry, kc!(lsm).remove_acl_nargs)
+}

@@ -1,0 +1,596 @@
+//! Loads the protect programs: layer 2 (attempt logging on syscall
+//! tracepoints) and, where the kernel allows it, layer 3 (BPF LSM).
+//!
+//! The object is governor's one eBPF object, loaded a second time (as
+//! `LsmGuard` does) so the lifecycle programs and their ring are untouched.
+
+use std::{collections::BTreeMap, os::fd::AsRawFd, path::Path};
+
+use anyhow::{bail, ensure, Context, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{Lsm, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use governor_common::{
+    protect::{
+        AttemptEvent, LsmArgs, Op, ProtectRuntime, SyscallDesc, ARG_NONE, KIND_FD, KIND_IOCTL,
+        KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP, PROTECTED_NAMES_MAP, PROTECT_DROPS_MAP,
+        PROTECT_EVENTS_MAP, PROTECT_RUNTIME_SYMBOL, SYSCALL_DESCS_MAP, SYSCALL_TABLE_SIZE,
+    },
+    InodeKey, KernelConfig, EVENTS_MAP, KERNEL_CONFIG_SYMBOL,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::{btf::Btf, tracefs};
+
+/// One syscall governor watches: how to read its arguments (by tracefs
+/// field name) and what it does.
+#[derive(Debug, Clone, Copy)]
+pub struct SyscallSpec {
+    pub name: &'static str,
+    pub nr: i64,
+    pub kind: u8,
+    pub op: Op,
+    pub path0: Option<&'static str>,
+    pub dirfd0: Option<&'static str>,
+    pub path1: Option<&'static str>,
+    pub dirfd1: Option<&'static str>,
+    pub fd: Option<&'static str>,
+    pub flags: Option<&'static str>,
+    pub how: Option<&'static str>,
+    pub cmd: Option<&'static str>,
+    pub arg: Option<&'static str>,
+    pub implied_flags: u32,
+    /// The call acts on a symlink itself rather than its target (unless
+    /// `AT_SYMLINK_FOLLOW`); `AT_SYMLINK_NOFOLLOW` in `flags` also means so.
+    pub nofollow: bool,
+}
+
+const fn spec(name: &'static str, nr: i64, kind: u8, op: Op) -> SyscallSpec {
+    SyscallSpec {
+        name,
+        nr,
+        kind,
+        op,
+        path0: None,
+        dirfd0: None,
+        path1: None,
+        dirfd1: None,
+        fd: None,
+        flags: None,
+        how: None,
+        cmd: None,
+        arg: None,
+        implied_flags: 0,
+        nofollow: false,
+    }
+}
+
+impl SyscallSpec {
+    const fn p(mut self, path: &'static str) -> Self {
+        self.path0 = Some(path);
+        self
+    }
+    const fn pd(mut self, dirfd: &'static str, path: &'static str) -> Self {
+        self.dirfd0 = Some(dirfd);
+        self.path0 = Some(path);
+        self
+    }
+    const fn p1(mut self, path: &'static str) -> Self {
+        self.path1 = Some(path);
+        self
+    }
+    const fn pd1(mut self, dirfd: &'static str, path: &'static str) -> Self {
+        self.dirfd1 = Some(dirfd);
+        self.path1 = Some(path);
+        self
+    }
+    const fn fd(mut self, fd: &'static str) -> Self {
+        self.fd = Some(fd);
+        self
+    }
+    const fn flags(mut self, f: &'static str) -> Self {
+        self.flags = Some(f);
+        self
+    }
+    const fn nofollow(mut self) -> Self {
+        self.nofollow = true;
+        self
+    }
+}
+
+// x86_64 numbers the libc crate doesn't have yet (syscall numbers are ABI).
+const SYS_SETXATTRAT: i64 = 463;
+const SYS_REMOVEXATTRAT: i64 = 466;
+
+/// Every syscall that can modify a file. Tracepoints missing on a kernel
+/// (e.g. `fchmodat2` before 6.6) are skipped and listed.
+pub fn syscall_specs() -> Vec<SyscallSpec> {
+    use libc::*;
+    use Op::*;
+    let mut v = vec![
+        spec("openat", SYS_openat, KIND_OPEN, Open)
+            .pd("dfd", "filename")
+            .flags("flags"),
+        {
+            let mut s = spec("openat2", SYS_openat2, KIND_OPEN, Open).pd("dfd", "filename");
+            s.how = Some("how");
+            s
+        },
+        spec("truncate", SYS_truncate, KIND_PATH, Truncate).p("path"),
+        spec("ftruncate", SYS_ftruncate, KIND_FD, Truncate).fd("fd"),
+        spec("renameat", SYS_renameat, KIND_PATH, Rename)
+            .pd("olddfd", "oldname")
+            .pd1("newdfd", "newname")
+            .nofollow(),
+        spec("renameat2", SYS_renameat2, KIND_PATH, Rename)
+            .pd("olddfd", "oldname")
+            .pd1("newdfd", "newname")
+            .nofollow(),
+        spec("unlinkat", SYS_unlinkat, KIND_PATH, Unlink)
+            .pd("dfd", "pathname")
+            .flags("flag")
+            .nofollow(),
+        spec("linkat", SYS_linkat, KIND_PATH, Link)
+            .pd("olddfd", "oldname")
+            .pd1("newdfd", "newname")
+            .flags("flags")
+            .nofollow(),
+        spec("fchmod", SYS_fchmod, KIND_FD, Chmod).fd("fd"),
+        spec("fchmodat", SYS_fchmodat, KIND_PATH, Chmod).pd("dfd", "filename"),
+        spec("fchmodat2", SYS_fchmodat2, KIND_PATH, Chmod)
+            .pd("dfd", "filename")
+            .flags("flags"),
+        spec("fchown", SYS_fchown, KIND_FD, Chown).fd("fd"),
+        spec("fchownat", SYS_fchownat, KIND_PATH, Chown)
+            .pd("dfd", "filename")
+            .flags("flag"),
+        spec("setxattr", SYS_setxattr, KIND_PATH, SetXattr).p("pathname"),
+        spec("lsetxattr", SYS_lsetxattr, KIND_PATH, SetXattr)
+            .p("pathname")
+            .nofollow(),
+        spec("fsetxattr", SYS_fsetxattr, KIND_FD, SetXattr).fd("fd"),
+        spec("setxattrat", SYS_SETXATTRAT, KIND_PATH, SetXattr)
+            .pd("dfd", "pathname")
+            .flags("at_flags"),
+        spec("removexattr", SYS_removexattr, KIND_PATH, RemoveXattr).p("pathname"),
+        spec("lremovexattr", SYS_lremovexattr, KIND_PATH, RemoveXattr)
+            .p("pathname")
+            .nofollow(),
+        spec("fremovexattr", SYS_fremovexattr, KIND_FD, RemoveXattr).fd("fd"),
+        spec("removexattrat", SYS_REMOVEXATTRAT, KIND_PATH, RemoveXattr)
+            .pd("dfd", "pathname")
+            .flags("at_flags"),
+        spec("utimensat", SYS_utimensat, KIND_PATH, Utimes)
+            .pd("dfd", "filename")
+            .flags("flags"),
+        spec("futimesat", SYS_futimesat, KIND_PATH, Utimes).pd("dfd", "filename"),
+        {
+            let mut s = spec("ioctl", SYS_ioctl, KIND_IOCTL, SetFlags).fd("fd");
+            s.cmd = Some("cmd");
+            s.arg = Some("arg");
+            s
+        },
+    ];
+    #[cfg(target_arch = "x86_64")]
+    v.extend([
+        spec("open", SYS_open, KIND_OPEN, Open)
+            .p("filename")
+            .flags("flags"),
+        {
+            let mut s = spec("creat", SYS_creat, KIND_OPEN, Open).p("pathname");
+            s.implied_flags = (O_CREAT | O_WRONLY | O_TRUNC) as u32;
+            s
+        },
+        spec("rename", SYS_rename, KIND_PATH, Rename)
+            .p("oldname")
+            .p1("newname")
+            .nofollow(),
+        spec("unlink", SYS_unlink, KIND_PATH, Unlink)
+            .p("pathname")
+            .nofollow(),
+        spec("link", SYS_link, KIND_PATH, Link)
+            .p("oldname")
+            .p1("newname")
+            .nofollow(),
+        spec("chmod", SYS_chmod, KIND_PATH, Chmod).p("filename"),
+        spec("chown", SYS_chown, KIND_PATH, Chown).p("filename"),
+        spec("lchown", SYS_lchown, KIND_PATH, Chown)
+            .p("filename")
+            .nofollow(),
+        spec("utimes", SYS_utimes, KIND_PATH, Utimes).p("filename"),
+        spec("utime", SYS_utime, KIND_PATH, Utimes).p("filename"),
+    ]);
+    v
+}
+
+/// Argument index of `field` in a syscall tracepoint format, checking that
+/// the arguments sit at `args_base + 8 * i` as the programs assume.
+fn arg_index(fields: &[tracefs::Field], args_base: u32, field: &str) -> Result<u8> {
+    // Arguments are the fields after `__syscall_nr`.
+    let args: Vec<&tracefs::Field> = fields
+        .iter()
+        .skip_while(|f| f.name() != "__syscall_nr")
+        .skip(1)
+        .collect();
+    for (i, f) in args.iter().enumerate() {
+        ensure!(
+            f.offset == args_base + 8 * i as u32,
+            "argument {} (`{}`) at offset {}, expected {}",
+            i,
+            f.name(),
+            f.offset,
+            args_base + 8 * i as u32
+        );
+    }
+    args.iter()
+        .position(|f| f.name() == field)
+        .map(|i| i as u8)
+        .with_context(|| format!("no argument `{field}`"))
+}
+
+/// Builds the descriptor of one syscall from its tracefs format.
+fn describe(root: &Path, s: &SyscallSpec, args_base: u32) -> Result<SyscallDesc> {
+    let path = root
+        .join("events/syscalls")
+        .join(format!("sys_enter_{}", s.name))
+        .join("format");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading tracepoint format {}", path.display()))?;
+    let fields = tracefs::parse_format(&text);
+    let idx = |f: Option<&str>| -> Result<u8> {
+        match f {
+            Some(f) => arg_index(&fields, args_base, f)
+                .with_context(|| format!("syscalls/sys_enter_{}", s.name)),
+            None => Ok(ARG_NONE),
+        }
+    };
+    Ok(SyscallDesc {
+        kind: s.kind,
+        op: s.op as u8,
+        path0: idx(s.path0)?,
+        dirfd0: idx(s.dirfd0)?,
+        path1: idx(s.path1)?,
+        dirfd1: idx(s.dirfd1)?,
+        fd: idx(s.fd)?,
+        flags: idx(s.flags)?,
+        how: idx(s.how)?,
+        cmd: idx(s.cmd)?,
+        arg: idx(s.arg)?,
+        _pad: 0,
+        implied_flags: s.implied_flags,
+    })
+}
+
+/// Positions of the LSM hook arguments that moved between kernels, from
+/// the BTF of `bpf_lsm_<hook>`. Missing hooks get `ARG_NONE`.
+pub fn lsm_args(btf: &Btf) -> LsmArgs {
+    let find = |hook: &str, param: &str| -> (u8, u8) {
+        match btf.func_params(&format!("bpf_lsm_{hook}")) {
+            Some(params) => match params.iter().position(|p| p == param) {
+                Some(i) => (i as u8, params.len() as u8),
+                None => (ARG_NONE, 0),
+            },
+            None => (ARG_NONE, 0),
+        }
+    };
+    let (setattr_dentry, setattr_nargs) = find("inode_setattr", "dentry");
+    let (setxattr_dentry, setxattr_nargs) = find("inode_setxattr", "dentry");
+    let (removexattr_dentry, removexattr_nargs) = find("inode_removexattr", "dentry");
+    let (set_acl_dentry, set_acl_nargs) = find("inode_set_acl", "dentry");
+    let (remove_acl_dentry, remove_acl_nargs) = find("inode_remove_acl", "dentry");
+    LsmArgs {
+        setattr_dentry,
+        setattr_nargs,
+        setxattr_dentry,
+        setxattr_nargs,
+        removexattr_dentry,
+        removexattr_nargs,
+        set_acl_dentry,
+        set_acl_nargs,
+        remove_acl_dentry,
+        remove_acl_nargs,
+        _pad: [0; 2],
+    }
+}
+
+/// The LSM programs: (program, hook, whether the hook must exist).
+const LSM_PROGRAMS: &[(&str, &str, bool)] = &[
+    ("protect_file_open", "file_open", true),
+    ("protect_file_ioctl", "file_ioctl", true),
+    ("protect_inode_unlink", "inode_unlink", true),
+    ("protect_inode_link", "inode_link", true),
+    ("protect_inode_rename", "inode_rename", true),
+    ("protect_inode_create", "inode_create", true),
+    ("protect_inode_setattr", "inode_setattr", true),
+    ("protect_inode_setxattr", "inode_setxattr", true),
+    ("protect_inode_removexattr", "inode_removexattr", true),
+    ("protect_inode_set_acl", "inode_set_acl", false),
+    ("protect_inode_remove_acl", "inode_remove_acl", false),
+];
+
+/// Default attempt ring size: ~250 events of backlog.
+pub const DEFAULT_PROTECT_RING_BYTES: u32 = 256 << 10;
+
+/// The loaded protect programs and their maps.
+pub struct KernelLayer {
+    _ebpf: Ebpf,
+    ring: AsyncFd<RingBuf<MapData>>,
+    drops: PerCpuArray<MapData, u64>,
+    inodes: BpfHashMap<MapData, InodeKey, u32>,
+    names: BpfHashMap<MapData, u64, u32>,
+    /// Syscall tracepoints attached (enter and exit each).
+    pub attached: Vec<String>,
+    /// Syscalls this kernel has no tracepoint for.
+    pub missing: Vec<String>,
+    /// `Ok(hooks)` when the LSM layer is active, else why not.
+    pub lsm: std::result::Result<Vec<String>, String>,
+    pub config: KernelConfig,
+}
+
+fn register<T: std::os::fd::AsFd + AsRawFd>(inner: T) -> Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its file descriptor and moves into the AsyncFd,
+    // so the fd stays open for as long as it is registered.
+    unsafe { AsyncFd::register(inner) }
+        .map_err(|e| anyhow::anyhow!("registering a BPF map fd with tokio: {e}"))
+}
+
+/// Why BPF LSM can't be used here, if it can't (cheap checks first).
+fn lsm_precheck() -> std::result::Result<(), String> {
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    if !lsms.split(',').any(|l| l.trim() == "bpf") {
+        return Err(format!(
+            "BPF LSM is not in the kernel's active LSM list ({}); boot with lsm=...,bpf",
+            if lsms.is_empty() {
+                "securityfs not readable"
+            } else {
+                lsms.trim()
+            }
+        ));
+    }
+    Ok(())
+}
+
+impl KernelLayer {
+    /// Loads and attaches layer 2, and layer 3 when `want_lsm` and the
+    /// kernel allows it. Must run inside a tokio runtime.
+    pub fn load(ring_bytes: u32, want_lsm: bool) -> Result<Self> {
+        ensure!(
+            ring_bytes >= 4096 && ring_bytes.is_power_of_two(),
+            "protect ring size {ring_bytes} must be a power of two of at least 4096 bytes"
+        );
+        let config = crate::probes::kernel_config()?;
+        ensure!(
+            config.tp_sys_args != 0 && config.tp_sys_ret != 0 && config.tp_sys_nr != 0,
+            "the kernel has no syscalls/sys_enter_openat tracepoint (CONFIG_FTRACE_SYSCALLS): \
+             attempt logging can't run"
+        );
+        let root = tracefs::tracefs_root().context("tracefs is not mounted")?;
+        let runtime = ProtectRuntime {
+            enabled: 1,
+            daemon_tgid: std::process::id(),
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global(KERNEL_CONFIG_SYMBOL, &config, true)
+            .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
+            .map_max_entries(EVENTS_MAP, 4096)
+            .map_max_entries(PROTECT_EVENTS_MAP, ring_bytes)
+            .load(crate::probes::EBPF_OBJECT)
+            .context("loading governor's eBPF object for the protect layer (needs root)")?;
+
+        // Describe the syscalls before attaching anything.
+        let mut descs: Array<MapData, SyscallDesc> = Array::try_from(
+            ebpf.take_map(SYSCALL_DESCS_MAP)
+                .context("SYSCALL_DESCS map missing")?,
+        )?;
+        let mut present = Vec::new();
+        let mut missing = Vec::new();
+        for s in syscall_specs() {
+            let dir = root.join(format!("events/syscalls/sys_enter_{}", s.name));
+            if !dir.is_dir()
+                || !root
+                    .join(format!("events/syscalls/sys_exit_{}", s.name))
+                    .is_dir()
+            {
+                missing.push(s.name.to_string());
+                continue;
+            }
+            ensure!(
+                (0..SYSCALL_TABLE_SIZE as i64).contains(&s.nr),
+                "syscall {} has number {} beyond the table",
+                s.name,
+                s.nr
+            );
+            let d = describe(&root, &s, config.tp_sys_args)?;
+            descs
+                .set(s.nr as u32, d, 0)
+                .with_context(|| format!("describing syscall {}", s.name))?;
+            present.push(s.name);
+        }
+
+        for (prog, side) in [("protect_sys_enter", "enter"), ("protect_sys_exit", "exit")] {
+            let p: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .with_context(|| format!("program {prog} missing from the eBPF object"))?
+                .try_into()?;
+            p.load().with_context(|| format!("loading {prog}"))?;
+            for name in &present {
+                let tp = format!("sys_{side}_{name}");
+                p.attach("syscalls", &tp)
+                    .with_context(|| format!("attaching {prog} to syscalls/{tp}"))?;
+            }
+        }
+        let attached = present.iter().map(|s| s.to_string()).collect();
+
+        let lsm = if want_lsm {
+            Self::attach_lsm(&mut ebpf, &config)
+        } else {
+            Err("not requested".to_string())
+        };
+
+        let ring = RingBuf::try_from(
+            ebpf.take_map(PROTECT_EVENTS_MAP)
+                .context("PROTECT_EVENTS map missing")?,
+        )?;
+        let ring = register(ring)?;
+        let drops = PerCpuArray::try_from(
+            ebpf.take_map(PROTECT_DROPS_MAP)
+                .context("PROTECT_DROPS map missing")?,
+        )?;
+        let inodes = BpfHashMap::try_from(
+            ebpf.take_map(PROTECTED_INODES_MAP)
+                .context("PROTECTED_INODES map missing")?,
+        )?;
+        let names = BpfHashMap::try_from(
+            ebpf.take_map(PROTECTED_NAMES_MAP)
+                .context("PROTECTED_NAMES map missing")?,
+        )?;
+        Ok(KernelLayer {
+            _ebpf: ebpf,
+            ring,
+            drops,
+            inodes,
+            names,
+            attached,
+            missing,
+            lsm,
+            config,
+        })
+    }
+
+    fn attach_lsm(
+        ebpf: &mut Ebpf,
+        config: &KernelConfig,
+    ) -> std::result::Result<Vec<String>, String> {
+        lsm_precheck()?;
+        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
+        let mut hooks = Vec::new();
+        for &(prog, hook, required) in LSM_PROGRAMS {
+            let have = match hook {
+                "inode_set_acl" => config.lsm.set_acl_dentry != ARG_NONE,
+                "inode_remove_acl" => config.lsm.remove_acl_dentry != ARG_NONE,
+                "inode_setattr" => config.lsm.setattr_dentry != ARG_NONE,
+                "inode_setxattr" => config.lsm.setxattr_dentry != ARG_NONE,
+                "inode_removexattr" => config.lsm.removexattr_dentry != ARG_NONE,
+                _ => true,
+            };
+            if !have {
+                if required {
+                    return Err(format!("the kernel has no LSM hook {hook} (BTF)"));
+                }
+                continue;
+            }
+            let p: &mut Lsm = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| format!("program {prog} missing from the eBPF object"))?
+                .try_into()
+                .map_err(|e| format!("{prog}: {e}"))?;
+            p.load(hook, &btf)
+                .map_err(|e| format!("loading the BPF LSM program for {hook}: {e}"))?;
+            p.attach().map_err(|e| {
+                format!(
+                    "attaching the BPF LSM program for {hook} (the kernel refused BPF LSM): {e}"
+                )
+            })?;
+            hooks.push(hook.to_string());
+        }
+        Ok(hooks)
+    }
+
+    /// Marks `key` with `flags` (`INODE_*` bits).
+    pub fn set_inode(&mut self, key: InodeKey, flags: u32) -> Result<()> {
+        self.inodes
+            .insert(key, flags, 0)
+            .with_context(|| format!("updating the protected-inode map for {key:?}"))
+    }
+
+    pub fn remove_inode(&mut self, key: &InodeKey) -> Result<()> {
+        match self.inodes.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(anyhow::anyhow!(
+                "removing {key:?} from the protected-inode map: {e}"
+            )),
+        }
+    }
+
+    pub fn add_name(&mut self, hash: u64) -> Result<()> {
+        self.names
+            .insert(hash, 1, 0)
+            .context("updating the protected-name map")
+    }
+
+    pub fn remove_name(&mut self, hash: u64) -> Result<()> {
+        match self.names.remove(&hash) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("removing from the protected-name map: {e}")),
+        }
+    }
+
+    /// Attempt events lost because the ring was full.
+    pub fn dropped(&self) -> Result<u64> {
+        let per_cpu = self
+            .drops
+            .get(&0, 0)
+            .context("reading the protect drop counter")?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// Waits for attempt events and returns them decoded (raw records).
+    pub async fn next_batch(&mut self) -> Result<Vec<AttemptEvent>> {
+        let mut guard = self.ring.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(ev) = decode(&item) {
+                out.push(ev);
+            }
+        }
+        guard.clear_ready();
+        Ok(out)
+    }
+
+    /// Takes the events already in the ring without waiting.
+    pub fn drain(&mut self) -> Vec<AttemptEvent> {
+        let ring = self.ring.get_mut();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(ev) = decode(&item) {
+                out.push(ev);
+            }
+        }
+        out
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<AttemptEvent> {
+    if bytes.len() < std::mem::size_of::<AttemptEvent>() {
+        return None;
+    }
+    // SAFETY: AttemptEvent is plain old data (#[repr(C)] integers and byte
+    // arrays, no padding), the length was checked, and read_unaligned copes
+    // with the ring's 8-byte alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const AttemptEvent) })
+}
+
+/// The syscall names by number, for reports.
+pub fn syscall_names() -> BTreeMap<u32, &'static str> {
+    syscall_specs()
+        .into_iter()
+        .map(|s| (s.nr as u32, s.name))
+        .collect()
+}
+
+/// How a syscall treats a final symlink (see `SyscallSpec::nofollow`).
+pub fn spec_of(nr: u32) -> Option<SyscallSpec> {
+    syscall_specs().into_iter().find(|s| s.nr == nr as i64)
+}
+
+/// Fails when the LSM layer was required but is not active.
+pub fn require(layer: &KernelLayer) -> Result<()> {
+    if let Err(e) = &layer.lsm {
+        bail!("BPF LSM layer unavailable: {e}");
+    }
+    Ok(())
+}

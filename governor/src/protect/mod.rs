@@ -1,0 +1,1532 @@
+//! Protected files (issue 6): UNTOUCHABLE and PROTECTED tiers, enforced in
+//! three layers.
+//!
+//! 1. **VFS flags** (always): every protected file carries
+//!    `FS_IMMUTABLE_FL`, so the kernel itself refuses every modification —
+//!    for root too, with no daemon in the path, across a crash or a reboot.
+//! 2. **Attempt logging** (always): the syscall tracepoint programs of
+//!    [`kernel`] report each attempt on a protected inode with its result;
+//!    each becomes exactly one audit entry. Clearing the flag is tampering:
+//!    the flag is put back at once, the file re-hashed, a critical alert sent.
+//! 3. **BPF LSM** (where the kernel allows it): the same operations,
+//!    including flag changes, are refused before the VFS for every process
+//!    but the daemon.
+//!
+//! Approval windows lift the flag (and the LSM refusal) for one file; at the
+//! end the flag returns and the new SHA-256 becomes the declared state,
+//! persisted in `<state_dir>/protect.json` (see [`state`]).
+//!
+//! The event loop polls [`Protector::next_event`], which is cancel-safe: it
+//! only awaits the kernel ring, timers and approval answers; everything it
+//! then does is synchronous, and audit entries go through an ordered queue.
+
+pub mod attempt;
+pub mod config;
+pub mod glob;
+pub mod kernel;
+pub mod state;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io::Read,
+    path::{Path, PathBuf},
+    sync::{atomic::AtomicBool, Arc},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context, Result};
+use governor_alerts::{
+    approval::{request_approval, ApprovalOutcome, ApprovalRequest},
+    Alert, AlertSink, Severity, ValidatedTelegram,
+};
+use governor_audit::{AuditHandle, Detail};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::Digest;
+use tokio::sync::{mpsc, oneshot};
+
+pub use self::config::{check, check_all, ApproveVia, ProtectConfig, Target, Tier};
+use self::{
+    attempt::{key_of, key_string, Attempt},
+    kernel::KernelLayer,
+    state::{Declared, State, WindowRecord, STATE_FILE},
+};
+use crate::fsflags::{self, FS_IMMUTABLE_FL};
+use governor_common::protect::{name_hash, Op, INODE_DENY, INODE_DIR_GUARD, INODE_PROTECTED};
+/// The kernel ABI types (shared with the eBPF programs).
+pub use governor_common::{protect as abi, InodeKey};
+
+/// What the daemon protects without being told.
+#[derive(Debug, Clone, Default)]
+pub struct Implicit {
+    /// The daemon's config file (UNTOUCHABLE).
+    pub config_path: Option<PathBuf>,
+    /// The daemon's binary (UNTOUCHABLE). Leave `None` for a binary cargo
+    /// rebuilds in place: an immutable file can't be replaced.
+    pub binary_path: Option<PathBuf>,
+    /// The state directory: guarded by layers 2 and 3 (its files change
+    /// all the time, so it can't be immutable).
+    pub state_dir: PathBuf,
+    /// The audit log (append-only, set by the audit writer; recorded here).
+    pub audit_log: Option<PathBuf>,
+    /// `[alerts.telegram]`, for `approve_via = "telegram"`.
+    pub telegram: Option<governor_alerts::TelegramConfig>,
+}
+
+/// What start or reload did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StartReport {
+    pub files: usize,
+    pub untouchable: usize,
+    pub protected: usize,
+    /// Files that carry the immutable flag now.
+    pub flagged: usize,
+    /// Enforcement layers running.
+    pub layers: Vec<String>,
+    /// Layer → why it is not running.
+    pub layer_errors: BTreeMap<String, String>,
+    /// Config problems (missing path, directory, empty glob, bad list line).
+    pub problems: Vec<String>,
+    /// Files on filesystems that can't hold the flag (layers 2/3 only).
+    pub unflaggable: Vec<String>,
+    pub missing: Vec<String>,
+    /// Content differs from the declared SHA-256 (changed while the daemon
+    /// was down, or by reload time).
+    pub changed: Vec<String>,
+    /// Windows closed at start because the daemon died while they were open.
+    pub windows_closed: Vec<String>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Time until every file carried its flag.
+    pub flags_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FlagState {
+    Set,
+    /// Lifted for an approval window.
+    Lifted,
+    Unsupported(String),
+    Missing,
+    Failed(String),
+}
+
+impl FlagState {
+    fn name(&self) -> String {
+        match self {
+            FlagState::Set => "immutable".into(),
+            FlagState::Lifted => "lifted (window open)".into(),
+            FlagState::Unsupported(e) => format!("unsupported: {e}"),
+            FlagState::Missing => "file missing".into(),
+            FlagState::Failed(e) => format!("failed: {e}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    /// As configured (absolute).
+    path: PathBuf,
+    /// The file itself (symlinks resolved).
+    real: PathBuf,
+    tier: Tier,
+    origin: String,
+    key: Option<InodeKey>,
+    flag: FlagState,
+    declared: Option<String>,
+    /// Last content change reported (so it is reported once).
+    reported: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Window {
+    until: Instant,
+    until_wall: SystemTime,
+    opened_at: SystemTime,
+    reason: String,
+    by_uid: u32,
+    via: String,
+    writes: u64,
+}
+
+struct PendingApproval {
+    path: PathBuf,
+    dur: Duration,
+    reason: String,
+    uid: u32,
+    cancel: Arc<AtomicBool>,
+}
+
+struct ApprovalAnswer {
+    id: String,
+    outcome: ApprovalOutcome,
+}
+
+enum AuditItem {
+    Entry(String, Option<String>, Detail),
+    Flush(oneshot::Sender<()>),
+}
+
+enum Wake {
+    Events(Result<Vec<abi::AttemptEvent>>),
+    Approval(ApprovalAnswer),
+    Timer,
+}
+
+/// The protected-files engine the daemon owns.
+pub struct Protector {
+    cfg: ProtectConfig,
+    implicit: Implicit,
+    /// Configured path → entry.
+    files: BTreeMap<PathBuf, Entry>,
+    /// Inode → configured path.
+    by_key: HashMap<InodeKey, PathBuf>,
+    /// Real path → configured path.
+    by_real: HashMap<PathBuf, PathBuf>,
+    state_dir_key: Option<InodeKey>,
+    /// Directories on the way to protected files, to resolve relative paths
+    /// of processes that are already gone.
+    dirs: HashMap<InodeKey, PathBuf>,
+    kernel: Option<KernelLayer>,
+    kernel_error: Option<String>,
+    windows: BTreeMap<PathBuf, Window>,
+    rehash: Vec<(Instant, PathBuf)>,
+    pending: HashMap<String, PendingApproval>,
+    approvals_tx: mpsc::UnboundedSender<ApprovalAnswer>,
+    approvals_rx: mpsc::UnboundedReceiver<ApprovalAnswer>,
+    telegram: Option<ValidatedTelegram>,
+    audit_q: mpsc::UnboundedSender<AuditItem>,
+    alerts: Arc<dyn AlertSink>,
+    services: Arc<dyn Fn(u32) -> Option<String> + Send + Sync>,
+    next_drop_check: Instant,
+    last_drops: u64,
+    syscall_names: BTreeMap<u32, &'static str>,
+    /// Attempts reported (for tests and status).
+    pub attempts_seen: u64,
+}
+
+/// SHA-256 of a file's content, lowercase hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn now_rfc3339() -> String {
+    crate::events::rfc3339(SystemTime::now())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn is_unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS)
+    )
+}
+
+/// Sets or clears the immutable flag on `path`.
+fn set_immutable(path: &Path, on: bool) -> std::io::Result<()> {
+    let f = File::open(path)?;
+    fsflags::set_flag(&f, FS_IMMUTABLE_FL, on)
+}
+
+fn is_immutable(path: &Path) -> std::io::Result<bool> {
+    let f = File::open(path)?;
+    Ok(fsflags::get_flags(&f)? & FS_IMMUTABLE_FL != 0)
+}
+
+fn detail(v: Value) -> Detail {
+    match v {
+        Value::Object(m) => m,
+        _ => Detail::new(),
+    }
+}
+
+/// Directories from `p`'s parent up to `/`.
+fn ancestors(p: &Path) -> impl Iterator<Item = &Path> {
+    p.ancestors().skip(1)
+}
+
+impl Protector {
+    /// Applies the flags, loads the kernel layers, reconciles with the
+    /// declared state and reports. Files are flagged before anything else,
+    /// so protection does not wait for the eBPF load.
+    pub async fn start(
+        cfg: &ProtectConfig,
+        implicit: Implicit,
+        audit: AuditHandle,
+        alerts: Arc<dyn AlertSink>,
+        services: Arc<dyn Fn(u32) -> Option<String> + Send + Sync>,
+    ) -> Result<(Protector, StartReport)> {
+        let t0 = Instant::now();
+        let (audit_q, mut audit_rx) = mpsc::unbounded_channel::<AuditItem>();
+        // One ordered writer for our entries: processing never awaits the
+        // disk, and entries keep their order.
+        tokio::spawn(async move {
+            while let Some(item) = audit_rx.recv().await {
+                match item {
+                    AuditItem::Entry(kind, service, d) => {
+                        if let Err(e) = audit.append(&kind, service.as_deref(), d).await {
+                            log::error!("protect: audit append ({kind}) failed: {e:#}");
+                        }
+                    }
+                    AuditItem::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        let (approvals_tx, approvals_rx) = mpsc::unbounded_channel();
+        let telegram = implicit.telegram.as_ref().and_then(|t| t.validate().ok());
+        let mut p = Protector {
+            cfg: cfg.clone(),
+            implicit,
+            files: BTreeMap::new(),
+            by_key: HashMap::new(),
+            by_real: HashMap::new(),
+            state_dir_key: None,
+            dirs: HashMap::new(),
+            kernel: None,
+            kernel_error: None,
+            windows: BTreeMap::new(),
+            rehash: Vec::new(),
+            pending: HashMap::new(),
+            approvals_tx,
+            approvals_rx,
+            telegram,
+            audit_q,
+            alerts,
+            services,
+            next_drop_check: Instant::now() + Duration::from_secs(5),
+            last_drops: 0,
+            syscall_names: kernel::syscall_names(),
+            attempts_seen: 0,
+        };
+        let mut report = StartReport::default();
+
+        // Layer 1 first.
+        let targets = p.targets(&mut report);
+        for t in &targets {
+            p.add_entry(t, &mut report);
+        }
+        report.flags_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+        // Layers 2 and 3.
+        match KernelLayer::load(cfg.ring_size.0 as u32, cfg.lsm) {
+            Ok(k) => {
+                if let Err(e) = &k.lsm {
+                    report.layer_errors.insert("bpf-lsm".into(), e.clone());
+                }
+                p.kernel = Some(k);
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                report
+                    .layer_errors
+                    .insert("ebpf-attempt-logging".into(), msg.clone());
+                report.layer_errors.insert("bpf-lsm".into(), msg.clone());
+                p.kernel_error = Some(msg);
+            }
+        }
+        p.index_state_dir();
+        let keys: Vec<PathBuf> = p.files.keys().cloned().collect();
+        for path in &keys {
+            p.register(path);
+        }
+
+        // Reconcile with the declared state.
+        let state_path = p.state_path();
+        let state = match State::load(&state_path) {
+            Ok(s) => s,
+            Err(e) => {
+                report
+                    .problems
+                    .push(format!("{e:#}; declared hashes start afresh"));
+                State::default()
+            }
+        };
+        for w in &state.windows {
+            let path = PathBuf::from(&w.path);
+            if let Some(e) = p.files.get_mut(&path) {
+                // The flag is already back (applied above): the content the
+                // window left becomes the declared state.
+                let new = sha256_file(&e.real).ok();
+                let old = state.files.get(&w.path).map(|d| d.sha256.clone());
+                e.declared = new.clone();
+                report.windows_closed.push(w.path.clone());
+                p.audit(
+                    "protect.window_close",
+                    None,
+                    json!({
+                        "path": w.path, "why": "the daemon stopped while the window was open; closed at start",
+                        "opened_at": w.opened_at, "reason": w.reason, "by_uid": w.by_uid,
+                        "old_sha256": old, "new_sha256": new, "changed": old != new,
+                    }),
+                );
+            }
+        }
+        for (path, e) in p.files.iter_mut() {
+            if e.flag == FlagState::Missing {
+                continue;
+            }
+            if report.windows_closed.iter().any(|w| Path::new(w) == path) {
+                continue;
+            }
+            let current = sha256_file(&e.real).ok();
+            let declared = state
+                .files
+                .get(&path.display().to_string())
+                .map(|d| d.sha256.clone());
+            match (declared, current) {
+                (Some(d), Some(c)) if d != c => {
+                    report.changed.push(path.display().to_string());
+                    e.declared = Some(d.clone());
+                    e.reported = Some(c.clone());
+                    p.audit_q
+                        .send(AuditItem::Entry(
+                            "protect.changed_while_down".into(),
+                            None,
+                            detail(json!({
+                                "path": path, "tier": e.tier.name(),
+                                "declared_sha256": d, "actual_sha256": c,
+                            })),
+                        ))
+                        .ok();
+                    p.alerts.send(
+                        Alert::new(
+                            Severity::Critical,
+                            "protected file changed",
+                            format!("{} changed while governor was down", path.display()),
+                        )
+                        .with_body(format!("declared sha256 {d}\nactual   sha256 {c}")),
+                    );
+                }
+                (Some(d), _) => e.declared = Some(d),
+                (None, c) => e.declared = c,
+            }
+        }
+        p.save_state();
+        p.finish_report(&mut report);
+        report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        p.audit(
+            "protect.start",
+            None,
+            json!({
+                "files": report.files, "untouchable": report.untouchable,
+                "protected": report.protected, "flagged": report.flagged,
+                "layers": report.layers, "layer_errors": report.layer_errors,
+                "problems": report.problems, "unflaggable": report.unflaggable,
+                "missing": report.missing, "changed_while_down": report.changed,
+                "windows_closed": report.windows_closed,
+                "flags_ms": report.flags_ms, "total_ms": report.total_ms,
+            }),
+        );
+        p.alert_report(&report);
+        Ok((p, report))
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.implicit.state_dir.join(STATE_FILE)
+    }
+
+    /// Configured plus implicit targets.
+    fn targets(&self, report: &mut StartReport) -> Vec<Target> {
+        let cfg_file = self
+            .implicit
+            .config_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("config"));
+        let ex = config::expand(&self.cfg, &cfg_file, "");
+        for e in ex.problems {
+            let place = if e.line > 0 {
+                format!("{}:{}: ", e.file.display(), e.line)
+            } else {
+                String::new()
+            };
+            let key = e.key.map(|k| format!("key `{k}`: ")).unwrap_or_default();
+            report.problems.push(format!("{place}{key}{}", e.reason));
+        }
+        let mut targets = ex.targets;
+        for (p, what) in [
+            (&self.implicit.config_path, "the daemon's config"),
+            (&self.implicit.binary_path, "the daemon's binary"),
+        ] {
+            if let Some(p) = p {
+                if !targets.iter().any(|t| &t.path == p) {
+                    targets.push(Target {
+                        path: p.clone(),
+                        tier: Tier::Untouchable,
+                        origin: format!("implicit: {what}"),
+                    });
+                }
+            }
+        }
+        targets
+    }
+
+    /// Flags one file and records it (not yet in the kernel maps).
+    fn add_entry(&mut self, t: &Target, report: &mut StartReport) {
+        let real = std::fs::canonicalize(&t.path).unwrap_or_else(|_| t.path.clone());
+        let (key, flag) = match std::fs::metadata(&real) {
+            Err(_) => {
+                report.missing.push(t.path.display().to_string());
+                (None, FlagState::Missing)
+            }
+            Ok(md) => {
+                let key = attempt::key_from_md(&md);
+                let flag = if self.windows.contains_key(&t.path) {
+                    FlagState::Lifted
+                } else {
+                    match set_immutable(&real, true) {
+                        Ok(()) => FlagState::Set,
+                        Err(e) if is_unsupported(&e) => {
+                            report
+                                .unflaggable
+                                .push(format!("{}: {e}", t.path.display()));
+                            FlagState::Unsupported(e.to_string())
+                        }
+                        Err(e) => {
+                            report
+                                .unflaggable
+                                .push(format!("{}: {e}", t.path.display()));
+                            FlagState::Failed(e.to_string())
+                        }
+                    }
+                };
+                (Some(key), flag)
+            }
+        };
+        for d in ancestors(&t.path).chain(ancestors(&real)) {
+            if let Some(k) = key_of(d, true) {
+                self.dirs.entry(k).or_insert_with(|| d.to_path_buf());
+            }
+        }
+        if let Some(k) = key {
+            self.by_key.insert(k, t.path.clone());
+        }
+        self.by_real.insert(real.clone(), t.path.clone());
+        self.files.insert(
+            t.path.clone(),
+            Entry {
+                path: t.path.clone(),
+                real,
+                tier: t.tier,
+                origin: t.origin.clone(),
+                key,
+                flag,
+                declared: None,
+                reported: None,
+            },
+        );
+    }
+
+    fn index_state_dir(&mut self) {
+        let dir = self.implicit.state_dir.clone();
+        self.state_dir_key = key_of(&dir, true);
+        for d in dir.ancestors() {
+            if let Some(k) = key_of(d, true) {
+                self.dirs.entry(k).or_insert_with(|| d.to_path_buf());
+            }
+        }
+        if let (Some(k), Some(kernel)) = (self.state_dir_key, self.kernel.as_mut()) {
+            if let Err(e) = kernel.set_inode(k, INODE_PROTECTED | INODE_DENY | INODE_DIR_GUARD) {
+                log::warn!("protect: guarding the state directory: {e:#}");
+            }
+            for n in [STATE_FILE, "audit.jsonl", "audit.head"] {
+                let _ = kernel.add_name(name_hash(n.as_bytes()));
+            }
+        }
+    }
+
+    /// Puts one entry's inode and names into the kernel maps.
+    fn register(&mut self, path: &Path) {
+        let Some(e) = self.files.get(path) else {
+            return;
+        };
+        let Some(kernel) = self.kernel.as_mut() else {
+            return;
+        };
+        if let Some(k) = e.key {
+            let flags = if self.windows.contains_key(path) {
+                INODE_PROTECTED
+            } else {
+                INODE_PROTECTED | INODE_DENY
+            };
+            if let Err(err) = kernel.set_inode(k, flags) {
+                log::error!("protect: {}: {err:#}", path.display());
+            }
+        }
+        for p in [&e.path, &e.real] {
+            if let Some(n) = p.file_name() {
+                let _ = kernel.add_name(name_hash(n.as_encoded_bytes()));
+            }
+        }
+    }
+
+    fn finish_report(&self, report: &mut StartReport) {
+        report.files = self.files.len();
+        report.untouchable = self
+            .files
+            .values()
+            .filter(|e| e.tier == Tier::Untouchable)
+            .count();
+        report.protected = report.files - report.untouchable;
+        report.flagged = self
+            .files
+            .values()
+            .filter(|e| e.flag == FlagState::Set)
+            .count();
+        report.layers = self.layers();
+        if !report.layers.iter().any(|l| l == "vfs-flags") {
+            report
+                .layer_errors
+                .entry("vfs-flags".into())
+                .or_insert_with(|| "no protected file could take the immutable flag".into());
+        }
+    }
+
+    fn alert_report(&self, report: &StartReport) {
+        if !report.unflaggable.is_empty() {
+            self.alerts.send(
+                Alert::new(
+                    Severity::Critical,
+                    "protected files",
+                    format!(
+                        "{} protected file(s) can't hold the immutable flag",
+                        report.unflaggable.len()
+                    ),
+                )
+                .with_body(format!(
+                    "{}\nThey rely on attempt logging{}.",
+                    report.unflaggable.join("\n"),
+                    if self.layers().iter().any(|l| l == "bpf-lsm") {
+                        " and BPF LSM"
+                    } else {
+                        " only: the kernel does not refuse writes to them"
+                    }
+                )),
+            );
+        }
+        if !report.problems.is_empty() || !report.missing.is_empty() {
+            self.alerts.send(
+                Alert::new(
+                    Severity::Warning,
+                    "protected files",
+                    format!(
+                        "protect config: {} problem(s), {} missing file(s)",
+                        report.problems.len(),
+                        report.missing.len()
+                    ),
+                )
+                .with_body(
+                    report
+                        .problems
+                        .iter()
+                        .chain(&report.missing)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                ),
+            );
+        }
+    }
+
+    /// Queues an audit entry (written in order by the audit task).
+    fn audit(&self, kind: &str, service: Option<String>, d: Value) {
+        let _ = self
+            .audit_q
+            .send(AuditItem::Entry(kind.to_string(), service, detail(d)));
+    }
+
+    /// Resolves once every entry queued so far is durable in the audit log.
+    pub async fn flush_audit(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.audit_q.send(AuditItem::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    fn save_state(&self) {
+        let mut st = State::default();
+        for (p, e) in &self.files {
+            if let (Some(sha), Some(k)) = (&e.declared, e.key) {
+                st.files.insert(
+                    p.display().to_string(),
+                    Declared {
+                        sha256: sha.clone(),
+                        tier: e.tier.name().into(),
+                        dev: k.dev,
+                        ino: k.ino,
+                        declared_at: now_rfc3339(),
+                    },
+                );
+            }
+        }
+        for (p, w) in &self.windows {
+            st.windows.push(WindowRecord {
+                path: p.display().to_string(),
+                opened_at: crate::events::rfc3339(w.opened_at),
+                until_unix_ms: unix_ms(w.until_wall),
+                reason: w.reason.clone(),
+                by_uid: w.by_uid,
+                via: w.via.clone(),
+            });
+        }
+        if let Err(e) = st.save(&self.state_path()) {
+            log::error!("protect: saving the declared state: {e:#}");
+            self.alerts.send(Alert::new(
+                Severity::Critical,
+                "protected files",
+                format!("cannot save the declared state: {e:#}"),
+            ));
+        }
+    }
+
+    /// Enforcement layers running now.
+    pub fn layers(&self) -> Vec<String> {
+        let mut l = Vec::new();
+        if self.files.is_empty() || self.files.values().any(|e| e.flag == FlagState::Set) {
+            l.push("vfs-flags".to_string());
+        }
+        if let Some(k) = &self.kernel {
+            l.push("ebpf-attempt-logging".to_string());
+            if k.lsm.is_ok() {
+                l.push("bpf-lsm".to_string());
+            }
+        }
+        l
+    }
+
+    /// `governor protect list --json`.
+    pub fn list(&self) -> Value {
+        let files: Vec<Value> = self
+            .files
+            .values()
+            .map(|e| {
+                let w = self.windows.get(&e.path);
+                json!({
+                    "path": e.path,
+                    "real_path": e.real,
+                    "tier": e.tier.name(),
+                    "origin": e.origin,
+                    "dev_ino": e.key.map(|k| key_string(&k)),
+                    "flag": e.flag.name(),
+                    "flag_set": e.flag == FlagState::Set,
+                    "declared_sha256": e.declared,
+                    "window": w.map(|w| json!({
+                        "until": crate::events::rfc3339(w.until_wall),
+                        "remaining_s": w.until.saturating_duration_since(Instant::now()).as_secs(),
+                        "reason": w.reason, "by_uid": w.by_uid, "via": w.via,
+                        "writes": w.writes,
+                    })),
+                })
+            })
+            .collect();
+        json!({
+            "layers": self.layers(),
+            "state_dir": self.implicit.state_dir,
+            "files": files,
+        })
+    }
+
+    // -----------------------------------------------------------------
+    // The event loop side.
+
+    fn next_deadline(&self) -> Instant {
+        let mut d = self.next_drop_check;
+        for w in self.windows.values() {
+            d = d.min(w.until);
+        }
+        for (t, _) in &self.rehash {
+            d = d.min(*t);
+        }
+        d
+    }
+
+    /// Waits for attempt events, timers (window ends, re-hashes) and
+    /// approval answers, and handles them. Cancel-safe.
+    pub async fn next_event(&mut self) {
+        let deadline = tokio::time::Instant::from_std(self.next_deadline());
+        let wake = {
+            let ring = self.kernel.as_mut();
+            let rx = &mut self.approvals_rx;
+            tokio::select! {
+                r = async move {
+                    match ring {
+                        Some(k) => k.next_batch().await,
+                        None => std::future::pending().await,
+                    }
+                } => Wake::Events(r),
+                Some(a) = rx.recv() => Wake::Approval(a),
+                _ = tokio::time::sleep_until(deadline) => Wake::Timer,
+            }
+        };
+        match wake {
+            Wake::Events(Ok(evs)) => {
+                for ev in evs {
+                    self.on_event(&ev);
+                }
+            }
+            Wake::Events(Err(e)) => {
+                log::error!("protect: reading the attempt ring: {e:#}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Wake::Approval(a) => self.on_approval(a),
+            Wake::Timer => self.on_timers(),
+        }
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PathBuf> = self
+            .windows
+            .iter()
+            .filter(|(_, w)| w.until <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in due {
+            if let Err(e) = self.close_window(&p, "expired") {
+                log::error!("protect: closing the window on {}: {e:#}", p.display());
+            }
+        }
+        let (due, later): (Vec<_>, Vec<_>) = self.rehash.drain(..).partition(|(t, _)| *t <= now);
+        self.rehash = later;
+        for (_, p) in due {
+            self.check_content(&p, "re-hash after an unrefused write");
+        }
+        if now >= self.next_drop_check {
+            self.next_drop_check = now + Duration::from_secs(5);
+            if let Some(k) = &self.kernel {
+                if let Ok(d) = k.dropped() {
+                    if d > self.last_drops {
+                        let lost = d - self.last_drops;
+                        self.last_drops = d;
+                        log::warn!("protect: {lost} attempt events lost (ring full)");
+                        self.audit(
+                            "protect.events_lost",
+                            None,
+                            json!({"lost": lost, "total": d}),
+                        );
+                        self.alerts.send(Alert::new(
+                            Severity::Critical,
+                            "protected files",
+                            format!("{lost} protected-file attempt events lost (ring full)"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Which protected thing an attempt concerns.
+    fn match_attempt(&self, a: &Attempt) -> Option<(Option<PathBuf>, Option<PathBuf>)> {
+        // (configured path of the file, resolved path) — file None = the
+        // state directory.
+        if let Some(k) = a.key {
+            if let Some(p) = self.by_key.get(&k) {
+                return Some((Some(p.clone()), self.files.get(p).map(|e| e.real.clone())));
+            }
+            if Some(k) == self.state_dir_key {
+                return Some((None, Some(self.implicit.state_dir.clone())));
+            }
+        }
+        for pa in &a.paths {
+            let Some(abs) = &pa.absolute else {
+                continue;
+            };
+            if let Some(k) = key_of(abs, pa.follow) {
+                if let Some(p) = self.by_key.get(&k) {
+                    let resolved = if pa.follow {
+                        std::fs::canonicalize(abs).unwrap_or_else(|_| abs.clone())
+                    } else {
+                        abs.clone()
+                    };
+                    return Some((Some(p.clone()), Some(resolved)));
+                }
+            }
+            if let Some(p) = self
+                .files
+                .get(abs)
+                .map(|e| e.path.clone())
+                .or_else(|| self.by_real.get(abs).cloned())
+            {
+                return Some((Some(p), Some(abs.clone())));
+            }
+        }
+        // Entries of the guarded state directory.
+        for pa in &a.paths {
+            let Some(abs) = &pa.absolute else {
+                continue;
+            };
+            let parent_is_state = abs
+                .parent()
+                .map(|d| key_of(d, true).is_some() && key_of(d, true) == self.state_dir_key)
+                .unwrap_or(false);
+            if parent_is_state || Some(abs.as_path()) == Some(self.implicit.state_dir.as_path()) {
+                return Some((None, Some(abs.clone())));
+            }
+        }
+        None
+    }
+
+    fn on_event(&mut self, ev: &abi::AttemptEvent) {
+        let spec = kernel::spec_of(ev.nr);
+        let name = self.syscall_names.get(&ev.nr).copied().unwrap_or("?");
+        let Some(a) = attempt::decode(
+            ev,
+            name,
+            spec.map(|s| s.kind).unwrap_or(0),
+            spec.map(|s| s.nofollow).unwrap_or(false),
+            &self.dirs,
+        ) else {
+            return;
+        };
+        let Some((file, resolved)) = self.match_attempt(&a) else {
+            return;
+        };
+        self.attempts_seen += 1;
+        let service = (self.services)(a.pid);
+        let entry = file.as_ref().and_then(|p| self.files.get(p)).cloned();
+        let in_window = file
+            .as_ref()
+            .map(|p| self.windows.contains_key(p))
+            .unwrap_or(false);
+        let result = if a.allowed() { "allowed" } else { "denied" };
+        let mut d = json!({
+            "op": a.op.name(),
+            "syscall": a.syscall,
+            "path": a.paths.first().map(|p| p.given.clone()),
+            "resolved": resolved,
+            "file": file.clone().unwrap_or_else(|| self.implicit.state_dir.clone()),
+            "tier": entry.as_ref().map(|e| e.tier.name()).unwrap_or("untouchable"),
+            "dev_ino": entry.as_ref().and_then(|e| e.key).map(|k| key_string(&k))
+                .or_else(|| self.state_dir_key.filter(|_| file.is_none()).map(|k| key_string(&k))),
+            "pid": a.pid, "tid": a.tid, "ppid": a.ppid,
+            "comm": a.comm, "exe": a.exe, "uid": a.uid,
+            "service": service,
+            "result": result,
+            "errno": a.errno_name(),
+            "window": in_window,
+            "layers": self.layers(),
+        });
+        if let Some(obj) = d.as_object_mut() {
+            if a.paths.len() > 1 {
+                obj.insert("path2".into(), json!(a.paths[1].given));
+            }
+            match a.op {
+                Op::Open => {
+                    obj.insert("open_flags".into(), json!(format!("{:#o}", a.flags)));
+                }
+                Op::SetFlags => {
+                    obj.insert("ioctl".into(), json!(format!("{:#x}", a.flags)));
+                    obj.insert("new_flags".into(), json!(format!("{:#x}", a.arg)));
+                }
+                _ => {}
+            }
+        }
+        // Tampering: the flag came off outside a window.
+        if a.op == Op::SetFlags && a.allowed() && !in_window {
+            if let Some(e) = &entry {
+                if self.on_tamper(&a, e, &mut d, service.clone()) {
+                    return;
+                }
+            }
+        }
+        if let Some(p) = &file {
+            if a.allowed() {
+                if in_window {
+                    if let Some(w) = self.windows.get_mut(p) {
+                        w.writes += 1;
+                    }
+                    // An editor may have renamed a new file over it.
+                    if a.op == Op::Rename || a.op == Op::Link {
+                        self.refresh_key(p);
+                    }
+                } else {
+                    // Not refused and not approved: the flag is missing.
+                    self.rehash
+                        .push((Instant::now() + Duration::from_millis(250), p.clone()));
+                    self.rehash
+                        .push((Instant::now() + Duration::from_secs(2), p.clone()));
+                    self.alerts.send(
+                        Alert::new(
+                            Severity::Critical,
+                            "protected file modified",
+                            format!(
+                                "{} on {} was allowed outside any approval window",
+                                a.op.name(),
+                                p.display()
+                            ),
+                        )
+                        .with_body(format!(
+                            "pid {} ({}) {} uid {}; flag: {}",
+                            a.pid,
+                            a.comm,
+                            a.exe,
+                            a.uid,
+                            entry.as_ref().map(|e| e.flag.name()).unwrap_or_default()
+                        )),
+                    );
+                }
+            } else if entry.as_ref().map(|e| e.tier) == Some(Tier::Untouchable) {
+                let mut alert = Alert::new(
+                    Severity::Warning,
+                    "protected file attempt",
+                    format!("{} on UNTOUCHABLE {} denied", a.op.name(), p.display()),
+                )
+                .with_body(format!(
+                    "pid {} ({}) {} uid {}",
+                    a.pid, a.comm, a.exe, a.uid
+                ));
+                if let Some(s) = &service {
+                    alert = alert.with_service(s.clone());
+                }
+                self.alerts.send(alert);
+            }
+        }
+        self.audit("protect.attempt", service, d);
+    }
+
+    /// A successful flag change on a protected file outside a window. Puts
+    /// the flag back if it is gone; returns whether it was tampering (and
+    /// was audited as such).
+    fn on_tamper(
+        &mut self,
+        a: &Attempt,
+        e: &Entry,
+        d: &mut Value,
+        service: Option<String>,
+    ) -> bool {
+        match is_immutable(&e.real) {
+            Ok(true) => return false,
+            Ok(false) => {}
+            Err(err) => {
+                log::warn!("protect: reading flags of {}: {err}", e.real.display());
+                return false;
+            }
+        }
+        let restore = set_immutable(&e.real, true);
+        let latency_us = crate::events::monotonic_ns().saturating_sub(a.ts_ns) / 1000;
+        let after = sha256_file(&e.real).ok();
+        let changed = after.is_some() && after != e.declared;
+        if let Some(obj) = d.as_object_mut() {
+            obj.insert("flag_restored".into(), json!(restore.is_ok()));
+            if let Err(err) = &restore {
+                obj.insert("restore_error".into(), json!(err.to_string()));
+            }
+            obj.insert("restored_after_us".into(), json!(latency_us));
+            obj.insert("declared_sha256".into(), json!(e.declared));
+            obj.insert("sha256".into(), json!(after));
+            obj.insert("content_changed".into(), json!(changed));
+        }
+        if changed {
+            if let Some(x) = self.files.get_mut(&e.path) {
+                x.reported = after.clone();
+            }
+        }
+        // Writes that slipped in before the restore show up later.
+        self.rehash
+            .push((Instant::now() + Duration::from_millis(250), e.path.clone()));
+        self.rehash
+            .push((Instant::now() + Duration::from_secs(2), e.path.clone()));
+        let mut alert = Alert::new(
+            Severity::Critical,
+            "protected file tampering",
+            format!(
+                "immutable flag cleared on {} {} — {}",
+                e.tier.name().to_uppercase(),
+                e.path.display(),
+                if restore.is_ok() {
+                    format!("put back after {latency_us} µs")
+                } else {
+                    "COULD NOT PUT IT BACK".to_string()
+                }
+            ),
+        )
+        .with_body(format!(
+            "pid {} ppid {} ({}) {} uid {}{}",
+            a.pid,
+            a.ppid,
+            a.comm,
+            a.exe,
+            a.uid,
+            if changed {
+                format!(
+                    "\ncontent changed: declared {} now {}",
+                    e.declared.as_deref().unwrap_or("?"),
+                    after.as_deref().unwrap_or("?")
+                )
+            } else {
+                String::new()
+            }
+        ));
+        if let Some(s) = &service {
+            alert = alert.with_service(s.clone());
+        }
+        self.alerts.send(alert);
+        self.audit("protect.tamper", service, d.clone());
+        true
+    }
+
+    /// Re-hashes a file and reports a content change once.
+    fn check_content(&mut self, path: &Path, why: &str) {
+        if self.windows.contains_key(path) {
+            return;
+        }
+        let Some(e) = self.files.get_mut(path) else {
+            return;
+        };
+        // Make sure the flag is on (it may have been cleared).
+        if e.flag == FlagState::Set && !is_immutable(&e.real).unwrap_or(true) {
+            let _ = set_immutable(&e.real, true);
+        }
+        let Ok(now) = sha256_file(&e.real) else {
+            return;
+        };
+        if Some(&now) == e.declared.as_ref() || Some(&now) == e.reported.as_ref() {
+            return;
+        }
+        e.reported = Some(now.clone());
+        let (tier, declared) = (e.tier, e.declared.clone());
+        self.audit(
+            "protect.content_changed",
+            None,
+            json!({
+                "path": path, "tier": tier.name(), "why": why,
+                "declared_sha256": declared, "sha256": now,
+            }),
+        );
+        self.alerts.send(
+            Alert::new(
+                Severity::Critical,
+                "protected file changed",
+                format!("{} no longer matches its declared SHA-256", path.display()),
+            )
+            .with_body(format!(
+                "declared {}\nnow      {now}",
+                declared.as_deref().unwrap_or("?")
+            )),
+        );
+    }
+
+    /// Re-reads the inode behind a protected path (after a rename over it).
+    fn refresh_key(&mut self, path: &Path) {
+        let Some(e) = self.files.get_mut(path) else {
+            return;
+        };
+        let new = key_of(&e.real, true);
+        if new == e.key {
+            return;
+        }
+        let old = e.key;
+        e.key = new;
+        if let Some(o) = old {
+            self.by_key.remove(&o);
+            if let Some(k) = self.kernel.as_mut() {
+                let _ = k.remove_inode(&o);
+            }
+        }
+        if let Some(n) = new {
+            self.by_key.insert(n, path.to_path_buf());
+        }
+        self.register(path);
+    }
+
+    // -----------------------------------------------------------------
+    // Approval windows.
+
+    fn find(&self, path: &Path) -> Option<PathBuf> {
+        if self.files.contains_key(path) {
+            return Some(path.to_path_buf());
+        }
+        let real = std::fs::canonicalize(path).ok()?;
+        self.by_real
+            .get(&real)
+            .cloned()
+            .or_else(|| key_of(&real, true).and_then(|k| self.by_key.get(&k).cloned()))
+    }
+
+    /// `governor approve PATH --for DUR --reason TEXT`. The daemon passes
+    /// whether the client's stdin is a terminal (checked on the fd it sent)
+    /// and, for UNTOUCHABLE files, the path the human typed back.
+    pub async fn approve(
+        &mut self,
+        path: &Path,
+        dur: Duration,
+        reason: &str,
+        stdin_is_tty: bool,
+        confirm: Option<String>,
+        peer_uid: u32,
+    ) -> Result<Value> {
+        let refuse = |this: &Self, why: &str| {
+            this.audit(
+                "protect.approve_refused",
+                None,
+                json!({"path": path, "reason": reason, "by_uid": peer_uid, "why": why}),
+            );
+        };
+        let Some(key) = self.find(path) else {
+            refuse(self, "not a protected file");
+            bail!(
+                "{} is not a protected file (see `governor protect list`)",
+                path.display()
+            );
+        };
+        let Some(e) = self.files.get(&key).cloned() else {
+            bail!("{} is not a protected file", path.display());
+        };
+        if !stdin_is_tty {
+            refuse(self, "stdin is not a terminal");
+            bail!(
+                "approve needs a human: run it from a terminal (stdin is not a tty); \
+                 processes can't approve their own writes"
+            );
+        }
+        if reason.trim().is_empty() {
+            bail!("--reason must say why the file needs to change");
+        }
+        if dur.is_zero() || dur > self.cfg.max_window.0 {
+            bail!(
+                "--for must be between 1s and max_window ({}s)",
+                self.cfg.max_window.0.as_secs()
+            );
+        }
+        if e.tier == Tier::Untouchable {
+            let typed = confirm.unwrap_or_default();
+            let ok = Path::new(typed.trim()) == e.path || Path::new(typed.trim()) == e.real;
+            if !ok {
+                refuse(self, "UNTOUCHABLE confirmation did not match");
+                bail!(
+                    "{} is UNTOUCHABLE: type its full path back to confirm",
+                    e.path.display()
+                );
+            }
+        }
+        if let Some(w) = self.windows.get(&key) {
+            bail!(
+                "a window on {} is already open until {}; end it with `governor approve --end`",
+                key.display(),
+                crate::events::rfc3339(w.until_wall)
+            );
+        }
+        if self.cfg.approve_via == ApproveVia::Telegram {
+            return self.request_telegram(&key, &e, dur, reason, peer_uid);
+        }
+        self.open_window(&key, dur, reason, peer_uid, "terminal")
+    }
+
+    fn request_telegram(
+        &mut self,
+        key: &Path,
+        e: &Entry,
+        dur: Duration,
+        reason: &str,
+        uid: u32,
+    ) -> Result<Value> {
+        let Some(tg) = self.telegram.clone() else {
+            bail!("approve_via = \"telegram\" but [alerts.telegram] is missing or invalid");
+        };
+        let id = format!(
+            "{:x}",
+            crate::events::monotonic_ns() ^ u64::from(std::process::id())
+        );
+        let cancel = Arc::new(AtomicBool::new(false));
+        let req = ApprovalRequest {
+            id: id.clone(),
+            text: format!(
+                "governor: approve a write window?\n{} ({})\nfor {}s by uid {uid}\nreason: {reason}",
+                e.path.display(),
+                e.tier.name().to_uppercase(),
+                dur.as_secs()
+            ),
+            approvers: self.cfg.telegram_approvers.clone(),
+            timeout: self.cfg.approval_timeout.0,
+        };
+        let tx = self.approvals_tx.clone();
+        let c = cancel.clone();
+        std::thread::Builder::new()
+            .name("tg-approval".into())
+            .spawn(move || {
+                let outcome = request_approval(&tg, &req, &c);
+                let _ = tx.send(ApprovalAnswer {
+                    id: req.id.clone(),
+                    outcome,
+                });
+            })
+            .context("spawning the Telegram approval thread")?;
+        self.pending.insert(
+            id.clone(),
+            PendingApproval {
+                path: key.to_path_buf(),
+                dur,
+                reason: reason.to_string(),
+                uid,
+                cancel,
+            },
+        );
+        self.audit(
+            "protect.approve_requested",
+            None,
+            json!({"path": key, "reason": reason, "by_uid": uid, "via": "telegram", "request": id,
+                   "duration_s": dur.as_secs()}),
+        );
+        Ok(json!({"status": "pending", "request": id, "path": key,
+                  "message": "approval requested on Telegram; the window opens when an approver taps Approve"}))
+    }
+
+    fn on_approval(&mut self, a: ApprovalAnswer) {
+        let Some(p) = self.pending.remove(&a.id) else {
+            return;
+        };
+        match a.outcome {
+            ApprovalOutcome::Approved { by, name } => {
+                let via = format!("telegram:{by}:{name}");
+                if let Err(e) = self.open_window(&p.path, p.dur, &p.reason, p.uid, &via) {
+                    log::error!("protect: opening the approved window: {e:#}");
+                }
+            }
+            other => {
+                self.audit(
+                    "protect.approve_refused",
+                    None,
+                    json!({"path": p.path, "reason": p.reason, "by_uid": p.uid,
+                           "why": format!("telegram: {other:?}"), "request": a.id}),
+                );
+            }
+        }
+    }
+
+    fn open_window(
+        &mut self,
+        key: &Path,
+        dur: Duration,
+        reason: &str,
+        uid: u32,
+        via: &str,
+    ) -> Result<Value> {
+        let e = self
+            .files
+            .get(key)
+            .cloned()
+            .with_context(|| format!("{} is not protected", key.display()))?;
+        if e.flag == FlagState::Set {
+            set_immutable(&e.real, false)
+                .with_context(|| format!("lifting the immutable flag of {}", e.real.display()))?;
+        }
+        let opened_at = SystemTime::now();
+        let w = Window {
+            until: Instant::now() + dur,
+            until_wall: opened_at + dur,
+            opened_at,
+            reason: reason.to_string(),
+            by_uid: uid,
+            via: via.to_string(),
+            writes: 0,
+        };
+        self.windows.insert(key.to_path_buf(), w.clone());
+        if let Some(x) = self.files.get_mut(key) {
+            if x.flag == FlagState::Set {
+                x.flag = FlagState::Lifted;
+            }
+        }
+        self.register(key);
+        self.save_state();
+        let until = crate::events::rfc3339(w.until_wall);
+        self.audit(
+            "protect.window_open",
+            None,
+            json!({"path": key, "tier": e.tier.name(), "until": until, "duration_s": dur.as_secs(),
+                   "reason": reason, "by_uid": uid, "via": via, "sha256": e.declared}),
+        );
+        self.alerts.send(
+            Alert::new(
+                if e.tier == Tier::Untouchable {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
+                },
+                "protected file window",
+                format!(
+                    "write window opened on {} {} for {}s",
+                    e.tier.name().to_uppercase(),
+                    key.display(),
+                    dur.as_secs()
+                ),
+            )
+            .with_body(format!("by uid {uid} via {via}: {reason}")),
+        );
+        Ok(
+            json!({"status": "open", "path": key, "tier": e.tier.name(), "until": until,
+                  "duration_s": dur.as_secs()}),
+        )
+    }
+
+    /// `governor approve --end PATH`.
+    pub async fn approve_end(&mut self, path: &Path) -> Result<Value> {
+        let key = self
+            .find(path)
+            .with_context(|| format!("{} is not a protected file", path.display()))?;
+        if !self.windows.contains_key(&key) {
+            bail!("no window is open on {}", key.display());
+        }
+        self.close_window(&key, "ended")
+    }
+
+    fn close_window(&mut self, key: &Path, why: &str) -> Result<Value> {
+        let w = self
+            .windows
+            .remove(key)
+            .with_context(|| format!("no window is open on {}", key.display()))?;
+        self.refresh_key(key);
+        let Some(e) = self.files.get_mut(key) else {
+            bail!("{} is no longer protected", key.display());
+        };
+        let mut flag_err = None;
+        if e.key.is_none() {
+            e.flag = FlagState::Missing;
+        } else if matches!(e.flag, FlagState::Lifted | FlagState::Set) {
+            match set_immutable(&e.real, true) {
+                Ok(()) => e.flag = FlagState::Set,
+                Err(err) => {
+                    flag_err = Some(err.to_string());
+                    e.flag = FlagState::Failed(err.to_string());
+                }
+            }
+        }
+        let old = e.declared.clone();
+        let new = sha256_file(&e.real).ok();
+        e.declared = new.clone();
+        e.reported = None;
+        let tier = e.tier;
+        self.register(key);
+        self.save_state();
+        let d = json!({
+            "path": key, "tier": tier.name(), "why": why,
+            "opened_at": crate::events::rfc3339(w.opened_at), "reason": w.reason,
+            "by_uid": w.by_uid, "via": w.via, "writes_allowed": w.writes,
+            "old_sha256": old, "new_sha256": new, "changed": old != new,
+            "flag_error": flag_err,
+        });
+        self.audit("protect.window_close", None, d.clone());
+        Ok(d)
+    }
+
+    /// Applies a new `[protect]` (SIGHUP): protects added files, releases
+    /// removed ones, keeps windows of files still listed.
+    pub async fn reload(&mut self, cfg: &ProtectConfig) -> StartReport {
+        let t0 = Instant::now();
+        let mut report = StartReport::default();
+        self.cfg = cfg.clone();
+        let targets = self.targets(&mut report);
+        let wanted: BTreeMap<PathBuf, Target> =
+            targets.into_iter().map(|t| (t.path.clone(), t)).collect();
+        let current: Vec<PathBuf> = self.files.keys().cloned().collect();
+        for p in current {
+            if wanted.contains_key(&p) {
+                continue;
+            }
+            if self.windows.contains_key(&p) {
+                let _ = self.close_window(&p, "file removed from [protect]");
+            }
+            if let Some(e) = self.files.remove(&p) {
+                if e.flag == FlagState::Set {
+                    let _ = set_immutable(&e.real, false);
+                }
+                if let Some(k) = e.key {
+                    self.by_key.remove(&k);
+                    if let Some(kl) = self.kernel.as_mut() {
+                        let _ = kl.remove_inode(&k);
+                    }
+                }
+                self.by_real.remove(&e.real);
+                report.removed.push(p.display().to_string());
+            }
+        }
+        for (p, t) in &wanted {
+            match self.files.get_mut(p) {
+                Some(e) => e.tier = t.tier,
+                None => {
+                    self.add_entry(t, &mut report);
+                    if let Some(e) = self.files.get_mut(p) {
+                        e.declared = sha256_file(&e.real).ok();
+                    }
+                    self.register(p);
+                    report.added.push(p.display().to_string());
+                }
+            }
+        }
+        // Re-apply flags that went missing and report content changes.
+        let paths: Vec<PathBuf> = self.files.keys().cloned().collect();
+        for p in paths {
+            if self.windows.contains_key(&p) {
+                continue;
+            }
+            self.refresh_key(&p);
+            if let Some(e) = self.files.get_mut(&p) {
+                if e.key.is_some() && !matches!(e.flag, FlagState::Unsupported(_)) {
+                    match set_immutable(&e.real, true) {
+                        Ok(()) => e.flag = FlagState::Set,
+                        Err(err) => e.flag = FlagState::Failed(err.to_string()),
+                    }
+                } else if e.key.is_none() {
+                    e.flag = FlagState::Missing;
+                    report.missing.push(p.display().to_string());
+                }
+            }
+            let before = self.files.get(&p).and_then(|e| e.reported.clone());
+            self.check_content(&p, "reload");
+            if self.files.get(&p).and_then(|e| e.reported.clone()) != before {
+                report.changed.push(p.display().to_string());
+            }
+        }
+        self.save_state();
+        self.finish_report(&mut report);
+        report.flags_ms = t0.elapsed().as_secs_f64() * 1e3;
+        report.total_ms = report.flags_ms;
+        self.audit(
+            "protect.reload",
+            None,
+            json!({"files": report.files, "added": report.added, "removed": report.removed,
+                   "problems": report.problems, "missing": report.missing,
+                   "changed": report.changed, "layers": report.layers}),
+        );
+        self.alert_report(&report);
+        report
+    }
+
+    /// Attempt events lost to a full ring so far.
+    pub fn dropped(&self) -> u64 {
+        self.kernel
+            .as_ref()
+            .and_then(|k| k.dropped().ok())
+            .unwrap_or(0)
+    }
+
+    /// Why layers 2/3 are not running, if they aren't.
+    pub fn kernel_error(&self) -> Option<&str> {
+        self.kernel_error.as_deref()
+    }
+}
+
+impl Drop for Protector {
+    fn drop(&mut self) {
+        for p in self.pending.values() {
+            p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
