@@ -185,6 +185,56 @@ fn pm2_crash_loop_flagged_while_pm2_says_online() {
     assert_eq!(views[0]["detail"]["supervisor"], "pm2");
 }
 
+/// `crash_loop_action = "stop"`: after `stop_after` more crashes the
+/// daemon stops the app through pm2 (as pm2's owner), and audits it.
+#[test]
+fn stop_action_stops_a_pm2_crash_loop() {
+    if in_vm() {
+        println!("pm2 is not in the guest; this test covers the host");
+        return;
+    }
+    let d = DaemonProc::start(
+        "[defaults]\nmax_restarts = 1\ncrash_loop_action = \"stop\"\nstop_after = 1\n\n\
+         [[service]]\nname = \"stopme\"\npm2 = \"govtest-stopme\"\n",
+    );
+    let pm2 = Pm2::isolated();
+    let app = pm2.home.path().join("crash.js");
+    std::fs::write(&app, "setTimeout(() => process.exit(1), 300);\n").unwrap();
+    pm2.run(&["start", app.to_str().unwrap(), "--name", "govtest-stopme"]);
+    let end = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let done: Vec<Value> = d
+            .entries_of("crash_loop.action")
+            .into_iter()
+            .filter(|e| e["detail"]["state"] == "done")
+            .collect();
+        if !done.is_empty() {
+            break done;
+        }
+        assert!(Instant::now() < end, "no stop action:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done[0]["service"], "stopme");
+    assert_eq!(done[0]["detail"]["supervisor"]["kind"], "pm2");
+    let jl = pm2.jlist();
+    let app = jl
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "govtest-stopme")
+        .unwrap();
+    assert_eq!(
+        app["pm2_env"]["status"], "stopped",
+        "pm2 stopped it: {app:#}"
+    );
+    let requested = d
+        .entries_of("crash_loop.action")
+        .into_iter()
+        .filter(|e| e["detail"]["state"] == "requested")
+        .count();
+    assert_eq!(requested, 1, "stop is issued once per episode");
+}
+
 #[test]
 fn unmanaged_shell_loop_and_signal_deaths() {
     let d = DaemonProc::start("[defaults]\nmax_restarts = 2\n");

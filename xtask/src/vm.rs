@@ -1237,6 +1237,60 @@ fn run_on_kernel(
 mod tests {
     use super::*;
 
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("xtask-vm-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn run_guest(name: &str, cmd: &[&str], timeout: Duration) -> Result<()> {
+        let dir = scratch(name);
+        let opts = VmOptions {
+            kernels: vec![KernelChoice::V6_1],
+            test_binaries: vec![],
+            extra_binaries: vec![],
+            pre_commands: vec![cmd.iter().map(|s| s.to_string()).collect()],
+            filter: vec![],
+            timeout,
+            target_dir: dir.clone(),
+        };
+        let r = vm_test(&opts);
+        let _ = fs::remove_dir_all(&dir);
+        r
+    }
+
+    /// The harness itself, against the real 6.1 kernel: a guest that
+    /// finishes passes; one that hangs or panics fails within its timeout,
+    /// with the console in the error — never a pass.
+    #[test]
+    fn hung_or_panicked_guest_is_a_failure() {
+        run_guest("ok", &["true"], Duration::from_secs(120)).expect("a clean guest passes");
+        let t0 = Instant::now();
+        let e = run_guest("hang", &["sleep", "100000"], Duration::from_secs(45))
+            .expect_err("a hung guest must fail");
+        let msg = format!("{e:#}");
+        assert!(msg.contains("timed out"), "{msg}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(100),
+            "reported within its timeout"
+        );
+        let e = run_guest(
+            "panic",
+            &["sh", "-c", "echo c > /proc/sysrq-trigger"],
+            Duration::from_secs(120),
+        )
+        .expect_err("a panicked guest must fail");
+        let msg = format!("{e:#}");
+        assert!(msg.contains("panic"), "{msg}");
+        assert!(
+            msg.contains("sysrq"),
+            "the console tail is in the error: {msg}"
+        );
+        let e = run_guest("fail", &["sh", "-c", "exit 3"], Duration::from_secs(120))
+            .expect_err("a failing step must fail");
+        assert!(format!("{e:#}").contains('3'));
+    }
+
     #[test]
     fn kernel_arg() {
         assert_eq!(parse_kernel_arg("6.1").unwrap(), vec![KernelChoice::V6_1]);
