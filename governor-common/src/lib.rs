@@ -152,6 +152,9 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const DROPS_MAP: &str = "DROPPED";
 /// Name of the hash map of inodes the LSM layer refuses writes to.
 pub const DENY_INODES_MAP: &str = "DENY_WRITE_INODES";
+/// Name of the hash map of supervisor tgids (pm2 God daemons, systemd)
+/// whose children's execs wake user space at once.
+pub const WAKE_PARENTS_MAP: &str = "WAKE_PARENTS";
 
 /// Key of [`DENY_INODES_MAP`]: a file identified by device and inode number,
 /// not by path, so hard links and renames can't get around it. `dev` uses the

@@ -82,6 +82,15 @@ static GOVERNOR_KERNEL_CONFIG: KernelConfig = KernelConfig {
 };
 
 /// Lifecycle events. The size is a default: the loader sets the real one.
+///
+/// Wakeups: each consumer notification is an irq_work (an IPI, a VM exit on
+/// a virtualised host), measured here at ~10 µs — with one per event the
+/// programs cost ~30 µs per process lifecycle. So exec and fork records are
+/// queued without a wakeup and every exit forces one: a death is delivered
+/// at once together with whatever was queued before it, and user space
+/// drains the ring on a short timer for the rest (an exec with no exit after
+/// it). The kernel's adaptive mode can't be mixed with quiet records: once a
+/// quiet record is pending it never wakes again.
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
@@ -92,6 +101,13 @@ static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Inodes the LSM layer refuses write opens of.
 #[map(name = "DENY_WRITE_INODES")]
 static DENY_WRITE_INODES: HashMap<InodeKey, u8> = HashMap::with_max_entries(4096, 0);
+
+/// Supervisors (pm2 God daemons, systemd) whose children's execs wake user
+/// space at once: it reads their identity (pm2's app name in the
+/// environment, the systemd unit in the cgroup) from /proc, which only
+/// works while they live — a fast crash loop would otherwise be gone first.
+#[map(name = "WAKE_PARENTS")]
+static WAKE_PARENTS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 
 #[inline(always)]
 fn config() -> KernelConfig {
@@ -158,6 +174,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: bpf_get_current_task has no preconditions.
     let task = unsafe { bpf_get_current_task() };
+    let ppid = parent_tgid(&cfg, task);
     // SAFETY: `ev` points to the reserved, exclusively owned ring entry of
     // size_of::<ExecEvent>(); every field is written through raw pointers
     // before submit, so no uninitialised data reaches user space.
@@ -165,7 +182,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         (*ev).hdr = header(
             EventKind::Exec,
             tgid,
-            parent_tgid(&cfg, task),
+            ppid,
             read_at(task, cfg.task_start_time),
         );
         (*ev).comm = current_comm();
@@ -207,7 +224,15 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
             }
         }
     }
-    entry.submit(0);
+    // Children of supervisors wake user space; the rest are queued quietly
+    // and the next exit (or user space's timer) delivers them.
+    // SAFETY: the value is only tested for presence.
+    let supervised = unsafe { WAKE_PARENTS.get(&ppid) }.is_some();
+    entry.submit(if supervised {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    });
     0
 }
 
@@ -236,7 +261,12 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         _pad: 0,
         comm: current_comm(),
     };
-    if EVENTS.output::<ExitEvent>(&ev, 0).is_err() {
+    // Deaths drive crash-loop detection: always wake the consumer, which
+    // also delivers any exec/fork records queued before this one.
+    if EVENTS
+        .output::<ExitEvent>(&ev, BPF_RB_FORCE_WAKEUP)
+        .is_err()
+    {
         count_drop();
     }
     0
@@ -267,12 +297,7 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> u32 {
         ),
         comm: current_comm(),
     };
-    // No wakeup for forks: the exec or exit that follows a fork wakes the
-    // consumer anyway, and user space also drains the ring on a timer.
-    // Waking per fork cost ~10 µs per event on a virtualised host (an
-    // irq_work IPI each time the consumer had caught up) and made every
-    // program 15× dearer; without it the three programs cost < 2 µs per
-    // process lifecycle.
+    // Queued quietly, like exec: see the note on wakeups at EVENTS.
     if EVENTS.output::<ForkEvent>(&ev, BPF_RB_NO_WAKEUP).is_err() {
         count_drop();
     }
@@ -281,6 +306,8 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> u32 {
 
 /// `BPF_RB_NO_WAKEUP`: queue the record without notifying the consumer.
 const BPF_RB_NO_WAKEUP: u64 = 1;
+/// `BPF_RB_FORCE_WAKEUP`: notify the consumer whatever the ring holds.
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 const FMODE_WRITE: u32 = 0x2;
 const EPERM: i32 = 1;

@@ -106,6 +106,7 @@ pub struct Probes {
     ebpf: Ebpf,
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
+    wake_parents: BpfHashMap<MapData, u32, u8>,
     log: Option<LogForwarder>,
     pub config: KernelConfig,
 }
@@ -196,10 +197,15 @@ impl Probes {
         let ring = register(ring)?;
         let drops =
             PerCpuArray::try_from(ebpf.take_map(DROPS_MAP).context("DROPPED map missing")?)?;
+        let wake_parents = BpfHashMap::try_from(
+            ebpf.take_map(governor_common::WAKE_PARENTS_MAP)
+                .context("WAKE_PARENTS map missing")?,
+        )?;
         Ok(Probes {
             ebpf,
             ring,
             drops,
+            wake_parents,
             log: Some(LogForwarder(log)),
             config,
         })
@@ -250,6 +256,29 @@ impl Probes {
     /// Takes the eBPF log forwarder, to be polled beside the event ring.
     pub fn take_log_forwarder(&mut self) -> LogForwarder {
         self.log.take().unwrap_or(LogForwarder(None))
+    }
+
+    /// Whether the execs of `pid`'s children wake user space at once
+    /// (supervisors: pm2 God daemons, systemd), rather than being queued.
+    pub fn set_supervisor(&mut self, pid: u32, on: bool) -> Result<()> {
+        if on {
+            self.wake_parents.insert(pid, 1, 0)?;
+        } else if let Err(e) = self.wake_parents.remove(&pid) {
+            // Not present is fine; anything else isn't.
+            if !matches!(e, aya::maps::MapError::KeyNotFound) {
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the process table's pending supervisor changes.
+    pub fn sync_supervisors(&mut self, table: &mut crate::proctable::ProcTable) {
+        for (pid, on) in table.take_supervisor_changes() {
+            if let Err(e) = self.set_supervisor(pid, on) {
+                log::warn!("marking pid {pid} as a supervisor ({on}): {e:#}");
+            }
+        }
     }
 
     /// Per-program kernel statistics: (name, runs, total ns). Counted only

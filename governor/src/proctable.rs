@@ -184,11 +184,23 @@ pub fn parse_pm2_env(environ: &[u8]) -> Option<Pm2App> {
     }
 }
 
+/// Whether a process supervises services: pm2's God daemon (its argv at
+/// exec, or its title once it rewrote it), systemd (PID 1 and user
+/// managers). Their children's execs must reach us while the child lives.
+pub fn is_supervisor(p: &Process) -> bool {
+    p.pid == 1
+        || p.exe.ends_with("/systemd")
+        || p.argv.iter().any(|a| a.ends_with("pm2/lib/Daemon.js"))
+        || p.argv.first().is_some_and(|a| a.contains(": God Daemon"))
+}
+
 /// The live processes, keyed by pid.
 #[derive(Debug, Default)]
 pub struct ProcTable {
     procs: HashMap<u32, Process>,
     matcher: Matcher,
+    /// Supervisors that appeared (true) or died (false) since last taken.
+    supervisor_changes: Vec<(u32, bool)>,
 }
 
 impl ProcTable {
@@ -196,6 +208,7 @@ impl ProcTable {
         ProcTable {
             procs: HashMap::new(),
             matcher,
+            supervisor_changes: Vec::new(),
         }
     }
 
@@ -296,6 +309,9 @@ impl ProcTable {
                 instance: true,
             };
             (p.service, p.configured) = self.matcher.resolve(&p);
+            if is_supervisor(&p) {
+                self.supervisor_changes.push((pid, true));
+            }
             self.procs.insert(pid, p);
         }
         self.recompute_instances();
@@ -323,6 +339,9 @@ impl ProcTable {
         };
         (p.service, p.configured) = self.matcher.resolve(&p);
         p.instance = self.parent_service(p.ppid) != Some(p.service.as_str());
+        if is_supervisor(&p) {
+            self.supervisor_changes.push((p.pid, true));
+        }
         self.procs.insert(e.pid, p);
         &self.procs[&e.pid]
     }
@@ -361,7 +380,17 @@ impl ProcTable {
 
     /// A process died: returns what we knew of it.
     pub fn on_exit(&mut self, e: &Exit) -> Option<Process> {
-        self.procs.remove(&e.pid)
+        let p = self.procs.remove(&e.pid);
+        if p.as_ref().is_some_and(is_supervisor) {
+            self.supervisor_changes.push((e.pid, false));
+        }
+        p
+    }
+
+    /// Supervisors that appeared or died since the last call, for the
+    /// kernel's wake-on-exec map.
+    pub fn take_supervisor_changes(&mut self) -> Vec<(u32, bool)> {
+        std::mem::take(&mut self.supervisor_changes)
     }
 
     /// Resolves a process the table doesn't know (e.g. one that died before

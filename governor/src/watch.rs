@@ -105,6 +105,7 @@ pub async fn run(json_out: bool, matcher: Matcher) -> Result<()> {
     let mut probes = Probes::load(&ProbeOptions::default())?;
     let mut table = ProcTable::new(matcher);
     table.seed_from_proc()?;
+    probes.sync_supervisors(&mut table);
     let clock = Clock::new();
     eprintln!(
         "governor watch: tracing exec/exit ({} processes known); Ctrl-C to stop",
@@ -119,6 +120,7 @@ pub async fn run(json_out: bool, matcher: Matcher) -> Result<()> {
     let stdout = std::io::stdout();
     let mut last_drops = 0;
     let mut logs = probes.take_log_forwarder();
+    let mut drain = tokio::time::interval(std::time::Duration::from_millis(100));
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -135,8 +137,25 @@ pub async fn run(json_out: bool, matcher: Matcher) -> Result<()> {
                 if let Some(line) = line {
                     if let Err(e) = writeln!(out, "{line}") { write_err = Some(e); }
                 }
-            }, |e| eprintln!("governor watch: bad event record: {e:#}")) => { r?; }
+            }, |e| eprintln!("governor watch: bad event record: {e:#}")) => {
+                r?;
+                probes.sync_supervisors(&mut table);
+            }
             _ = logs.forward() => {}
+            // Exec records are queued without a wakeup (see governor-ebpf).
+            _ = drain.tick() => {
+                probes.drain(|ev| {
+                    let service = track(&mut table, &ev);
+                    let line = if json_out {
+                        event_json(&ev, &table, &service, &clock).map(|v| v.to_string())
+                    } else {
+                        event_line(&ev, &service, &clock)
+                    };
+                    if let Some(line) = line {
+                        if let Err(e) = writeln!(out, "{line}") { write_err = Some(e); }
+                    }
+                });
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }

@@ -185,6 +185,39 @@ fn pm2_crash_loop_flagged_while_pm2_says_online() {
     assert_eq!(views[0]["detail"]["supervisor"], "pm2");
 }
 
+/// An app that dies within milliseconds is still attributed to its pm2
+/// name: execs of pm2's children wake the daemon at once (the kernel's
+/// wake-on-exec map of supervisors), so /proc is read while the app lives.
+#[test]
+fn instant_pm2_crashes_are_attributed_to_the_app() {
+    if in_vm() {
+        println!("pm2 is not in the guest; this test covers the host");
+        return;
+    }
+    let d = DaemonProc::start(
+        "[[service]]\nname = \"instant\"\npm2 = \"govtest-instant\"\nmax_restarts = 2\n",
+    );
+    let pm2 = Pm2::isolated();
+    let app = pm2.home.path().join("instant.js");
+    std::fs::write(&app, "process.exit(3);\n").unwrap();
+    pm2.run(&["start", app.to_str().unwrap(), "--name", "govtest-instant"]);
+    let s = d.wait_status("instant in crash-loop", Duration::from_secs(40), |s| {
+        state_of(s, "instant").as_deref() == Some("crash-loop")
+    });
+    assert_eq!(row(&s, "instant")["last_exit"]["code"], 3);
+    let stray: Vec<&str> = s["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .filter(|n| n.contains("ProcessContainer") || n.starts_with("fp:node"))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "deaths misattributed to fingerprints: {stray:?}"
+    );
+}
+
 /// `crash_loop_action = "stop"`: after `stop_after` more crashes the
 /// daemon stops the app through pm2 (as pm2's owner), and audits it.
 #[test]
