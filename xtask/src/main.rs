@@ -124,7 +124,7 @@ fn main() -> Result<()> {
             c.args(["build"]);
             run_cmd(&mut c)?;
             let mut c = cargo();
-            c.args(["test", "--", "--test-threads=1"]);
+            c.args(["test", "--no-fail-fast", "--", "--test-threads=1"]);
             c.args(&filter);
             run_cmd(&mut c)?;
             if kernel != "none" {
