@@ -1036,3 +1036,30 @@ fn crash_with_sigkill_leaves_a_verifiable_chain() {
         total_before = after.entries;
     }
 }
+
+/// Details carry floats (timings); a float must hash the same after the
+/// line is parsed back, or verify would flag honest entries. (serde_json
+/// without `float_roundtrip` parses some decimals to a neighbouring f64.)
+#[test]
+fn float_details_verify_after_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = governor_audit::AuditLog::open(
+        dir.path(),
+        governor_audit::Options {
+            rotate_bytes: None,
+            append_only: false,
+        },
+    )
+    .unwrap();
+    let mut x = 0.1f64;
+    for i in 0..2000 {
+        x = x * 1.000_123_7 + 0.000_031_3 * i as f64;
+        let mut d = serde_json::Map::new();
+        d.insert("ms".into(), serde_json::json!(x));
+        d.insert("ratio".into(), serde_json::json!(x / 3.0));
+        log.append("bench.float", None, d).unwrap();
+    }
+    drop(log);
+    let ok = governor_audit::verify(&dir.path().join("audit.jsonl"), None).unwrap();
+    assert_eq!(ok.entries, 2000);
+}

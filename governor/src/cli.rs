@@ -245,3 +245,136 @@ pub fn audit_tail(log: &Path, n: usize, follow: bool, json: bool) -> Result<()> 
     }
     Ok(())
 }
+
+/// `governor protect list`: every protected file, its tier, identity, flag
+/// state, declared SHA-256 and any open window.
+pub fn protect_list(target: &Target, json: bool) -> Result<()> {
+    let data = ask(target, &Request::ProtectList, false)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let layers: Vec<&str> = data["layers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    println!("layers: {}", layers.join(", "));
+    let mut rows = vec![[
+        "PATH".to_string(),
+        "TIER".into(),
+        "DEV:INO".into(),
+        "FLAG".into(),
+        "SHA-256".into(),
+        "WINDOW".into(),
+    ]];
+    for f in data["files"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let window = if f["window"].is_null() {
+            "-".to_string()
+        } else {
+            format!(
+                "open {} s more ({})",
+                f["window"]["remaining_s"],
+                f["window"]["reason"].as_str().unwrap_or("")
+            )
+        };
+        rows.push([
+            f["path"].as_str().unwrap_or("?").to_string(),
+            f["tier"].as_str().unwrap_or("?").to_string(),
+            f["dev_ino"].as_str().unwrap_or("-").to_string(),
+            f["flag"].as_str().unwrap_or("?").to_string(),
+            f["declared_sha256"]
+                .as_str()
+                .map(|h| h.chars().take(16).collect::<String>())
+                .unwrap_or_else(|| "-".into()),
+            window,
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+/// `governor approve`: opens a write window on one protected file. The
+/// daemon checks for itself that a terminal is on our stdin (we pass the
+/// descriptor); for UNTOUCHABLE files the path must be typed back.
+pub fn approve(target: &Target, path: &Path, for_s: u64, reason: &str) -> Result<()> {
+    // SAFETY: isatty only inspects descriptor 0.
+    let tty = unsafe { libc::isatty(0) } == 1;
+    if !tty {
+        anyhow::bail!(
+            "approve needs a human at a terminal: stdin is not a tty (a script or an agent can't approve its own writes)"
+        );
+    }
+    let abs = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let list = ask(target, &Request::ProtectList, false)?;
+    let tier = list["files"]
+        .as_array()
+        .and_then(|fs| {
+            fs.iter().find(|f| {
+                f["path"].as_str() == abs.to_str() || f["real_path"].as_str() == abs.to_str()
+            })
+        })
+        .and_then(|f| f["tier"].as_str().map(str::to_string));
+    let mut confirm = None;
+    if tier.as_deref() == Some("untouchable") {
+        eprintln!(
+            "{} is UNTOUCHABLE. Opening it for writing sends an alert.\nType the full path to confirm:",
+            abs.display()
+        );
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        confirm = Some(line.trim().to_string());
+    }
+    let data = ask(
+        target,
+        &Request::Approve {
+            path: abs.display().to_string(),
+            for_s,
+            reason: reason.to_string(),
+            confirm,
+        },
+        true,
+    )?;
+    println!(
+        "write window open on {} for {for_s} s{}",
+        abs.display(),
+        data["until"]
+            .as_str()
+            .map(|u| format!(" (until {u})"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+pub fn approve_end(target: &Target, path: &Path) -> Result<()> {
+    let abs = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let data = ask(
+        target,
+        &Request::ApproveEnd {
+            path: abs.display().to_string(),
+        },
+        false,
+    )?;
+    println!(
+        "window on {} closed; declared SHA-256 now {}",
+        abs.display(),
+        data["sha256"]
+            .as_str()
+            .or(data["declared_sha256"].as_str())
+            .unwrap_or("?")
+    );
+    Ok(())
+}

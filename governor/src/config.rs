@@ -36,6 +36,9 @@ pub struct Config {
     pub alerts: Alerts,
     #[serde(default)]
     pub audit: Audit,
+    /// UNTOUCHABLE and PROTECTED files.
+    #[serde(default)]
+    pub protect: crate::protect::ProtectConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -431,6 +434,10 @@ impl Config {
             ConfigError::at(file, src, offset, e.message().trim().to_string())
         })?;
         cfg.validate(file, src)?;
+        // Paths, globs and list files are checked against the filesystem:
+        // a missing path, a directory, a glob matching nothing or a bad list
+        // line is an error, never ignored.
+        crate::protect::check(&cfg.protect, file, src)?;
         Ok(cfg)
     }
 

@@ -24,6 +24,7 @@ use crate::{
     events::{monotonic_ns, Event},
     probes::{ProbeOptions, Probes},
     proctable::{Matcher, ProcTable, Process},
+    protect::{Implicit, Protector},
     supervisor::{describe_view, supervisor_of, RealSupervisors, SupervisorOps},
     velocity::{Death, Decision, InstanceInfo, Live, Persisted, Supervisor, Velocity},
     watch,
@@ -120,6 +121,10 @@ pub struct Daemon {
     views: HashMap<String, Value>,
     latency: Latency,
     decisions: Vec<(Decision, u64)>,
+    /// Set by a successful reload: the protector re-reads `[protect]`.
+    reload_protect: bool,
+    /// pid → service, shared with the protector to name who tried a write.
+    services_by_pid: Arc<std::sync::RwLock<HashMap<u32, String>>>,
 }
 
 fn host_name() -> String {
@@ -290,6 +295,9 @@ impl Daemon {
     fn on_event(&mut self, ev: Event) {
         match &ev {
             Event::Exit(e) => {
+                if let Ok(mut m) = self.services_by_pid.write() {
+                    m.remove(&e.pid);
+                }
                 let Some(p) = self.table.on_exit(e) else {
                     return;
                 };
@@ -314,7 +322,10 @@ impl Daemon {
                 }
             }
             _ => {
-                watch::track(&mut self.table, &ev);
+                let service = watch::track(&mut self.table, &ev);
+                if let Ok(mut m) = self.services_by_pid.write() {
+                    m.insert(ev.pid(), service);
+                }
             }
         }
     }
@@ -555,6 +566,7 @@ impl Daemon {
                 self.service_index = Self::index_services(&cfg);
                 self.config = cfg;
                 self.config_hash = config_hash(&src);
+                self.reload_protect = true;
                 // New limits apply to the history too.
                 let infos: Vec<InstanceInfo> = self
                     .velocity
@@ -609,9 +621,12 @@ impl Daemon {
             .collect()
     }
 
-    async fn on_request(&mut self, inc: Incoming) {
+    async fn on_request(&mut self, inc: Incoming, protector: &mut Protector) {
         let Incoming {
-            req, peer, reply, ..
+            req,
+            peer,
+            reply,
+            stdin,
         } = inc;
         match req {
             Request::Status { all } => {
@@ -696,12 +711,99 @@ impl Daemon {
                 );
                 let _ = reply.send(Response::ok(json!({"service": service, "grace_s": grace_s, "audit": head.map(|h| h.to_string())})));
             }
-            Request::ProtectList | Request::Approve { .. } | Request::ApproveEnd { .. } => {
-                let _ = reply.send(Response::err(
-                    "protected files are not configured in this daemon ([protect] is not supported yet)",
-                ));
+            Request::ProtectList => {
+                let _ = reply.send(Response::ok(protector.list()));
+            }
+            Request::Approve {
+                path,
+                for_s,
+                reason,
+                confirm,
+            } => {
+                // The client passed its stdin; we check the terminal ourselves.
+                let tty = stdin.as_ref().is_some_and(control::is_tty);
+                let r = protector
+                    .approve(
+                        Path::new(&path),
+                        Duration::from_secs(for_s),
+                        &reason,
+                        tty,
+                        confirm,
+                        peer.uid,
+                    )
+                    .await;
+                let _ = reply.send(match r {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::err(format!("{e:#}")),
+                });
+            }
+            Request::ApproveEnd { path } => {
+                let r = protector.approve_end(Path::new(&path)).await;
+                let _ = reply.send(match r {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::err(format!("{e:#}")),
+                });
             }
         }
+    }
+}
+
+/// What governor protects without being told: its own config, and its
+/// binary when installed (not one cargo rebuilds in place under target/);
+/// the state directory is guarded by the eBPF/LSM layers, the audit log is
+/// append-only.
+fn implicit_protection(config_path: &Path, cfg: &Config) -> Implicit {
+    let binary = std::env::current_exe()
+        .ok()
+        .filter(|p| !p.components().any(|c| c.as_os_str() == "target"));
+    Implicit {
+        config_path: std::fs::canonicalize(config_path).ok(),
+        binary_path: binary,
+        state_dir: cfg.daemon.state_dir.clone(),
+        audit_log: Some(cfg.daemon.state_dir.join("audit.jsonl")),
+        telegram: cfg.alerts.telegram.clone(),
+    }
+}
+
+/// Logs what protection found, and alerts loudly about what it couldn't do.
+fn report_protection(r: &crate::protect::StartReport, alerts: &dyn AlertSink) {
+    log::info!(
+        "protection: {} files ({} untouchable, {} protected), {} flagged in {:.1} ms; layers {}",
+        r.files,
+        r.untouchable,
+        r.protected,
+        r.flagged,
+        r.flags_ms,
+        r.layers.join(", ")
+    );
+    for (layer, why) in &r.layer_errors {
+        log::warn!("protection layer {layer} not running: {why}");
+    }
+    let mut loud = Vec::new();
+    for (what, list) in [
+        (
+            "cannot hold the immutable flag (logged and LSM-guarded only)",
+            &r.unflaggable,
+        ),
+        ("missing", &r.missing),
+        ("changed while governor was not watching", &r.changed),
+        ("config problem", &r.problems),
+    ] {
+        for f in list {
+            log::warn!("protected file {what}: {f}");
+            loud.push(format!("{what}: {f}"));
+        }
+    }
+    if !loud.is_empty() {
+        log::warn!("protection problems: {}", loud.len());
+        alerts.send(
+            Alert::new(
+                Severity::Critical,
+                "protection",
+                "protected files need attention",
+            )
+            .with_body(loud.join("\n")),
+        );
     }
 }
 
@@ -771,7 +873,24 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             None => (Arc::new(LogOnly), None),
         };
 
-    let layers = vec!["ebpf-lifecycle".to_string()];
+    // Protected files: flags first, then the kernel layers, reconciled
+    // against the declared state.
+    let services_by_pid: Arc<std::sync::RwLock<HashMap<u32, String>>> = Arc::new(
+        std::sync::RwLock::new(table.iter().map(|p| (p.pid, p.service.clone())).collect()),
+    );
+    let lookup = services_by_pid.clone();
+    let (mut protector, protect_report) = Protector::start(
+        &config.protect,
+        implicit_protection(&config_path, &config),
+        audit.clone(),
+        alerts.clone(),
+        Arc::new(move |pid| lookup.read().ok().and_then(|m| m.get(&pid).cloned())),
+    )
+    .await
+    .context("starting file protection")?;
+    report_protection(&protect_report, alerts.as_ref());
+    let mut layers = vec!["ebpf-lifecycle".to_string()];
+    layers.extend(protector.layers());
     let mut d = Daemon {
         service_index: Daemon::index_services(&config),
         config_path: config_path.clone(),
@@ -789,6 +908,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         views: HashMap::new(),
         latency: Latency::default(),
         decisions: Vec::new(),
+        reload_protect: false,
+        services_by_pid,
     };
     let infos: Vec<InstanceInfo> = d
         .velocity
@@ -819,6 +940,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 "kernel": crate::doctor::kernel_release(),
                 "processes": seeded,
                 "services_with_history": d.velocity.services.len(),
+                "protect": protect_report,
                 "history_problem": velocity_problem,
             }),
         )
@@ -871,18 +993,26 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 d.carry_out().await;
             }
             _ = logs.forward() => {}
+            _ = protector.next_event() => {}
             _ = drain.tick() => {
                 probes.drain(|ev| d.on_event(ev));
                 probes.sync_supervisors(&mut d.table);
                 d.carry_out().await;
             }
             Some(s) = side_rx.recv() => d.on_side(s).await,
-            Some(inc) = ctl_rx.recv() => d.on_request(inc).await,
+            Some(inc) = ctl_rx.recv() => d.on_request(inc, &mut protector).await,
             _ = hup.recv() => {
                 match d.reload() {
                     Ok(hash) => {
                         log::info!("config reloaded from {}", d.config_path.display());
-                        d.audit("config.reloaded", None, json!({"config_hash": hash, "path": d.config_path.display().to_string()})).await;
+                        let protect = if std::mem::take(&mut d.reload_protect) {
+                            let r = protector.reload(&d.config.protect).await;
+                            report_protection(&r, d.alerts.as_ref());
+                            Some(r)
+                        } else {
+                            None
+                        };
+                        d.audit("config.reloaded", None, json!({"config_hash": hash, "path": d.config_path.display().to_string(), "protect": protect})).await;
                     }
                     Err(e) => {
                         log::error!("config reload rejected, keeping the old config: {e}");

@@ -85,6 +85,29 @@ enum Cmd {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Protected files: `governor protect list [--json]`.
+    Protect {
+        #[command(subcommand)]
+        cmd: ProtectCmd,
+    },
+    /// Open a write window on one protected file (a human at a terminal
+    /// only; UNTOUCHABLE files also need the path typed back and alert at
+    /// once). At the end the flag returns and the new SHA-256 is declared.
+    Approve {
+        /// The file.
+        path: PathBuf,
+        /// How long the window stays open (e.g. 10m).
+        #[arg(long = "for", value_parser = dur, required_unless_present = "end")]
+        for_: Option<std::time::Duration>,
+        /// Why it must change (audited).
+        #[arg(long, required_unless_present = "end")]
+        reason: Option<String>,
+        /// Close the window on PATH now.
+        #[arg(long, conflicts_with_all = ["for_", "reason"])]
+        end: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// The audit chain: verify it, or show its latest entries.
     Audit {
         #[command(subcommand)]
@@ -119,6 +142,18 @@ impl TargetArgs {
             socket: self.socket,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum ProtectCmd {
+    /// Every protected file: tier, device:inode, flag state, declared
+    /// SHA-256, open window.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,6 +270,31 @@ fn main() -> ExitCode {
             cli::deploy(&target.target(), &service, grace.as_secs(), &reason),
             "deploy",
         ),
+        Cmd::Protect {
+            cmd: ProtectCmd::List { json, target },
+        } => report(cli::protect_list(&target.target(), json), "protect list"),
+        Cmd::Approve {
+            path,
+            for_,
+            reason,
+            end,
+            target,
+        } => {
+            let t = target.target();
+            if end {
+                report(cli::approve_end(&t, &path), "approve --end")
+            } else {
+                report(
+                    cli::approve(
+                        &t,
+                        &path,
+                        for_.map(|d| d.as_secs()).unwrap_or(0),
+                        reason.as_deref().unwrap_or(""),
+                    ),
+                    "approve",
+                )
+            }
+        }
         Cmd::Audit { cmd } => match cmd {
             AuditCmd::Verify {
                 log,

@@ -429,7 +429,9 @@ impl Velocity {
         let in_loop = t.and_then(|t| t.episode.as_ref());
         let state = if in_loop.is_some() {
             State::CrashLoop
-        } else if live.is_empty() && (configured || t.is_some()) {
+        } else if live.is_empty() && configured {
+            // Only a service that should be running can be "down"; an
+            // unmanaged command that failed and isn't running is just over.
             State::Down
         } else if restarts > 0 {
             State::Restarting

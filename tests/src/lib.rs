@@ -366,6 +366,32 @@ impl DaemonProc {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Changes the config the way an operator must: the daemon keeps its own
+    /// config immutable (UNTOUCHABLE), so open an approval window from a
+    /// terminal, type the path back, write, and end the window.
+    pub fn edit_config(&self, text: &str) {
+        let path = std::fs::canonicalize(&self.config).expect("config path");
+        let p = path.to_str().expect("utf-8 path");
+        let sock = self.socket.to_str().expect("utf-8 socket");
+        let (code, out) = governor_on_tty(
+            &[
+                "approve",
+                p,
+                "--for",
+                "1m",
+                "--reason",
+                "test edit",
+                "--socket",
+                sock,
+            ],
+            p,
+        );
+        assert_eq!(code, 0, "approve failed: {out}\n{}", self.log());
+        std::fs::write(&self.config, text).expect("write config inside the window");
+        let (code, out, err) = governor(&["approve", "--end", p, "--socket", sock]);
+        assert_eq!(code, 0, "approve --end failed: {out}{err}");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
@@ -465,10 +491,12 @@ impl Drop for DaemonProc {
             unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
             c.wait().ok();
         }
-        // The log keeps the append-only flag; clear it so the tempdir can go.
+        // The log keeps the append-only flag and the config (protected
+        // implicitly) the immutable one; clear them so the tempdir can go.
         for f in governor_audit_files(&self.audit_log()) {
             clear_append_only(&f);
         }
+        clear_immutable(&self.config);
     }
 }
 
@@ -501,6 +529,58 @@ pub fn governor(args: &[&str]) -> (i32, String, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `chattr -i`, without needing chattr.
+pub fn clear_immutable(path: &std::path::Path) {
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = governor::fsflags::set_flag(&f, governor::fsflags::FS_IMMUTABLE_FL, false);
+    }
+}
+
+/// Runs `governor ARGS` with a pseudo-terminal on stdin, answering its
+/// prompt with `answer` — what a human at a terminal does.
+pub fn governor_on_tty(args: &[&str], answer: &str) -> (i32, String) {
+    use std::{
+        io::{Read, Write},
+        os::fd::{FromRawFd, OwnedFd},
+    };
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two fds into our ints; null name/termios/winsize
+    // are allowed.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just returned by openpty and are ours alone.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = Command::new(governor_bin())
+        .args(args)
+        .stdin(std::process::Stdio::from(slave))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn governor");
+    let mut m = std::fs::File::from(master);
+    m.write_all(format!("{answer}\n").as_bytes())
+        .expect("type into the tty");
+    let out = child.wait_with_output().expect("wait governor");
+    let mut _echo = Vec::new();
+    let _ = m.read(&mut _echo);
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 

@@ -35,11 +35,7 @@ fn daemon_records_start_reload_reject_and_stop() {
 
     // A bad config on SIGHUP is rejected and the old one kept.
     let good = fs::read_to_string(&d.config).unwrap();
-    fs::write(
-        &d.config,
-        good.replace("max_restarts = 2", "max_restarts = 2\nwindow = \"soon\""),
-    )
-    .unwrap();
+    d.edit_config(&good.replace("max_restarts = 2", "max_restarts = 2\nwindow = \"soon\""));
     d.signal(libc::SIGHUP);
     let end = Instant::now() + Duration::from_secs(10);
     while d.entries_of("config.rejected").is_empty() && Instant::now() < end {
@@ -53,11 +49,7 @@ fn daemon_records_start_reload_reject_and_stop() {
         .contains("defaults.window"));
     // Still serving, on the old config.
     assert!(d.status()["services"].is_array());
-    fs::write(
-        &d.config,
-        good.replace("max_restarts = 2", "max_restarts = 4"),
-    )
-    .unwrap();
+    d.edit_config(&good.replace("max_restarts = 2", "max_restarts = 4"));
     d.signal(libc::SIGHUP);
     let end = Instant::now() + Duration::from_secs(10);
     while d.entries_of("config.reloaded").is_empty() && Instant::now() < end {
@@ -68,7 +60,9 @@ fn daemon_records_start_reload_reject_and_stop() {
     assert_eq!(d.entries_of("daemon.stopped").len(), 1);
     let (code, out) = verify(&d.audit_log(), &[]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.starts_with("ok: 4 entries, head 4:"), "{out}");
+    assert!(out.starts_with("ok: "), "{out}");
+    // Approvals of the config edits are in the chain too.
+    assert_eq!(d.entries_of("protect.window_open").len(), 2, "{}", d.log());
 }
 
 /// Tampering with the daemon's log is caught by the CLI, naming the entry.
@@ -200,13 +194,12 @@ fn append_only_log_refuses_rewrites_from_other_processes() {
         .unwrap();
     assert!(!out.status.success(), "rename of the log must be refused");
     // The daemon itself still appends.
-    let before = d.audit_entries().len();
     d.signal(libc::SIGHUP);
     let end = Instant::now() + Duration::from_secs(10);
-    while d.audit_entries().len() == before && Instant::now() < end {
+    while d.entries_of("config.reloaded").is_empty() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(d.audit_entries().len(), before + 1);
+    assert_eq!(d.entries_of("config.reloaded").len(), 1);
 }
 
 fn telegram_section(api: &str, token: &std::path::Path) -> String {
