@@ -377,8 +377,17 @@ impl Daemon {
                     Supervisor::Systemd { unit } => format!("systemd unit {unit}"),
                     Supervisor::None => "no supervisor (restarted by something else)".into(),
                 };
+                // A service someone runs on purpose is critical; a command
+                // line we only know by fingerprint is a warning.
+                let severity = if self.service_index.contains_key(&service)
+                    || supervisor != Supervisor::None
+                {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
+                };
                 self.alert(
-                    Severity::Critical,
+                    severity,
                     "crash loop",
                     Some(&service),
                     format!("crash loop: {service} — {restarts} restarts in {}", human_secs(window_s)),
@@ -599,26 +608,32 @@ impl Daemon {
                 names.insert(p.service.clone());
             }
         }
-        names
-            .into_iter()
-            .map(|name| {
-                let live = self.live(&name);
-                let sup = self
-                    .table
-                    .instances_of(&name)
-                    .next()
-                    .map(|p| supervisor_of(p, &self.table))
-                    .unwrap_or_default();
-                self.velocity.status(
-                    &name,
-                    &self.limits_of(&name),
-                    self.service_index.contains_key(&name),
-                    &sup,
-                    &live,
-                    now,
-                )
-            })
-            .collect()
+        let rows = names.into_iter().map(|name| {
+            let live = self.live(&name);
+            let sup = self
+                .table
+                .instances_of(&name)
+                .next()
+                .map(|p| supervisor_of(p, &self.table))
+                .unwrap_or_default();
+            self.velocity.status(
+                &name,
+                &self.limits_of(&name),
+                self.service_index.contains_key(&name),
+                &sup,
+                &live,
+                now,
+            )
+        });
+        // One failed `grep` is not news: unmanaged command lines are listed
+        // once they repeat or loop (all of them with --all).
+        rows.filter(|r| {
+            all || r.configured
+                || r.supervisor != Supervisor::None
+                || r.state == crate::velocity::State::CrashLoop
+                || r.restarts_in_window >= 2
+        })
+        .collect()
     }
 
     async fn on_request(&mut self, inc: Incoming, protector: &mut Protector) {

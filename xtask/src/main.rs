@@ -109,7 +109,7 @@ fn main() -> Result<()> {
             run_cmd(cargo().args(["build", "--release", "-p", "governor"]))?;
             let config = match config {
                 Some(c) => c,
-                None => root.join("examples/governor.toml"),
+                None => install_example_config(&root)?,
             };
             println!(
                 "xtask: starting governor on {} (Ctrl-C stops it)",
@@ -157,6 +157,30 @@ fn main() -> Result<()> {
             run_cmd(&mut c)
         }
     }
+}
+
+/// The daemon's default config path. `cargo xtask run` installs the example
+/// there when there is none, so `governor status` finds the daemon without
+/// flags. An existing file is the user's and is left alone. (The daemon
+/// keeps its config immutable while protecting it, which is why the
+/// example isn't run in place from the repository.)
+const SYSTEM_CONFIG: &str = "/etc/governor/governor.toml";
+
+fn install_example_config(root: &Path) -> Result<PathBuf> {
+    let dest = PathBuf::from(SYSTEM_CONFIG);
+    if dest.exists() {
+        let same =
+            std::fs::read(&dest).ok() == std::fs::read(root.join("examples/governor.toml")).ok();
+        if !same {
+            println!("xtask: {SYSTEM_CONFIG} exists and differs from the example: running on it as it is");
+        }
+        return Ok(dest);
+    }
+    std::fs::create_dir_all("/etc/governor").context("creating /etc/governor")?;
+    std::fs::copy(root.join("examples/governor.toml"), &dest)
+        .with_context(|| format!("installing the example config as {SYSTEM_CONFIG}"))?;
+    println!("xtask: installed the example config as {SYSTEM_CONFIG}");
+    Ok(dest)
 }
 
 /// Builds the integration tests and the governor binary, and runs them in
