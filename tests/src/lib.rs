@@ -340,7 +340,9 @@ impl DaemonProc {
             .spawn()
             .expect("spawn governor run");
         self.child = Some(child);
-        let end = Instant::now() + Duration::from_secs(20);
+        // Start-up verifies and attaches the protection programs too; under
+        // the guests' software emulation that alone takes tens of seconds.
+        let end = Instant::now() + Duration::from_secs(if in_vm() { 240 } else { 30 });
         while Instant::now() < end {
             if governor::control::request(
                 &self.socket,
