@@ -1224,10 +1224,14 @@ impl Protector {
                 crate::events::rfc3339(w.until_wall)
             );
         }
-        if self.cfg.approve_via == ApproveVia::Telegram {
-            return self.request_telegram(&key, &e, dur, reason, peer_uid);
-        }
-        self.open_window(&key, dur, reason, peer_uid, "terminal")
+        let r = if self.cfg.approve_via == ApproveVia::Telegram {
+            self.request_telegram(&key, &e, dur, reason, peer_uid)
+        } else {
+            self.open_window(&key, dur, reason, peer_uid, "terminal")
+        };
+        // The client hears back once the entry is durable.
+        self.flush_audit().await;
+        r
     }
 
     fn request_telegram(
@@ -1384,7 +1388,9 @@ impl Protector {
         if !self.windows.contains_key(&key) {
             bail!("no window is open on {}", key.display());
         }
-        self.close_window(&key, "ended")
+        let r = self.close_window(&key, "ended");
+        self.flush_audit().await;
+        r
     }
 
     fn close_window(&mut self, key: &Path, why: &str) -> Result<Value> {
