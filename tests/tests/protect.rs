@@ -1000,3 +1000,67 @@ fn protect_benchmark() {
     let b = governor_tests::bench_protect::bench_protect(12, 100_000).unwrap();
     assert!(b.passed(), "{b:#?}");
 }
+
+/// The state directory is protected implicitly: the audit log is
+/// append-only everywhere (truncating it is refused and logged); removing or
+/// creating entries is refused by BPF LSM where it runs, and logged anyway.
+#[test]
+fn protect_state_dir_is_guarded() {
+    require_root();
+    let _g = lock();
+    let base = tempfile::tempdir_in("/tmp").unwrap();
+    let dir = open_dir(base.path());
+    let p = dir.path().join("x.conf");
+    file_for(&p, "x\n", 0);
+    let state = base.path().join("state");
+    let r = Running::start(ProtectConfig::with_paths(&[&p], &[]), &state, None);
+    let lsm = r.layers.iter().any(|l| l == "bpf-lsm");
+    let log = state.join("audit.jsonl");
+    let before = std::fs::read(&log).unwrap();
+    let out = shell(
+        Actor::Root,
+        &format!("echo forged > {}", s(&log)),
+        dir.path(),
+    );
+    assert!(out.eperm(), "truncating the audit log: {out:?}");
+    assert!(std::fs::read(&log).unwrap().starts_with(&before));
+    let e = r.wait_entries("audit log attempt", Duration::from_secs(10), |e| {
+        !attempts_of(e, out.pid).is_empty()
+    });
+    let a = &attempts_of(&e, out.pid)[0]["detail"];
+    assert_eq!(a["file"], s(&state), "{a}");
+    assert_eq!(a["resolved"], s(&log), "{a}");
+    assert_eq!(a["result"], "denied", "{a}");
+
+    let victim = state.join("protect.json");
+    let out = tool(Actor::Root, &["rm", &s(&victim)], dir.path());
+    let e = r.wait_entries("state file removal", Duration::from_secs(10), |e| {
+        !attempts_of(e, out.pid).is_empty()
+    });
+    let a = &attempts_of(&e, out.pid)[0]["detail"];
+    assert_eq!(a["op"], "unlink", "{a}");
+    if lsm {
+        assert!(out.eperm(), "BPF LSM guards the state dir: {out:?}");
+        assert!(victim.exists());
+        assert_eq!(a["result"], "denied", "{a}");
+        let out = shell(
+            Actor::Root,
+            &format!("echo x > {}", s(&state.join("new"))),
+            dir.path(),
+        );
+        assert!(out.eperm(), "creating in the state dir: {out:?}");
+    } else {
+        // Without BPF LSM nothing refuses it, but it is on the record.
+        assert_eq!(a["result"], "allowed", "{a}");
+    }
+    println!(
+        "state dir: audit log truncation refused; removal of protect.json {} and logged",
+        if lsm {
+            "refused"
+        } else {
+            "allowed (no BPF LSM)"
+        }
+    );
+    r.stop();
+    unflag_tree(base.path());
+}

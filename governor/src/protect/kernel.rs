@@ -705,6 +705,39 @@ pub fn probe_lsm() -> std::result::Result<Vec<String>, String> {
     KernelLayer::attach_lsm(&mut ebpf, &config)
 }
 
+/// Whether attempt logging can run here: loads the syscall-exit program
+/// (inert) and attaches it to one tracepoint, then detaches. For `doctor`.
+pub fn probe_logging() -> std::result::Result<String, String> {
+    let config = crate::probes::kernel_config().map_err(|e| format!("{e:#}"))?;
+    if config.regs_ok != 1 {
+        return Err("no usable struct pt_regs layout (x86_64 only)".into());
+    }
+    if config.tp_sys_nr == 0 || config.tp_sys_ret == 0 {
+        return Err("no syscalls/sys_{enter,exit}_openat tracepoints".into());
+    }
+    let runtime = ProtectRuntime::default();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(KERNEL_CONFIG_SYMBOL, &config, true)
+        .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
+        .map_max_entries(EVENTS_MAP, 4096)
+        .map_max_entries(PROTECT_EVENTS_MAP, 4096)
+        .load(crate::probes::EBPF_OBJECT)
+        .map_err(|e| format!("loading governor's eBPF object: {e}"))?;
+    let p: &mut TracePoint = ebpf
+        .program_mut("protect_sys_exit")
+        .ok_or("program protect_sys_exit missing")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    p.load()
+        .map_err(|e| short(format!("loading protect_sys_exit: {e}")))?;
+    p.attach("syscalls", "sys_exit_openat")
+        .map_err(|e| format!("attaching to syscalls/sys_exit_openat: {e}"))?;
+    let n = syscall_specs().len();
+    Ok(format!(
+        "syscall-exit program loads and attaches ({n} syscalls known; those this kernel has are watched)"
+    ))
+}
+
 /// Fails when the LSM layer was required but is not active.
 pub fn require(layer: &KernelLayer) -> Result<()> {
     if let Err(e) = &layer.lsm {

@@ -1529,6 +1529,63 @@ impl Protector {
     }
 }
 
+/// Checks for `governor doctor`: (name, ok, detail). With the config, also
+/// whether each filesystem holding protected files takes the immutable flag
+/// (tested with FS_IOC_GETFLAGS, which changes nothing).
+pub fn doctor_checks(cfg: Option<(&ProtectConfig, &Path)>) -> Vec<(String, bool, String)> {
+    let mut out = Vec::new();
+    match kernel::probe_logging() {
+        Ok(d) => out.push(("protect: attempt logging".into(), true, d)),
+        Err(e) => out.push(("protect: attempt logging".into(), false, e)),
+    }
+    match kernel::probe_lsm() {
+        Ok(hooks) => out.push((
+            "protect: bpf lsm".into(),
+            true,
+            format!("refuses writes before the VFS ({})", hooks.join(", ")),
+        )),
+        Err(e) => out.push(("protect: bpf lsm".into(), false, e)),
+    }
+    if let Some((cfg, file)) = cfg {
+        let ex = config::expand(cfg, file, "");
+        if !ex.problems.is_empty() {
+            out.push((
+                "protect: config".into(),
+                false,
+                ex.problems
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ));
+        }
+        // One probe per filesystem.
+        let mut by_dev: BTreeMap<u64, (PathBuf, usize)> = BTreeMap::new();
+        for t in &ex.targets {
+            if let Ok(md) = std::fs::metadata(&t.path) {
+                use std::os::unix::fs::MetadataExt;
+                by_dev
+                    .entry(md.dev())
+                    .or_insert_with(|| (t.path.clone(), 0))
+                    .1 += 1;
+            }
+        }
+        for (_, (sample, n)) in by_dev {
+            let r = File::open(&sample).and_then(|f| fsflags::get_flags(&f));
+            let name = format!("protect: vfs flags ({n} file(s) like {})", sample.display());
+            match r {
+                Ok(_) => out.push((name, true, "the filesystem takes the immutable flag".into())),
+                Err(e) => out.push((
+                    name,
+                    false,
+                    format!("{e}: these files rely on attempt logging and BPF LSM only"),
+                )),
+            }
+        }
+    }
+    out
+}
+
 impl Drop for Protector {
     fn drop(&mut self) {
         for p in self.pending.values() {
