@@ -36,6 +36,13 @@ pub struct Config {
     pub alerts: Alerts,
     #[serde(default)]
     pub audit: Audit,
+    /// `[protect]`: UNTOUCHABLE / PROTECTED files (issue 6; see
+    /// `crate::protect`). Filesystem checks (missing path, directory, empty
+    /// glob, bad list line) are `crate::protect::check_all`, for
+    /// check-config and the start report — not here, so a file deleted
+    /// while the daemon was down doesn't stop it from starting.
+    #[serde(default)]
+    pub protect: crate::protect::ProtectConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
