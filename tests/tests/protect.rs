@@ -1064,3 +1064,47 @@ fn protect_state_dir_is_guarded() {
     r.stop();
     unflag_tree(base.path());
 }
+
+/// SIGHUP: files added to [protect] are protected, removed ones released,
+/// a flag cleared behind the daemon's back is put back and the change
+/// reported.
+#[test]
+fn protect_reload_adds_and_releases_files() {
+    require_root();
+    let _g = lock();
+    let base = tempfile::tempdir_in("/tmp").unwrap();
+    let dir = open_dir(base.path());
+    let (a, b) = (dir.path().join("a.conf"), dir.path().join("b.conf"));
+    file_for(&a, "a\n", 0);
+    file_for(&b, "b\n", 0);
+    let r = Running::start(
+        ProtectConfig::with_paths(&[&a], &[]),
+        &base.path().join("state"),
+        None,
+    );
+    assert!(immutable(&a) && !immutable(&b));
+    let rep = r.reload(ProtectConfig::with_paths(&[&a], &[&b]));
+    assert_eq!(rep.added, vec![s(&b)], "{rep:?}");
+    assert!(immutable(&b));
+    let out = shell(Actor::Root, &format!("echo x >> {}", s(&b)), dir.path());
+    assert!(out.eperm(), "{out:?}");
+    // Someone (the daemon's own process is exempt, so: directly) clears a's
+    // flag and edits it; the reload puts the flag back and reports it.
+    set_immutable(&a, false);
+    std::fs::write(&a, "a2\n").unwrap();
+    let rep = r.reload(ProtectConfig::with_paths(&[&a], &[&b]));
+    assert!(immutable(&a));
+    assert_eq!(rep.changed, vec![s(&a)], "{rep:?}");
+    let rep = r.reload(ProtectConfig::with_paths(&[], &[&b]));
+    assert_eq!(rep.removed, vec![s(&a)], "{rep:?}");
+    assert!(!immutable(&a), "released files lose the flag");
+    std::fs::write(&a, "a3\n").unwrap();
+    let e = r.entries();
+    assert_eq!(
+        e.iter().filter(|x| x["kind"] == "protect.reload").count(),
+        3
+    );
+    assert!(e.iter().any(|x| x["kind"] == "protect.content_changed"));
+    r.stop();
+    unflag_tree(base.path());
+}
