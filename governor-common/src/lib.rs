@@ -142,6 +142,18 @@ pub struct KernelConfig {
     /// across kernels (e.g. `inode_setattr` gained an idmap argument), from
     /// the BTF of `bpf_lsm_<hook>`; see [`protect::LsmArgs`].
     pub lsm: protect::LsmArgs,
+    /// Saved user registers (`struct pt_regs`, from BTF): the offset of a
+    /// 128-byte window read at syscall exit, and each syscall argument's
+    /// offset inside it (x86_64: di, si, dx, r10, r8, r9).
+    pub regs_window: u32,
+    pub regs_arg0: u32,
+    pub regs_arg1: u32,
+    pub regs_arg2: u32,
+    pub regs_arg3: u32,
+    pub regs_arg4: u32,
+    pub regs_arg5: u32,
+    /// 1 when the register layout above was found.
+    pub regs_ok: u32,
 }
 
 /// Name of the global holding the [`KernelConfig`].

@@ -209,7 +209,9 @@ pub struct LsmArgs {
     pub set_acl_nargs: u8,
     pub remove_acl_dentry: u8,
     pub remove_acl_nargs: u8,
-    pub _pad: [u8; 2],
+    /// `inode_file_setattr` (6.17+, `file_setattr(2)` and FS_IOC_FSSETXATTR).
+    pub file_setattr_dentry: u8,
+    pub file_setattr_nargs: u8,
 }
 
 /// FNV-1a 64, the basename hash of [`PROTECTED_NAMES_MAP`].

@@ -77,8 +77,17 @@ static GOVERNOR_KERNEL_CONFIG: KernelConfig = KernelConfig {
         set_acl_nargs: 0,
         remove_acl_dentry: 0xff,
         remove_acl_nargs: 0,
-        _pad: [0; 2],
+        file_setattr_dentry: 0xff,
+        file_setattr_nargs: 0,
     },
+    regs_window: 0,
+    regs_arg0: 0,
+    regs_arg1: 0,
+    regs_arg2: 0,
+    regs_arg3: 0,
+    regs_arg4: 0,
+    regs_arg5: 0,
+    regs_ok: 0,
 };
 
 /// Lifecycle events. The size is a default: the loader sets the real one.

@@ -1,27 +1,26 @@
 //! Protected files (issue 6): layer 2 (attempt logging on syscall
 //! tracepoints) and layer 3 (BPF LSM refusals).
 //!
-//! Layer 2 is two generic programs, `protect_sys_enter` and
-//! `protect_sys_exit`, attached to the `syscalls/sys_{enter,exit}_*`
-//! tracepoint of every syscall that can modify a file. User space describes
-//! each syscall in [`SYSCALL_DESCS`] (which argument is the path, the dirfd,
-//! the fd, the flags — derived from the tracefs formats), so the programs
-//! hold no per-syscall layout. The enter side records the arguments per
-//! thread when the call can concern a protected file:
+//! Layer 2 is one generic program, `protect_sys_exit`, attached to the
+//! `syscalls/sys_exit_*` tracepoint of every syscall that can modify a file.
+//! Exit only: each tracepoint a syscall passes costs a few hundred ns on a
+//! VM with retpolines, so the entry side is not traced at all — the
+//! arguments are read back from the task's saved user registers
+//! (`bpf_task_pt_regs`; register offsets from BTF), which still hold them at
+//! exit. User space describes each syscall in [`SYSCALL_DESCS`] (which
+//! argument is the path, the dirfd, the fd, the flags — derived from the
+//! tracefs formats), so the program holds no per-syscall layout.
 //!
-//! * open family: only with write intent or `O_TRUNC` (read opens cost one
-//!   flags test);
-//! * fd-based calls and flag-changing ioctls: only when the fd's inode
-//!   (task → files → fdtable → file → inode, offsets from BTF) is in
-//!   [`PROTECTED_INODES`];
-//! * path-based calls: always (they are rare), since no inode exists yet.
+//! One [`AttemptEvent`] per attempt, with the result:
 //!
-//! The exit side emits one [`AttemptEvent`] per attempt with the result:
-//! successful opens whose new fd is a protected inode; refused path-based
-//! calls (EPERM/EACCES — which is how the kernel and the LSM layer refuse)
-//! whatever the name, for user space to resolve and confirm by inode;
-//! successful path-based calls only when a basename is protected
-//! ([`PROTECTED_NAMES`]); every fd-based call on a protected inode.
+//! * open family: with write intent or `O_TRUNC` only (read opens cost one
+//!   flags test) — when it succeeded on a protected inode (resolved from the
+//!   new fd: task → files → fdtable → file → inode, offsets from BTF), or
+//!   was refused (EPERM/EACCES, which is how the kernel and the LSM layer
+//!   refuse) whatever the name, for user space to resolve by inode;
+//! * fd-based calls and flag-changing ioctls on a protected inode;
+//! * path-based calls refused (EPERM/EACCES) whatever the name, or
+//!   successful on a protected basename ([`PROTECTED_NAMES`]).
 //!
 //! Layer 3 refuses, with EPERM, every modification of an inode marked
 //! `INODE_DENY`, for every process but the daemon.
@@ -31,9 +30,10 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{lsm, map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{LsmContext, TracePointContext},
 };
 use governor_common::{
@@ -71,24 +71,32 @@ static PROTECTED_NAMES: HashMap<u64, u32> = HashMap::with_max_entries(16384, 0);
 #[map(name = "SYSCALL_DESCS")]
 static SYSCALL_DESCS: Array<SyscallDesc> = Array::with_max_entries(SYSCALL_TABLE_SIZE, 0);
 
-/// Arguments recorded at syscall entry, per thread, until its exit.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Pending {
-    nr: u32,
-    valid: u32,
-    args: [u64; 6],
-    key: InodeKey,
-    flags: u64,
-    arg: u64,
-}
-
 /// Scratch space to test a path's basename before reserving ring space.
 #[map(name = "PROTECT_SCRATCH")]
 static PROTECT_SCRATCH: PerCpuArray<[u8; ATTEMPT_PATH_MAX]> = PerCpuArray::with_max_entries(1, 0);
 
-#[map(name = "PROTECT_PENDING")]
-static PROTECT_PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(8192, 0);
+/// One attempt being examined. It lives in a per-CPU map rather than on
+/// the stack: values loaded back from map memory are unknown to the
+/// verifier, so the paths through the per-kind checks converge before the
+/// (loop-heavy) reporting code instead of multiplying its verification.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Work {
+    /// The saved user-register window the arguments are read from.
+    win: [u64; 16],
+    /// Six arguments; two zero slots so a masked index stays in bounds.
+    args: [u64; 8],
+    key: InodeKey,
+    flags: u64,
+    value: u64,
+    ret: i64,
+    nr: u32,
+    valid: u32,
+    desc: SyscallDesc,
+}
+
+#[map(name = "PROTECT_WORK")]
+static PROTECT_WORK: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
 
 const EPERM: i64 = 1;
 const EACCES: i64 = 13;
@@ -203,125 +211,45 @@ fn is_protected(key: &InodeKey) -> bool {
 }
 
 #[inline(always)]
-fn arg_of(p: &Pending, i: u8) -> u64 {
-    match i {
-        0 => p.args[0],
-        1 => p.args[1],
-        2 => p.args[2],
-        3 => p.args[3],
-        4 => p.args[4],
-        5 => p.args[5],
-        _ => 0,
-    }
+fn arg_of(p: &Work, i: u8) -> u64 {
+    // A mask, not a match or a range check: the verifier (6.1 too) must see
+    // the bound on the very register used for the access, and the compiler
+    // must not prove the mask redundant. Slots 6 and 7 stay zero, so
+    // ARG_NONE (0xff → 7) reads 0.
+    p.args[(i & 7) as usize]
 }
 
-#[tracepoint]
-pub fn protect_sys_enter(ctx: TracePointContext) -> u32 {
-    if !active() || is_daemon() {
-        return 0;
+/// Reads the current syscall's arguments from the saved user registers
+/// into `w.args`.
+#[inline(always)]
+fn syscall_args(w: &mut Work) -> bool {
+    // SAFETY: both helpers are valid in tracing programs; the task pointer
+    // is the current task's.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return false;
     }
-    // SAFETY: reads inside the tracepoint record at offsets from its format.
-    let nr: i32 = unsafe { ctx.read_at(kc!(tp_sys_nr) as usize) }.unwrap_or(-1);
-    if nr < 0 || nr as u32 >= SYSCALL_TABLE_SIZE {
-        return 0;
-    }
-    let Some(d) = SYSCALL_DESCS.get(nr as u32) else {
-        return 0;
-    };
-    let d = *d;
-    if d.kind == 0 {
-        return 0;
-    }
-    // The six argument slots in one read. For syscalls with fewer
-    // arguments the tail is whatever follows the record; it is never used.
+    // One read of the register window, then each argument by its offset
+    // (from BTF) into it.
+    let src = (regs + kc!(regs_window) as u64) as *const u8;
+    // SAFETY: a kernel read through the helper into map memory we own.
+    let dst = unsafe { core::slice::from_raw_parts_mut(w.win.as_mut_ptr() as *mut u8, 128) };
     // SAFETY: as above.
-    let args: [u64; 6] = unsafe { ctx.read_at(kc!(tp_sys_args) as usize) }.unwrap_or([0; 6]);
-    let mut p = Pending {
-        nr: nr as u32,
-        valid: 0,
-        args,
-        key: inode_key(0),
-        flags: 0,
-        arg: 0,
-    };
-    // SAFETY: bpf_get_current_task has no preconditions.
-    let task = unsafe { bpf_get_current_task() };
-    match d.kind {
-        KIND_OPEN => {
-            let mut flags = d.implied_flags as u64;
-            if d.how != ARG_NONE {
-                let how = arg_of(&p, d.how);
-                // `struct open_how` starts with `__u64 flags` (uapi).
-                // SAFETY: a user pointer read through the helper.
-                flags |= unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or(0);
-            } else if d.flags != ARG_NONE {
-                flags |= arg_of(&p, d.flags);
-            }
-            if flags & O_ACCMODE == 0 && flags & O_TRUNC == 0 {
-                return 0;
-            }
-            p.flags = flags;
-        }
-        KIND_FD => {
-            let key = fd_key(task, arg_of(&p, d.fd));
-            if !is_protected(&key) {
-                return 0;
-            }
-            p.key = key;
-            p.valid |= VALID_KEY;
-            if d.flags != ARG_NONE {
-                p.flags = arg_of(&p, d.flags);
-            }
-        }
-        KIND_IOCTL => {
-            let cmd = arg_of(&p, d.cmd) as u32;
-            if cmd != FS_IOC_SETFLAGS && cmd != FS_IOC32_SETFLAGS && cmd != FS_IOC_FSSETXATTR {
-                return 0;
-            }
-            let key = fd_key(task, arg_of(&p, d.fd));
-            if !is_protected(&key) {
-                return 0;
-            }
-            p.key = key;
-            p.valid |= VALID_KEY;
-            p.flags = cmd as u64;
-            // Both FS_IOC_SETFLAGS and struct fsxattr start with a 32-bit
-            // flags word.
-            let ptr = arg_of(&p, d.arg);
-            // SAFETY: a user pointer read through the helper.
-            p.arg = unsafe { bpf_probe_read_user(ptr as *const u32) }.unwrap_or(0) as u64;
-        }
-        KIND_PATH => {
-            if d.flags != ARG_NONE {
-                p.flags = arg_of(&p, d.flags);
-            }
-            // A NULL or (with AT_EMPTY_PATH) empty path means "the dirfd
-            // itself": an fd-based call in disguise (futimens, fchownat).
-            if d.dirfd0 != ARG_NONE && d.path0 != ARG_NONE {
-                let ptr = arg_of(&p, d.path0);
-                let empty = if ptr == 0 {
-                    true
-                } else if p.flags & AT_EMPTY_PATH != 0 {
-                    // SAFETY: a user pointer read through the helper.
-                    unsafe { bpf_probe_read_user(ptr as *const u8) }.unwrap_or(1) == 0
-                } else {
-                    false
-                };
-                if empty {
-                    let key = fd_key(task, arg_of(&p, d.dirfd0));
-                    if !is_protected(&key) {
-                        return 0;
-                    }
-                    p.key = key;
-                    p.valid |= VALID_KEY;
-                }
-            }
-        }
-        _ => return 0,
+    if unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_buf(src, dst) }.is_err() {
+        return false;
     }
-    let id = bpf_get_current_pid_tgid();
-    let _ = PROTECT_PENDING.insert(&id, &p, 0);
-    0
+    let at = |w: &Work, off: u32| w.win[(off / 8) as usize & 15];
+    w.args = [
+        at(w, kc!(regs_arg0)),
+        at(w, kc!(regs_arg1)),
+        at(w, kc!(regs_arg2)),
+        at(w, kc!(regs_arg3)),
+        at(w, kc!(regs_arg4)),
+        at(w, kc!(regs_arg5)),
+        0,
+        0,
+    ];
+    true
 }
 
 /// FNV-1a 64 of the last component of the NUL-terminated path in `buf`.
@@ -345,8 +273,8 @@ fn basename_hash(buf: &[u8; ATTEMPT_PATH_MAX]) -> u64 {
 }
 
 /// Whether the basename of path argument `idx` is a protected name.
-#[inline(always)]
-fn path_name_protected(p: &Pending, idx: u8) -> bool {
+#[inline(never)]
+fn path_name_protected(p: &Work, idx: u8) -> bool {
     if idx == ARG_NONE {
         return false;
     }
@@ -374,7 +302,7 @@ fn path_name_protected(p: &Pending, idx: u8) -> bool {
 #[inline(always)]
 fn read_path(
     task: u64,
-    p: &Pending,
+    p: &Work,
     path_idx: u8,
     dirfd_idx: u8,
     dst: &mut [u8; ATTEMPT_PATH_MAX],
@@ -413,49 +341,119 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
     if !active() {
         return 0;
     }
-    let id = bpf_get_current_pid_tgid();
-    let Some(pp) = PROTECT_PENDING.get_ptr(&id) else {
-        return 0;
-    };
-    // SAFETY: the pointer comes from the lookup; the entry is copied out
-    // before it is removed.
-    let p = unsafe { *pp };
-    let _ = PROTECT_PENDING.remove(&id);
     // SAFETY: reads inside the tracepoint record at offsets from its format.
     let nr: i32 = unsafe { ctx.read_at(kc!(tp_sys_nr) as usize) }.unwrap_or(-1);
-    if nr < 0 || nr as u32 != p.nr {
+    if nr < 0 || nr as u32 >= SYSCALL_TABLE_SIZE {
         return 0;
     }
-    let Some(d) = SYSCALL_DESCS.get(p.nr) else {
+    let Some(d) = SYSCALL_DESCS.get(nr as u32) else {
         return 0;
     };
     let d = *d;
+    if d.kind == 0 {
+        return 0;
+    }
     // SAFETY: as above.
     let ret: i64 = unsafe { ctx.read_at(kc!(tp_sys_ret) as usize) }.unwrap_or(0);
     let refused = ret == -EPERM || ret == -EACCES;
+    // Opens that failed for another reason (ENOENT…) are never ours.
+    if d.kind == KIND_OPEN && ret < 0 && !refused {
+        return 0;
+    }
+    if is_daemon() {
+        return 0;
+    }
+    let Some(w) = PROTECT_WORK.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the per-CPU work slot is ours for this program run.
+    let p = unsafe { &mut *w };
+    if !syscall_args(p) {
+        return 0;
+    }
     // SAFETY: bpf_get_current_task has no preconditions.
     let task = unsafe { bpf_get_current_task() };
-    let mut key = p.key;
-    let mut valid = p.valid & VALID_KEY;
+    let mut key = inode_key(0);
+    let mut valid = 0;
+    let mut flags = 0u64;
+    let mut value = 0u64;
     match d.kind {
         KIND_OPEN => {
+            flags = d.implied_flags as u64;
+            if d.how != ARG_NONE {
+                let how = arg_of(&p, d.how);
+                // `struct open_how` starts with `__u64 flags` (uapi).
+                // SAFETY: a user pointer read through the helper.
+                flags |= unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or(0);
+            } else if d.flags != ARG_NONE {
+                flags |= arg_of(&p, d.flags);
+            }
+            if flags & O_ACCMODE == 0 && flags & O_TRUNC == 0 {
+                return 0;
+            }
             if ret >= 0 {
                 key = fd_key(task, ret as u64);
                 if !is_protected(&key) {
                     return 0;
                 }
                 valid |= VALID_KEY;
-            } else if !refused {
-                return 0;
             }
         }
-        KIND_FD | KIND_IOCTL => {}
+        KIND_FD => {
+            key = fd_key(task, arg_of(&p, d.fd));
+            if !is_protected(&key) {
+                return 0;
+            }
+            valid |= VALID_KEY;
+            if d.flags != ARG_NONE {
+                flags = arg_of(&p, d.flags);
+            }
+        }
+        KIND_IOCTL => {
+            let cmd = arg_of(&p, d.cmd) as u32;
+            if cmd != FS_IOC_SETFLAGS && cmd != FS_IOC32_SETFLAGS && cmd != FS_IOC_FSSETXATTR {
+                return 0;
+            }
+            key = fd_key(task, arg_of(&p, d.fd));
+            if !is_protected(&key) {
+                return 0;
+            }
+            valid |= VALID_KEY;
+            flags = cmd as u64;
+            // Both FS_IOC_SETFLAGS and struct fsxattr start with a 32-bit
+            // flags word.
+            let ptr = arg_of(&p, d.arg);
+            // SAFETY: a user pointer read through the helper.
+            value = unsafe { bpf_probe_read_user(ptr as *const u32) }.unwrap_or(0) as u64;
+        }
         KIND_PATH => {
+            if d.flags != ARG_NONE {
+                flags = arg_of(&p, d.flags);
+            }
+            // A NULL or (with AT_EMPTY_PATH) empty path means "the dirfd
+            // itself": an fd-based call in disguise (futimens, fchownat).
+            if d.dirfd0 != ARG_NONE && d.path0 != ARG_NONE {
+                let ptr = arg_of(&p, d.path0);
+                let empty = if ptr == 0 {
+                    true
+                } else if flags & AT_EMPTY_PATH != 0 {
+                    // SAFETY: a user pointer read through the helper.
+                    unsafe { bpf_probe_read_user(ptr as *const u8) }.unwrap_or(1) == 0
+                } else {
+                    false
+                };
+                if empty {
+                    key = fd_key(task, arg_of(&p, d.dirfd0));
+                    if !is_protected(&key) {
+                        return 0;
+                    }
+                    valid |= VALID_KEY;
+                }
+            }
             if valid & VALID_KEY == 0 && !refused {
                 // A successful path-based call: report it only when a
                 // basename is protected, tested before taking ring space.
-                if ret != 0
-                    || !(path_name_protected(&p, d.path0) || path_name_protected(&p, d.path1))
+                if ret != 0 || !(path_name_protected(p, d.path0) || path_name_protected(p, d.path1))
                 {
                     return 0;
                 }
@@ -464,9 +462,26 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
         _ => return 0,
     }
 
+    p.key = key;
+    p.valid = valid;
+    p.flags = flags;
+    p.value = value;
+    p.ret = ret;
+    p.nr = nr as u32;
+    p.desc = d;
+    emit(p, task);
+    0
+}
+
+/// Reports the attempt in `p` (values re-read from map memory, see [`Work`]).
+#[inline(never)]
+fn emit(p: &Work, task: u64) {
+    let id = bpf_get_current_pid_tgid();
+    let d = p.desc;
+    let mut valid = p.valid;
     let Some(mut entry) = PROTECT_EVENTS.reserve::<AttemptEvent>(0) else {
         count_drop();
-        return 0;
+        return;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved, exclusively owned ring entry; every
@@ -479,19 +494,19 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
         let parent: u64 = read_at(task, kc!(task_real_parent));
         (*ev).ppid = read_at::<i32>(parent, kc!(task_tgid)) as u32;
         (*ev).uid = bpf_get_current_uid_gid() as u32;
-        (*ev).ret = ret;
+        (*ev).ret = p.ret;
         (*ev).ts_ns = bpf_ktime_get_ns();
-        (*ev).key = key;
+        (*ev).key = p.key;
         (*ev).base0 = inode_key(0);
         (*ev).base1 = inode_key(0);
         (*ev).flags = p.flags;
-        (*ev).arg = p.arg;
+        (*ev).arg = p.value;
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         (*ev).path0[0] = 0;
         (*ev).path1[0] = 0;
         let (r0, b0) = read_path(
             task,
-            &p,
+            p,
             d.path0,
             d.dirfd0,
             &mut (*ev).path0,
@@ -500,7 +515,7 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
         );
         let (r1, b1) = read_path(
             task,
-            &p,
+            p,
             d.path1,
             d.dirfd1,
             &mut (*ev).path1,
@@ -549,7 +564,6 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
         (*ev).exe_depth = depth;
     }
     entry.submit(0);
-    0
 }
 
 // ---------------------------------------------------------------------------
@@ -569,23 +583,6 @@ fn denied(key: &InodeKey) -> bool {
 fn dir_guarded(dir_inode: u64) -> bool {
     let f = flags_of(&inode_key(dir_inode));
     f & INODE_DIR_GUARD != 0 && f & INODE_DENY != 0
-}
-
-/// Argument `i` of an LSM hook. `i` comes from the frozen config, so the
-/// verifier sees a constant and keeps only the matching arm (a context read
-/// past the hook's arguments would be rejected).
-#[inline(always)]
-fn lsm_arg(ctx: &LsmContext, i: u8) -> u64 {
-    match i {
-        0 => ctx.arg(0),
-        1 => ctx.arg(1),
-        2 => ctx.arg(2),
-        3 => ctx.arg(3),
-        4 => ctx.arg(4),
-        5 => ctx.arg(5),
-        6 => ctx.arg(6),
-        _ => 0,
-    }
 }
 
 const DENY: i32 = -(EPERM as i32);
@@ -703,52 +700,47 @@ pub fn protect_inode_create(ctx: LsmContext) -> i32 {
     0
 }
 
-/// A hook whose dentry argument moved between kernels.
+/// A hook whose only interesting argument is a dentry. Its position `D`
+/// and the argument count `N` (the previous verdict sits at `N`) changed
+/// between kernels (`inode_setattr` gained an idmap in 6.3), and an LSM
+/// program may only read its context at constant offsets — so each
+/// signature is its own program, and the loader attaches the variant that
+/// matches the running kernel's BTF.
 #[inline(always)]
-fn dentry_hook(ctx: &LsmContext, dentry_idx: u8, nargs: u8) -> i32 {
-    if dentry_idx == ARG_NONE {
-        return 0;
-    }
-    let prev = lsm_arg(ctx, nargs) as i32;
+fn dentry_hook<const D: usize, const N: usize>(ctx: &LsmContext) -> i32 {
+    let prev: i32 = ctx.arg(N);
     if prev != 0 {
         return prev;
     }
     if lsm_exempt() {
         return 0;
     }
-    if denied(&dentry_key(lsm_arg(ctx, dentry_idx))) {
+    let dentry: u64 = ctx.arg(D);
+    if denied(&dentry_key(dentry)) {
         return DENY;
     }
     0
 }
 
-/// chmod, chown, utimes, truncate (also `O_TRUNC` and `ftruncate`).
-#[lsm(hook = "inode_setattr")]
-pub fn protect_inode_setattr(ctx: LsmContext) -> i32 {
-    dentry_hook(&ctx, kc!(lsm).setattr_dentry, kc!(lsm).setattr_nargs)
+macro_rules! dentry_hooks {
+    ($($name:ident = $hook:literal, $d:literal, $n:literal;)*) => {$(
+        #[lsm(hook = $hook)]
+        pub fn $name(ctx: LsmContext) -> i32 {
+            dentry_hook::<$d, $n>(&ctx)
+        }
+    )*};
 }
 
-#[lsm(hook = "inode_setxattr")]
-pub fn protect_inode_setxattr(ctx: LsmContext) -> i32 {
-    dentry_hook(&ctx, kc!(lsm).setxattr_dentry, kc!(lsm).setxattr_nargs)
-}
-
-#[lsm(hook = "inode_removexattr")]
-pub fn protect_inode_removexattr(ctx: LsmContext) -> i32 {
-    dentry_hook(
-        &ctx,
-        kc!(lsm).removexattr_dentry,
-        kc!(lsm).removexattr_nargs,
-    )
-}
-
-/// POSIX ACLs stopped going through `inode_setxattr` in 6.2.
-#[lsm(hook = "inode_set_acl")]
-pub fn protect_inode_set_acl(ctx: LsmContext) -> i32 {
-    dentry_hook(&ctx, kc!(lsm).set_acl_dentry, kc!(lsm).set_acl_nargs)
-}
-
-#[lsm(hook = "inode_remove_acl")]
-pub fn protect_inode_remove_acl(ctx: LsmContext) -> i32 {
-    dentry_hook(&ctx, kc!(lsm).remove_acl_dentry, kc!(lsm).remove_acl_nargs)
+// Program names: protect_<hook>_d<dentry index>_n<argument count>.
+// inode_setattr: chmod, chown, utimes, truncate (also O_TRUNC, ftruncate).
+dentry_hooks! {
+    protect_inode_setattr_d0_n2 = "inode_setattr", 0, 2;
+    protect_inode_setattr_d1_n3 = "inode_setattr", 1, 3;
+    protect_inode_setxattr_d0_n5 = "inode_setxattr", 0, 5;
+    protect_inode_setxattr_d1_n6 = "inode_setxattr", 1, 6;
+    protect_inode_removexattr_d0_n2 = "inode_removexattr", 0, 2;
+    protect_inode_removexattr_d1_n3 = "inode_removexattr", 1, 3;
+    protect_inode_set_acl_d1_n4 = "inode_set_acl", 1, 4;
+    protect_inode_remove_acl_d1_n3 = "inode_remove_acl", 1, 3;
+    protect_inode_file_setattr_d0_n2 = "inode_file_setattr", 0, 2;
 }

@@ -266,6 +266,12 @@ impl Btf {
         )
     }
 
+    /// Size in bytes of struct `name` (protected files: the register window).
+    pub fn struct_size(&self, name: &str) -> Option<u32> {
+        let id = *self.structs.get(name)?;
+        self.types.get(id as usize).map(|t| t.size_or_type)
+    }
+
     /// Whether the kernel BTF has a struct of this name (used by probes).
     pub fn has_struct(&self, name: &str) -> bool {
         self.structs.contains_key(name)

@@ -36,7 +36,11 @@ pub struct Config {
     pub alerts: Alerts,
     #[serde(default)]
     pub audit: Audit,
-    /// UNTOUCHABLE and PROTECTED files.
+    /// `[protect]`: UNTOUCHABLE / PROTECTED files (issue 6; see
+    /// `crate::protect`). Filesystem checks (missing path, directory, empty
+    /// glob, bad list line) are `crate::protect::check_all`, for
+    /// check-config and the start report — not here, so a file deleted
+    /// while the daemon was down doesn't stop it from starting.
     #[serde(default)]
     pub protect: crate::protect::ProtectConfig,
 }
@@ -434,10 +438,6 @@ impl Config {
             ConfigError::at(file, src, offset, e.message().trim().to_string())
         })?;
         cfg.validate(file, src)?;
-        // Paths, globs and list files are checked against the filesystem:
-        // a missing path, a directory, a glob matching nothing or a bad list
-        // line is an error, never ignored.
-        crate::protect::check(&cfg.protect, file, src)?;
         Ok(cfg)
     }
 

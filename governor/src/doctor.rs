@@ -150,10 +150,21 @@ pub fn run_checks(state_dir: &Path) -> Report {
             false
         }
     };
+    // Protected files (issue 6): the real attempt-logging and LSM programs.
+    let protect = crate::protect::doctor_checks(None);
+    let protect_ok = |n: &str| protect.iter().any(|(name, ok, _)| name == n && *ok);
+    let (protect_logging, protect_lsm) = (
+        protect_ok("protect: attempt logging"),
+        protect_ok("protect: bpf lsm"),
+    );
+    for (name, ok, detail) in protect {
+        checks.push(check(&name, ok, detail));
+    }
     let lifecycle = checks
         .iter()
         .filter(|c| c.name == "prog:tracepoint" || c.name == "offsets")
-        .all(|c| c.ok);
+        .all(|c| c.ok)
+        && protect_logging;
     let dir = if state_dir.is_dir() {
         state_dir
     } else {
@@ -174,7 +185,7 @@ pub fn run_checks(state_dir: &Path) -> Report {
     if lifecycle {
         layers.push("ebpf-attempt-logging".to_string());
     }
-    if bpf_lsm {
+    if bpf_lsm && protect_lsm {
         layers.push("bpf-lsm".to_string());
     }
     Report {

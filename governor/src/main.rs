@@ -213,6 +213,17 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::CheckConfig { path } => match Config::load(&path) {
             Ok(cfg) => {
+                // Protected paths are checked against the filesystem here
+                // (and reported at start): a missing path, a directory, a
+                // glob matching nothing or a bad list line.
+                let src = std::fs::read_to_string(&path).unwrap_or_default();
+                let problems = governor::protect::check_all(&cfg.protect, &path, &src);
+                if !problems.is_empty() {
+                    for p in &problems {
+                        eprintln!("{p}");
+                    }
+                    return ExitCode::from(1);
+                }
                 println!(
                     "{}: ok ({} services, {} tiers)",
                     path.display(),

@@ -83,6 +83,7 @@ pub fn kernel_config() -> Result<KernelConfig> {
         tp_sys_ret: tracefs::field_offset(&tracefs, "syscalls", "sys_exit_openat", "ret")
             .unwrap_or(0),
         lsm: crate::protect::kernel::lsm_args(&btf),
+        ..crate::protect::kernel::regs_layout(&btf)
     })
 }
 

@@ -279,6 +279,9 @@ pub mod botapi;
 /// Protected files: a Protector on a thread, attempts as root or nobody.
 pub mod protect;
 
+/// The protected-files benchmark (issue 6), run by `governor-bench`.
+pub mod bench_protect;
+
 /// A running `governor run` with its own state dir, socket and config.
 pub struct DaemonProc {
     pub dir: tempfile::TempDir,

@@ -39,6 +39,7 @@ enum Cmd {
         reply: Reply<Result<Value, String>>,
     },
     List(Reply<Value>),
+    Reload(Box<ProtectConfig>, Reply<StartReport>),
     Flush(Reply<()>),
     Stop(Reply<()>),
 }
@@ -109,6 +110,7 @@ impl Running {
                                 reply.send(p.approve_end(&path).await.map_err(|e| format!("{e:#}"))).ok();
                             }
                             Some(Cmd::List(reply)) => { reply.send(p.list()).ok(); }
+                            Some(Cmd::Reload(cfg, reply)) => { reply.send(p.reload(&cfg).await).ok(); }
                             Some(Cmd::Flush(reply)) => {
                                 p.flush_audit().await;
                                 reply.send(()).ok();
@@ -174,6 +176,11 @@ impl Running {
 
     pub fn list(&self) -> Value {
         self.call(Cmd::List)
+    }
+
+    /// `Protector::reload` (SIGHUP).
+    pub fn reload(&self, cfg: ProtectConfig) -> StartReport {
+        self.call(|reply| Cmd::Reload(Box::new(cfg), reply))
     }
 
     /// Every audit entry so far (after the queued ones are durable).

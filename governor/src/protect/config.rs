@@ -461,6 +461,21 @@ mod tests {
         assert_eq!(e.line, 2, "{e}");
     }
 
+    /// Inside the daemon's whole config, errors point into that file.
+    #[test]
+    fn spans_point_into_the_daemon_config() {
+        let src = "[daemon]\nstate_dir = \"/tmp/x\"\n\n[protect]\nprotected = [\n  \"/etc/hostname\",\n  \"/nonexistent/governor-test\",\n]\n";
+        let cfg = crate::config::Config::parse(Path::new("/etc/governor/governor.toml"), src)
+            .expect("parses: filesystem checks are separate");
+        let errs = check_all(&cfg.protect, Path::new("/etc/governor/governor.toml"), src);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let e = errs[0].to_string();
+        assert!(
+            e.starts_with("/etc/governor/governor.toml:7:") && e.contains("protect.protected"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn untouchable_wins_over_protected() {
         let d = tempfile::tempdir().unwrap();

@@ -103,6 +103,7 @@ impl SyscallSpec {
 // x86_64 numbers the libc crate doesn't have yet (syscall numbers are ABI).
 const SYS_SETXATTRAT: i64 = 463;
 const SYS_REMOVEXATTRAT: i64 = 466;
+const SYS_FILE_SETATTR: i64 = 469;
 
 /// Every syscall that can modify a file. Tracepoints missing on a kernel
 /// (e.g. `fchmodat2` before 6.6) are skipped and listed.
@@ -161,6 +162,10 @@ pub fn syscall_specs() -> Vec<SyscallSpec> {
         spec("fremovexattr", SYS_fremovexattr, KIND_FD, RemoveXattr).fd("fd"),
         spec("removexattrat", SYS_REMOVEXATTRAT, KIND_PATH, RemoveXattr)
             .pd("dfd", "pathname")
+            .flags("at_flags"),
+        // 6.17+: sets the fsxattr flags (immutable among them) by path.
+        spec("file_setattr", SYS_FILE_SETATTR, KIND_PATH, SetFlags)
+            .pd("dfd", "filename")
             .flags("at_flags"),
         spec("utimensat", SYS_utimensat, KIND_PATH, Utimes)
             .pd("dfd", "filename")
@@ -280,6 +285,7 @@ pub fn lsm_args(btf: &Btf) -> LsmArgs {
     let (removexattr_dentry, removexattr_nargs) = find("inode_removexattr", "dentry");
     let (set_acl_dentry, set_acl_nargs) = find("inode_set_acl", "dentry");
     let (remove_acl_dentry, remove_acl_nargs) = find("inode_remove_acl", "dentry");
+    let (file_setattr_dentry, file_setattr_nargs) = find("inode_file_setattr", "dentry");
     LsmArgs {
         setattr_dentry,
         setattr_nargs,
@@ -291,23 +297,74 @@ pub fn lsm_args(btf: &Btf) -> LsmArgs {
         set_acl_nargs,
         remove_acl_dentry,
         remove_acl_nargs,
-        _pad: [0; 2],
+        file_setattr_dentry,
+        file_setattr_nargs,
     }
 }
 
-/// The LSM programs: (program, hook, whether the hook must exist).
-const LSM_PROGRAMS: &[(&str, &str, bool)] = &[
-    ("protect_file_open", "file_open", true),
-    ("protect_file_ioctl", "file_ioctl", true),
-    ("protect_inode_unlink", "inode_unlink", true),
-    ("protect_inode_link", "inode_link", true),
-    ("protect_inode_rename", "inode_rename", true),
-    ("protect_inode_create", "inode_create", true),
-    ("protect_inode_setattr", "inode_setattr", true),
-    ("protect_inode_setxattr", "inode_setxattr", true),
-    ("protect_inode_removexattr", "inode_removexattr", true),
-    ("protect_inode_set_acl", "inode_set_acl", false),
-    ("protect_inode_remove_acl", "inode_remove_acl", false),
+/// The syscall argument registers of the saved user `struct pt_regs`, from
+/// BTF: a `KernelConfig` with only the `regs_*` fields set (`regs_ok` = 0
+/// when this architecture or kernel doesn't fit).
+pub fn regs_layout(btf: &Btf) -> KernelConfig {
+    // The syscall calling convention (an ABI); the offsets come from BTF.
+    #[cfg(target_arch = "x86_64")]
+    const ARG_REGS: [&str; 6] = ["di", "si", "dx", "r10", "r8", "r9"];
+    #[cfg(not(target_arch = "x86_64"))]
+    const ARG_REGS: [&str; 6] = ["", "", "", "", "", ""];
+    let offs: Option<Vec<u32>> = ARG_REGS
+        .iter()
+        .map(|r| btf.member_offset("pt_regs", r).ok())
+        .collect();
+    let mut c = KernelConfig::default();
+    let Some(offs) = offs else {
+        return c;
+    };
+    // The program reads 128 bytes from `window`; they must stay inside
+    // pt_regs (it sits at the very top of the kernel stack: a read past its
+    // end faults) and cover every argument register.
+    let size = btf.struct_size("pt_regs").unwrap_or(0);
+    let (min, max) = match (offs.iter().min(), offs.iter().max()) {
+        (Some(a), Some(b)) => (*a, *b),
+        _ => return c,
+    };
+    let window = (max + 8).saturating_sub(128) / 8 * 8;
+    if size < window + 128 || min < window {
+        return c;
+    }
+    let rel: Vec<u32> = offs.iter().map(|o| o - window).collect();
+    if rel.iter().any(|r| *r >= 128 || r % 8 != 0) {
+        return c;
+    }
+    c.regs_window = window;
+    c.regs_arg0 = rel[0];
+    c.regs_arg1 = rel[1];
+    c.regs_arg2 = rel[2];
+    c.regs_arg3 = rel[3];
+    c.regs_arg4 = rel[4];
+    c.regs_arg5 = rel[5];
+    c.regs_ok = 1;
+    c
+}
+
+/// The LSM programs with a fixed signature: (program, hook).
+const LSM_PROGRAMS: &[(&str, &str)] = &[
+    ("protect_file_open", "file_open"),
+    ("protect_file_ioctl", "file_ioctl"),
+    ("protect_inode_unlink", "inode_unlink"),
+    ("protect_inode_link", "inode_link"),
+    ("protect_inode_rename", "inode_rename"),
+    ("protect_inode_create", "inode_create"),
+];
+
+/// Hooks whose dentry argument moved between kernels: (hook, whether it
+/// must exist). The program is `protect_<hook>_d<index>_n<count>`.
+const LSM_DENTRY_HOOKS: &[(&str, bool)] = &[
+    ("inode_setattr", true),
+    ("inode_setxattr", true),
+    ("inode_removexattr", true),
+    ("inode_set_acl", false),
+    ("inode_remove_acl", false),
+    ("inode_file_setattr", false),
 ];
 
 /// Default attempt ring size: ~250 events of backlog.
@@ -336,6 +393,28 @@ fn register<T: std::os::fd::AsFd + AsRawFd>(inner: T) -> Result<AsyncFd<T>> {
         .map_err(|e| anyhow::anyhow!("registering a BPF map fd with tokio: {e}"))
 }
 
+/// Keeps the head and tail of a long error (verifier logs run to pages).
+fn short(s: String) -> String {
+    const KEEP: usize = 600;
+    if s.len() <= 2 * KEEP {
+        return s;
+    }
+    let head = s
+        .char_indices()
+        .take_while(|(i, _)| *i < KEEP)
+        .map(|(_, c)| c);
+    let tail_start = s.len() - KEEP;
+    let tail = s
+        .char_indices()
+        .skip_while(|(i, _)| *i < tail_start)
+        .map(|(_, c)| c);
+    format!(
+        "{} … {}",
+        head.collect::<String>(),
+        tail.collect::<String>()
+    )
+}
+
 /// Why BPF LSM can't be used here, if it can't (cheap checks first).
 fn lsm_precheck() -> std::result::Result<(), String> {
     let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
@@ -361,6 +440,11 @@ impl KernelLayer {
             "protect ring size {ring_bytes} must be a power of two of at least 4096 bytes"
         );
         let config = crate::probes::kernel_config()?;
+        ensure!(
+            config.regs_ok == 1,
+            "the saved user registers (struct pt_regs) don't have the layout attempt logging \
+             reads syscall arguments from (x86_64 only)"
+        );
         ensure!(
             config.tp_sys_args != 0 && config.tp_sys_ret != 0 && config.tp_sys_nr != 0,
             "the kernel has no syscalls/sys_enter_openat tracepoint (CONFIG_FTRACE_SYSCALLS): \
@@ -409,17 +493,15 @@ impl KernelLayer {
             present.push(s.name);
         }
 
-        for (prog, side) in [("protect_sys_enter", "enter"), ("protect_sys_exit", "exit")] {
-            let p: &mut TracePoint = ebpf
-                .program_mut(prog)
-                .with_context(|| format!("program {prog} missing from the eBPF object"))?
-                .try_into()?;
-            p.load().with_context(|| format!("loading {prog}"))?;
-            for name in &present {
-                let tp = format!("sys_{side}_{name}");
-                p.attach("syscalls", &tp)
-                    .with_context(|| format!("attaching {prog} to syscalls/{tp}"))?;
-            }
+        let p: &mut TracePoint = ebpf
+            .program_mut("protect_sys_exit")
+            .context("program protect_sys_exit missing from the eBPF object")?
+            .try_into()?;
+        p.load().context("loading protect_sys_exit")?;
+        for name in &present {
+            let tp = format!("sys_exit_{name}");
+            p.attach("syscalls", &tp)
+                .with_context(|| format!("attaching protect_sys_exit to syscalls/{tp}"))?;
         }
         let attached = present.iter().map(|s| s.to_string()).collect();
 
@@ -466,28 +548,47 @@ impl KernelLayer {
         lsm_precheck()?;
         let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
         let mut hooks = Vec::new();
-        for &(prog, hook, required) in LSM_PROGRAMS {
-            let have = match hook {
-                "inode_set_acl" => config.lsm.set_acl_dentry != ARG_NONE,
-                "inode_remove_acl" => config.lsm.remove_acl_dentry != ARG_NONE,
-                "inode_setattr" => config.lsm.setattr_dentry != ARG_NONE,
-                "inode_setxattr" => config.lsm.setxattr_dentry != ARG_NONE,
-                "inode_removexattr" => config.lsm.removexattr_dentry != ARG_NONE,
-                _ => true,
+        let mut progs: Vec<(String, &str)> = LSM_PROGRAMS
+            .iter()
+            .map(|&(p, h)| (p.to_string(), h))
+            .collect();
+        for &(hook, required) in LSM_DENTRY_HOOKS {
+            let (d, n) = match hook {
+                "inode_setattr" => (config.lsm.setattr_dentry, config.lsm.setattr_nargs),
+                "inode_setxattr" => (config.lsm.setxattr_dentry, config.lsm.setxattr_nargs),
+                "inode_removexattr" => {
+                    (config.lsm.removexattr_dentry, config.lsm.removexattr_nargs)
+                }
+                "inode_set_acl" => (config.lsm.set_acl_dentry, config.lsm.set_acl_nargs),
+                "inode_file_setattr" => (
+                    config.lsm.file_setattr_dentry,
+                    config.lsm.file_setattr_nargs,
+                ),
+                _ => (config.lsm.remove_acl_dentry, config.lsm.remove_acl_nargs),
             };
-            if !have {
+            if d == ARG_NONE {
                 if required {
                     return Err(format!("the kernel has no LSM hook {hook} (BTF)"));
                 }
                 continue;
             }
+            let prog = format!("protect_{hook}_d{d}_n{n}");
+            if ebpf.program(&prog).is_none() {
+                return Err(format!(
+                    "LSM hook {hook} has a signature governor has no program for \
+                     (dentry at argument {d} of {n})"
+                ));
+            }
+            progs.push((prog, hook));
+        }
+        for (prog, hook) in progs {
             let p: &mut Lsm = ebpf
-                .program_mut(prog)
+                .program_mut(&prog)
                 .ok_or_else(|| format!("program {prog} missing from the eBPF object"))?
                 .try_into()
                 .map_err(|e| format!("{prog}: {e}"))?;
             p.load(hook, &btf)
-                .map_err(|e| format!("loading the BPF LSM program for {hook}: {e}"))?;
+                .map_err(|e| short(format!("loading the BPF LSM program for {hook}: {e}")))?;
             p.attach().map_err(|e| {
                 format!(
                     "attaching the BPF LSM program for {hook} (the kernel refused BPF LSM): {e}"
@@ -585,6 +686,56 @@ pub fn syscall_names() -> BTreeMap<u32, &'static str> {
 /// How a syscall treats a final symlink (see `SyscallSpec::nofollow`).
 pub fn spec_of(nr: u32) -> Option<SyscallSpec> {
     syscall_specs().into_iter().find(|s| s.nr == nr as i64)
+}
+
+/// Whether the BPF LSM layer can run here: loads and attaches every LSM
+/// program (inert: the runtime global stays disabled) and detaches them
+/// again. For `governor doctor` and tests; `Ok` lists the hooks.
+pub fn probe_lsm() -> std::result::Result<Vec<String>, String> {
+    lsm_precheck()?;
+    let config = crate::probes::kernel_config().map_err(|e| format!("{e:#}"))?;
+    let runtime = ProtectRuntime::default();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(KERNEL_CONFIG_SYMBOL, &config, true)
+        .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
+        .map_max_entries(EVENTS_MAP, 4096)
+        .map_max_entries(PROTECT_EVENTS_MAP, 4096)
+        .load(crate::probes::EBPF_OBJECT)
+        .map_err(|e| format!("loading governor's eBPF object: {e}"))?;
+    KernelLayer::attach_lsm(&mut ebpf, &config)
+}
+
+/// Whether attempt logging can run here: loads the syscall-exit program
+/// (inert) and attaches it to one tracepoint, then detaches. For `doctor`.
+pub fn probe_logging() -> std::result::Result<String, String> {
+    let config = crate::probes::kernel_config().map_err(|e| format!("{e:#}"))?;
+    if config.regs_ok != 1 {
+        return Err("no usable struct pt_regs layout (x86_64 only)".into());
+    }
+    if config.tp_sys_nr == 0 || config.tp_sys_ret == 0 {
+        return Err("no syscalls/sys_{enter,exit}_openat tracepoints".into());
+    }
+    let runtime = ProtectRuntime::default();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(KERNEL_CONFIG_SYMBOL, &config, true)
+        .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
+        .map_max_entries(EVENTS_MAP, 4096)
+        .map_max_entries(PROTECT_EVENTS_MAP, 4096)
+        .load(crate::probes::EBPF_OBJECT)
+        .map_err(|e| format!("loading governor's eBPF object: {e}"))?;
+    let p: &mut TracePoint = ebpf
+        .program_mut("protect_sys_exit")
+        .ok_or("program protect_sys_exit missing")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    p.load()
+        .map_err(|e| short(format!("loading protect_sys_exit: {e}")))?;
+    p.attach("syscalls", "sys_exit_openat")
+        .map_err(|e| format!("attaching to syscalls/sys_exit_openat: {e}"))?;
+    let n = syscall_specs().len();
+    Ok(format!(
+        "syscall-exit program loads and attaches ({n} syscalls known; those this kernel has are watched)"
+    ))
 }
 
 /// Fails when the LSM layer was required but is not active.

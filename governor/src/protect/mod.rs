@@ -57,6 +57,11 @@ use governor_common::protect::{name_hash, Op, INODE_DENY, INODE_DIR_GUARD, INODE
 /// The kernel ABI types (shared with the eBPF programs).
 pub use governor_common::{protect as abi, InodeKey};
 
+/// Attempt entries queued for the audit log beyond which further attempts
+/// are counted instead (each entry is an fsync; a flood must not grow the
+/// daemon's memory without bound).
+const MAX_AUDIT_BACKLOG: usize = 4096;
+
 /// What the daemon protects without being told.
 #[derive(Debug, Clone, Default)]
 pub struct Implicit {
@@ -198,6 +203,12 @@ pub struct Protector {
     approvals_rx: mpsc::UnboundedReceiver<ApprovalAnswer>,
     telegram: Option<ValidatedTelegram>,
     audit_q: mpsc::UnboundedSender<AuditItem>,
+    /// Entries queued and not yet durable.
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
+    /// Attempt entries not written because the backlog was full (a process
+    /// hammering a protected file must not exhaust memory or disk); reported
+    /// as one summary entry once the backlog drains.
+    suppressed: u64,
     alerts: Arc<dyn AlertSink>,
     services: Arc<dyn Fn(u32) -> Option<String> + Send + Sync>,
     next_drop_check: Instant,
@@ -275,6 +286,8 @@ impl Protector {
     ) -> Result<(Protector, StartReport)> {
         let t0 = Instant::now();
         let (audit_q, mut audit_rx) = mpsc::unbounded_channel::<AuditItem>();
+        let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let bl = backlog.clone();
         // One ordered writer for our entries: processing never awaits the
         // disk, and entries keep their order.
         tokio::spawn(async move {
@@ -284,6 +297,7 @@ impl Protector {
                         if let Err(e) = audit.append(&kind, service.as_deref(), d).await {
                             log::error!("protect: audit append ({kind}) failed: {e:#}");
                         }
+                        bl.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     }
                     AuditItem::Flush(done) => {
                         let _ = done.send(());
@@ -310,6 +324,8 @@ impl Protector {
             approvals_rx,
             telegram,
             audit_q,
+            backlog,
+            suppressed: 0,
             alerts,
             services,
             next_drop_check: Instant::now() + Duration::from_secs(5),
@@ -397,6 +413,7 @@ impl Protector {
                     report.changed.push(path.display().to_string());
                     e.declared = Some(d.clone());
                     e.reported = Some(c.clone());
+                    p.backlog.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     p.audit_q
                         .send(AuditItem::Entry(
                             "protect.changed_while_down".into(),
@@ -648,9 +665,37 @@ impl Protector {
 
     /// Queues an audit entry (written in order by the audit task).
     fn audit(&self, kind: &str, service: Option<String>, d: Value) {
-        let _ = self
+        self.backlog
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self
             .audit_q
-            .send(AuditItem::Entry(kind.to_string(), service, detail(d)));
+            .send(AuditItem::Entry(kind.to_string(), service, detail(d)))
+            .is_err()
+        {
+            self.backlog
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn backlog(&self) -> usize {
+        self.backlog.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Reports attempts suppressed under a full backlog, once it drained.
+    fn report_suppressed(&mut self) {
+        if self.suppressed > 0 && self.backlog() < MAX_AUDIT_BACKLOG / 2 {
+            let n = std::mem::take(&mut self.suppressed);
+            self.audit(
+                "protect.attempts_suppressed",
+                None,
+                json!({"count": n, "why": "audit backlog full: a flood of attempts"}),
+            );
+            self.alerts.send(Alert::new(
+                Severity::Critical,
+                "protected files",
+                format!("{n} protected-file attempts were not audited one by one (flood)"),
+            ));
+        }
     }
 
     /// Resolves once every entry queued so far is durable in the audit log.
@@ -781,6 +826,7 @@ impl Protector {
                 for ev in evs {
                     self.on_event(&ev);
                 }
+                self.report_suppressed();
             }
             Wake::Events(Err(e)) => {
                 log::error!("protect: reading the attempt ring: {e:#}");
@@ -792,6 +838,7 @@ impl Protector {
     }
 
     fn on_timers(&mut self) {
+        self.report_suppressed();
         let now = Instant::now();
         let due: Vec<PathBuf> = self
             .windows
@@ -998,6 +1045,10 @@ impl Protector {
                 }
                 self.alerts.send(alert);
             }
+        }
+        if self.backlog() >= MAX_AUDIT_BACKLOG {
+            self.suppressed += 1;
+            return;
         }
         self.audit("protect.attempt", service, d);
     }
@@ -1224,10 +1275,14 @@ impl Protector {
                 crate::events::rfc3339(w.until_wall)
             );
         }
-        if self.cfg.approve_via == ApproveVia::Telegram {
-            return self.request_telegram(&key, &e, dur, reason, peer_uid);
-        }
-        self.open_window(&key, dur, reason, peer_uid, "terminal")
+        let r = if self.cfg.approve_via == ApproveVia::Telegram {
+            self.request_telegram(&key, &e, dur, reason, peer_uid)
+        } else {
+            self.open_window(&key, dur, reason, peer_uid, "terminal")
+        };
+        // The client hears back once the entry is durable.
+        self.flush_audit().await;
+        r
     }
 
     fn request_telegram(
@@ -1384,7 +1439,9 @@ impl Protector {
         if !self.windows.contains_key(&key) {
             bail!("no window is open on {}", key.display());
         }
-        self.close_window(&key, "ended")
+        let r = self.close_window(&key, "ended");
+        self.flush_audit().await;
+        r
     }
 
     fn close_window(&mut self, key: &Path, why: &str) -> Result<Value> {
@@ -1521,6 +1578,63 @@ impl Protector {
     pub fn kernel_error(&self) -> Option<&str> {
         self.kernel_error.as_deref()
     }
+}
+
+/// Checks for `governor doctor`: (name, ok, detail). With the config, also
+/// whether each filesystem holding protected files takes the immutable flag
+/// (tested with FS_IOC_GETFLAGS, which changes nothing).
+pub fn doctor_checks(cfg: Option<(&ProtectConfig, &Path)>) -> Vec<(String, bool, String)> {
+    let mut out = Vec::new();
+    match kernel::probe_logging() {
+        Ok(d) => out.push(("protect: attempt logging".into(), true, d)),
+        Err(e) => out.push(("protect: attempt logging".into(), false, e)),
+    }
+    match kernel::probe_lsm() {
+        Ok(hooks) => out.push((
+            "protect: bpf lsm".into(),
+            true,
+            format!("refuses writes before the VFS ({})", hooks.join(", ")),
+        )),
+        Err(e) => out.push(("protect: bpf lsm".into(), false, e)),
+    }
+    if let Some((cfg, file)) = cfg {
+        let ex = config::expand(cfg, file, "");
+        if !ex.problems.is_empty() {
+            out.push((
+                "protect: config".into(),
+                false,
+                ex.problems
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ));
+        }
+        // One probe per filesystem.
+        let mut by_dev: BTreeMap<u64, (PathBuf, usize)> = BTreeMap::new();
+        for t in &ex.targets {
+            if let Ok(md) = std::fs::metadata(&t.path) {
+                use std::os::unix::fs::MetadataExt;
+                by_dev
+                    .entry(md.dev())
+                    .or_insert_with(|| (t.path.clone(), 0))
+                    .1 += 1;
+            }
+        }
+        for (_, (sample, n)) in by_dev {
+            let r = File::open(&sample).and_then(|f| fsflags::get_flags(&f));
+            let name = format!("protect: vfs flags ({n} file(s) like {})", sample.display());
+            match r {
+                Ok(_) => out.push((name, true, "the filesystem takes the immutable flag".into())),
+                Err(e) => out.push((
+                    name,
+                    false,
+                    format!("{e}: these files rely on attempt logging and BPF LSM only"),
+                )),
+            }
+        }
+    }
+    out
 }
 
 impl Drop for Protector {
