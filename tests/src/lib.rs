@@ -566,7 +566,7 @@ pub fn governor_on_tty(args: &[&str], answer: &str) -> (i32, String) {
     assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
     // SAFETY: both fds were just returned by openpty and are ours alone.
     let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    let mut child = Command::new(governor_bin())
+    let child = Command::new(governor_bin())
         .args(args)
         .stdin(std::process::Stdio::from(slave))
         .stdout(std::process::Stdio::piped())
