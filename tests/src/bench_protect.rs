@@ -162,6 +162,11 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
     ];
     let mut without: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
     let mut with: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
+    // Flags (and BPF LSM where it runs) without attempt logging, for
+    // comparison: what `attempt_logging = false` costs.
+    let mut flags_only: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
+    let mut cfg_flags_only = cfg.clone();
+    cfg_flags_only.attempt_logging = false;
     let mut flags_ms = Vec::new();
     let mut start_ms = Vec::new();
     // Warm caches.
@@ -169,57 +174,75 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
         f(p, iters / 4);
     }
     for round in 0..rounds {
-        let state = base.path().join(format!("state{round}"));
-        // Alternate which side goes first.
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for protected in order {
-            if protected {
-                let t = Instant::now();
-                let r = Running::start(cfg.clone(), &state, None);
-                let started = t.elapsed();
-                flags_ms.push(r.report.flags_ms);
-                start_ms.push(started.as_secs_f64() * 1e3);
-                anyhow::ensure!(
-                    r.report.flagged == 89,
-                    "only {} of 89 files flagged: {:?}",
-                    r.report.flagged,
-                    r.report
-                );
-                std::thread::sleep(Duration::from_millis(50));
-                for (i, (_, f, p, _)) in ops.iter().enumerate() {
-                    with[i].push(f(p, iters));
+        // Rotate which side goes first.
+        let mut order = [0usize, 1, 2];
+        order.rotate_left(round % 3);
+        for side in order {
+            let state = base.path().join(format!("state{round}-{side}"));
+            match side {
+                0 => {
+                    for (i, (_, f, p, _)) in ops.iter().enumerate() {
+                        without[i].push(f(p, iters));
+                    }
                 }
-                r.stop();
-                unflag_tree(&files_dir);
-            } else {
-                for (i, (_, f, p, _)) in ops.iter().enumerate() {
-                    without[i].push(f(p, iters));
+                _ => {
+                    let c = if side == 1 { &cfg } else { &cfg_flags_only };
+                    let t = Instant::now();
+                    let r = Running::start(c.clone(), &state, None);
+                    let started = t.elapsed();
+                    if side == 1 {
+                        flags_ms.push(r.report.flags_ms);
+                        start_ms.push(started.as_secs_f64() * 1e3);
+                    }
+                    anyhow::ensure!(
+                        r.report.flagged == 89,
+                        "only {} of 89 files flagged: {:?}",
+                        r.report.flagged,
+                        r.report
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                    let dst = if side == 1 {
+                        &mut with
+                    } else {
+                        &mut flags_only
+                    };
+                    for (i, (_, f, p, _)) in ops.iter().enumerate() {
+                        dst[i].push(f(p, iters));
+                    }
+                    r.stop();
+                    unflag_tree(&files_dir);
                 }
             }
         }
     }
     unflag_tree(base.path());
-    let ratios: Vec<Ratio> = ops
+    let ratio = |i: usize, name: &'static str, side: &[Vec<f64>], target: f64| {
+        // Other load on a shared machine only ever adds time, so the
+        // fastest round of each side is the best estimate of its cost; the
+        // rounds rotate, so every side saw the same conditions.
+        let (a, b) = (min(&without[i]), min(&side[i]));
+        Ratio {
+            name,
+            without_ns: a,
+            with_ns: b,
+            ratio: a / b,
+            target,
+        }
+    };
+    let mut ratios: Vec<Ratio> = ops
         .iter()
         .enumerate()
-        .map(|(i, (name, _, _, target))| {
-            // Other load on a shared machine only ever adds time, so the
-            // fastest round of each side is the best estimate of its cost;
-            // the rounds alternate, so both sides saw the same conditions.
-            let (a, b) = (min(&without[i]), min(&with[i]));
-            Ratio {
-                name,
-                without_ns: a,
-                with_ns: b,
-                ratio: a / b,
-                target: *target,
-            }
-        })
+        .map(|(i, (name, _, _, target))| ratio(i, name, &with, *target))
         .collect();
+    for (i, (name, _, _, _)) in ops.iter().enumerate().take(3) {
+        let mut r = ratio(i, name, &flags_only, 0.0);
+        r.name = match i {
+            0 => "open+close, attempt_logging = false (info)",
+            1 => "stat, attempt_logging = false (info)",
+            _ => "64-byte write, attempt_logging = false (info)",
+        };
+        ratios.push(r);
+    }
     let b = ProtectBench {
         files: 89,
         flags_ms,

@@ -434,7 +434,7 @@ fn lsm_precheck() -> std::result::Result<(), String> {
 impl KernelLayer {
     /// Loads and attaches layer 2, and layer 3 when `want_lsm` and the
     /// kernel allows it. Must run inside a tokio runtime.
-    pub fn load(ring_bytes: u32, want_lsm: bool) -> Result<Self> {
+    pub fn load(ring_bytes: u32, want_logging: bool, want_lsm: bool) -> Result<Self> {
         ensure!(
             ring_bytes >= 4096 && ring_bytes.is_power_of_two(),
             "protect ring size {ring_bytes} must be a power of two of at least 4096 bytes"
@@ -493,17 +493,21 @@ impl KernelLayer {
             present.push(s.name);
         }
 
-        let p: &mut TracePoint = ebpf
-            .program_mut("protect_sys_exit")
-            .context("program protect_sys_exit missing from the eBPF object")?
-            .try_into()?;
-        p.load().context("loading protect_sys_exit")?;
-        for name in &present {
-            let tp = format!("sys_exit_{name}");
-            p.attach("syscalls", &tp)
-                .with_context(|| format!("attaching protect_sys_exit to syscalls/{tp}"))?;
-        }
-        let attached = present.iter().map(|s| s.to_string()).collect();
+        let attached = if want_logging {
+            let p: &mut TracePoint = ebpf
+                .program_mut("protect_sys_exit")
+                .context("program protect_sys_exit missing from the eBPF object")?
+                .try_into()?;
+            p.load().context("loading protect_sys_exit")?;
+            for name in &present {
+                let tp = format!("sys_exit_{name}");
+                p.attach("syscalls", &tp)
+                    .with_context(|| format!("attaching protect_sys_exit to syscalls/{tp}"))?;
+            }
+            present.iter().map(|s| s.to_string()).collect()
+        } else {
+            Vec::new()
+        };
 
         let lsm = if want_lsm {
             Self::attach_lsm(&mut ebpf, &config)

@@ -343,10 +343,16 @@ impl Protector {
         report.flags_ms = t0.elapsed().as_secs_f64() * 1e3;
 
         // Layers 2 and 3.
-        match KernelLayer::load(cfg.ring_size.0 as u32, cfg.lsm) {
+        match KernelLayer::load(cfg.ring_size.0 as u32, cfg.attempt_logging, cfg.lsm) {
             Ok(k) => {
                 if let Err(e) = &k.lsm {
                     report.layer_errors.insert("bpf-lsm".into(), e.clone());
+                }
+                if !cfg.attempt_logging {
+                    report.layer_errors.insert(
+                        "ebpf-attempt-logging".into(),
+                        "disabled by [protect] attempt_logging = false".into(),
+                    );
                 }
                 p.kernel = Some(k);
             }
@@ -749,7 +755,9 @@ impl Protector {
             l.push("vfs-flags".to_string());
         }
         if let Some(k) = &self.kernel {
-            l.push("ebpf-attempt-logging".to_string());
+            if !k.attached.is_empty() {
+                l.push("ebpf-attempt-logging".to_string());
+            }
             if k.lsm.is_ok() {
                 l.push("bpf-lsm".to_string());
             }
