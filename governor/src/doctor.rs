@@ -68,7 +68,12 @@ pub fn immutable_flag_supported(dir: &Path) -> Result<(), String> {
     r.map_err(|e| e.to_string())
 }
 
-pub fn run_checks(state_dir: &Path) -> Report {
+/// `protect`: the config's `[protect]` and its file, to check that every
+/// protected file's filesystem can hold the immutable flag.
+pub fn run_checks(
+    state_dir: &Path,
+    protect: Option<(&crate::protect::ProtectConfig, &Path)>,
+) -> Report {
     let mut checks = Vec::new();
     let kernel = kernel_release();
     checks.push(check("kernel", true, &kernel));
@@ -151,7 +156,7 @@ pub fn run_checks(state_dir: &Path) -> Report {
         }
     };
     // Protected files (issue 6): the real attempt-logging and LSM programs.
-    let protect = crate::protect::doctor_checks(None);
+    let protect = crate::protect::doctor_checks(protect);
     let protect_ok = |n: &str| protect.iter().any(|(name, ok, _)| name == n && *ok);
     let (protect_logging, protect_lsm) = (
         protect_ok("protect: attempt logging"),

@@ -238,14 +238,22 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Doctor { json, config } => {
-            let state_dir = match config {
-                Some(p) => match load_config(&p) {
-                    Ok(c) => c.daemon.state_dir,
+            let cfg = match &config {
+                Some(p) => match load_config(p) {
+                    Ok(c) => Some(c),
                     Err(code) => return code,
                 },
-                None => PathBuf::from("/var/lib/governor"),
+                None => None,
             };
-            let report = doctor::run_checks(&state_dir);
+            let state_dir = cfg
+                .as_ref()
+                .map(|c| c.daemon.state_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("/var/lib/governor"));
+            let protect = cfg
+                .as_ref()
+                .zip(config.as_deref())
+                .map(|(c, p)| (&c.protect, p));
+            let report = doctor::run_checks(&state_dir, protect);
             if json {
                 match serde_json::to_string_pretty(&report) {
                     Ok(s) => println!("{s}"),
