@@ -573,9 +573,11 @@ impl Daemon {
             Ok(cfg) => {
                 self.table.set_matcher(Matcher::new(&cfg));
                 self.service_index = Self::index_services(&cfg);
+                // Re-walk the protected files only when [protect] changed:
+                // it re-hashes every file and reloads kernel state.
+                self.reload_protect = cfg.protect != self.config.protect;
                 self.config = cfg;
                 self.config_hash = config_hash(&src);
-                self.reload_protect = true;
                 // New limits apply to the history too.
                 let infos: Vec<InstanceInfo> = self
                     .velocity

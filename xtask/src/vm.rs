@@ -543,6 +543,7 @@ exec </dev/console >/dev/console 2>&1
 /bin/busybox --install -s
 m() { mkdir -p "$3" && mount -t "$1" "$2" "$3" || echo "GOVERNOR-VM-WARN cannot mount $1 on $3"; }
 m sysfs sysfs /sys
+m devpts devpts /dev/pts
 # Keep initramfs content (binaries mirrored at their host paths) visible.
 t() { if [ -n "$(ls -A "$1" 2>/dev/null)" ]; then echo "GOVERNOR-VM-NOTE $1 holds initramfs files: no tmpfs over it"; else m tmpfs tmpfs "$1"; fi; }
 t /tmp

@@ -36,7 +36,7 @@ pub enum ApproveVia {
     Telegram,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProtectConfig {
     /// Files no process may modify (paths or globs).
