@@ -868,7 +868,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         .context("seeding the process table from /proc")?;
     probes.sync_supervisors(&mut table);
     let (velocity, velocity_problem) = load_velocity(&state_dir);
-    release_startup_memory();
 
     let (side_tx, mut side_rx) = mpsc::unbounded_channel::<Side>();
     let (alerts, telegram): (Arc<dyn AlertSink>, Option<Arc<TelegramSender>>) =
@@ -906,6 +905,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     .await
     .context("starting file protection")?;
     report_protection(&protect_report, alerts.as_ref());
+    release_startup_memory();
     let mut layers = vec!["ebpf-lifecycle".to_string()];
     layers.extend(protector.layers());
     let mut d = Daemon {

@@ -24,12 +24,12 @@ use crate::{btf::Btf, events, tracefs};
 pub(crate) static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/governor-ebpf"));
 
-/// Default lifecycle ring size. 512 KiB holds ~600 exec records (the
+/// Default lifecycle ring size. 256 KiB holds ~300 exec records (the
 /// largest) of backlog, which the lossless storm test and benchmark (5,000+
 /// fork+exec+exit at this machine's top rate) never fill while the daemon
 /// drains it. User space maps the ring twice (for wrap-around), so every
 /// KiB here costs two of the daemon's RSS.
-pub const DEFAULT_RING_BYTES: u32 = 1 << 19;
+pub const DEFAULT_RING_BYTES: u32 = 1 << 18;
 
 /// Computes the programs' [`KernelConfig`] for the running kernel.
 pub fn kernel_config() -> Result<KernelConfig> {

@@ -367,8 +367,10 @@ const LSM_DENTRY_HOOKS: &[(&str, bool)] = &[
     ("inode_file_setattr", false),
 ];
 
-/// Default attempt ring size: ~250 events of backlog.
-pub const DEFAULT_PROTECT_RING_BYTES: u32 = 256 << 10;
+/// Default attempt ring size: ~60 events of backlog. Attempts are rare; a
+/// flood beyond it is counted and summarised, and each KiB here costs two
+/// of the daemon's RSS (user space maps the ring twice).
+pub const DEFAULT_PROTECT_RING_BYTES: u32 = 64 << 10;
 
 /// The loaded protect programs and their maps.
 pub struct KernelLayer {
