@@ -411,8 +411,9 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 }
 
 /// Parses durations the way the rest of the config writes them: `500ms`,
-/// `60s`, `10m`, `2h`, `1d`, and concatenations like `1m30s`.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+/// `60s`, `10m`, `2h`, `1d`, and concatenations like `1m30s`. The daemon's
+/// config uses this same parser for all its durations.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s.is_empty() {
         return Err("empty duration; write e.g. 60s or 10m".into());

@@ -55,7 +55,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-pub use config::{ConfigProblem, TelegramConfig, ValidatedTelegram};
+pub use config::{parse_duration, ConfigProblem, TelegramConfig, ValidatedTelegram};
 pub use format::{escape_html, truncate_escaped, MAX_MESSAGE_CHARS};
 pub use sender::{DeliveryOutcome, Enqueued, ShutdownReport, Stats, TelegramSender, Tuning};
 

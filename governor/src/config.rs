@@ -229,52 +229,9 @@ pub struct ByteSize(pub u64);
 #[derive(Debug, Clone)]
 pub struct ArgsRegex(pub regex::Regex);
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration; write e.g. \"10m\", \"30s\", \"1h30m\"".into());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "invalid duration \"{s}\": expected a number at \"{rest}\""
-            ));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("invalid duration \"{s}\": number too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86_400),
-            "" => {
-                return Err(format!(
-                    "invalid duration \"{s}\": missing unit (ms, s, m, h or d)"
-                ))
-            }
-            u => {
-                return Err(format!(
-                    "invalid duration \"{s}\": unknown unit \"{u}\" (use ms, s, m, h or d)"
-                ))
-            }
-        };
-        total += d;
-    }
-    Ok(total)
-}
+/// Durations (`10m`, `30s`, `1h30m`, `500ms`): one parser for every
+/// duration in the config, shared with `[alerts.telegram]`.
+pub use governor_alerts::parse_duration;
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
