@@ -102,6 +102,24 @@ fn last_exit_str(v: &Value) -> String {
     )
 }
 
+/// Left-aligned columns, two spaces apart, sized to their widest cell.
+fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Renders `governor status` as a table a person reads at a glance.
 pub fn render_status(data: &Value) -> String {
     let mut rows = vec![[
@@ -154,19 +172,7 @@ pub fn render_status(data: &Value) -> String {
             s["supervisor_view"].as_str().unwrap_or("-").to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..8)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = render_table(&rows);
     if let Some(h) = data["audit_head"].as_str() {
         out.push_str(&format!("audit head {h}\n"));
     }
@@ -293,17 +299,7 @@ pub fn protect_list(target: &Target, json: bool) -> Result<()> {
             window,
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print!("{}", render_table(&rows));
     Ok(())
 }
 

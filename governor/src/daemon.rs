@@ -225,6 +225,25 @@ impl Daemon {
         self.config.limits_for(svc)
     }
 
+    /// Applies the current config's limits (and configured-ness) to every
+    /// service with history: after loading it from disk and after a reload.
+    fn refresh_history_limits(&mut self) {
+        let infos: Vec<InstanceInfo> = self
+            .velocity
+            .services
+            .iter()
+            .map(|(n, t)| InstanceInfo {
+                service: n.clone(),
+                configured: self.service_index.contains_key(n),
+                supervisor: t.supervisor.clone(),
+                limits: self.limits_of(n),
+            })
+            .collect();
+        for i in &infos {
+            self.velocity.refresh(i);
+        }
+    }
+
     fn instance_info(&self, p: &Process) -> InstanceInfo {
         InstanceInfo {
             service: p.service.clone(),
@@ -579,20 +598,7 @@ impl Daemon {
                 self.config = cfg;
                 self.config_hash = config_hash(&src);
                 // New limits apply to the history too.
-                let infos: Vec<InstanceInfo> = self
-                    .velocity
-                    .services
-                    .iter()
-                    .map(|(n, t)| InstanceInfo {
-                        service: n.clone(),
-                        configured: self.service_index.contains_key(n),
-                        supervisor: t.supervisor.clone(),
-                        limits: self.limits_of(n),
-                    })
-                    .collect();
-                for i in &infos {
-                    self.velocity.refresh(i);
-                }
+                self.refresh_history_limits();
                 Ok(self.config_hash.clone())
             }
             Err(e) => Err(e.to_string()),
@@ -656,15 +662,10 @@ impl Daemon {
                 // Supervisor views take a pm2/systemctl round trip: off the loop.
                 tokio::task::spawn_blocking(move || {
                     let mut services = Vec::new();
-                    let mut pm2_cache: HashMap<u32, Value> = HashMap::new();
                     for r in rows {
                         let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
                         let view = match &r.supervisor {
                             Supervisor::None => None,
-                            s @ Supervisor::Pm2 { god_pid, .. } => {
-                                let _ = pm2_cache.entry(*god_pid);
-                                ops.view(s).ok().or_else(|| cached.get(&r.name).cloned())
-                            }
                             s => ops.view(s).ok().or_else(|| cached.get(&r.name).cloned()),
                         };
                         if let Some(view) = view {
@@ -928,20 +929,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         reload_protect: false,
         services_by_pid,
     };
-    let infos: Vec<InstanceInfo> = d
-        .velocity
-        .services
-        .iter()
-        .map(|(n, t)| InstanceInfo {
-            service: n.clone(),
-            configured: d.service_index.contains_key(n),
-            supervisor: t.supervisor.clone(),
-            limits: d.limits_of(n),
-        })
-        .collect();
-    for i in &infos {
-        d.velocity.refresh(i);
-    }
+    // History loaded from the state file carries no limits: apply them.
+    d.refresh_history_limits();
     let host = host_name();
     let started = d
         .audit(
