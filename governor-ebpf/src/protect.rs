@@ -1,9 +1,11 @@
 //! Protected files (issue 6): layer 2 (attempt logging on syscall
 //! tracepoints) and layer 3 (BPF LSM refusals).
 //!
-//! Layer 2 is one generic program, `protect_sys_exit`, attached to the
-//! `syscalls/sys_exit_*` tracepoint of every syscall that can modify a file.
-//! Exit only: each tracepoint a syscall passes costs a few hundred ns on a
+//! Layer 2 is one generic body, [`attempt`], run at the exit of every
+//! syscall that can modify a file: from one fexit program per syscall where
+//! the kernel allows trampolines (`protect_fexit_N`; other syscalls pay
+//! nothing), else from the `syscalls/sys_exit_*` tracepoints
+//! (`protect_sys_exit`; every syscall then takes the slow path). Exit only: each tracepoint a syscall passes costs a few hundred ns on a
 //! VM with retpolines, so the entry side is not traced at all — the
 //! arguments are read back from the task's saved user registers
 //! (`bpf_task_pt_regs`; register offsets from BTF), which still hold them at
@@ -32,15 +34,15 @@ use aya_ebpf::{
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
-    macros::{lsm, map, tracepoint},
+    macros::{fexit, lsm, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::{LsmContext, TracePointContext},
+    programs::{FExitContext, LsmContext, TracePointContext},
 };
 use governor_common::{
     protect::{
         AttemptEvent, ProtectRuntime, SyscallDesc, ARG_NONE, ATTEMPT_PATH_MAX, EXE_DEPTH,
-        FNV_OFFSET, FNV_PRIME, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS, INODE_DENY,
-        INODE_DIR_GUARD, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE,
+        FEXIT_SLOTS, FNV_OFFSET, FNV_PRIME, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS,
+        INODE_DENY, INODE_DIR_GUARD, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE,
         VALID_BASE0, VALID_BASE1, VALID_KEY, VALID_PATH0, VALID_PATH1,
     },
     InodeKey,
@@ -336,6 +338,10 @@ fn read_path(
     (true, base.ino != 0)
 }
 
+/// Layer 2 where the kernel refuses trampolines (fentry/fexit): one program
+/// on the `syscalls/sys_exit_*` tracepoint of every watched syscall. Any
+/// syscall tracepoint puts every task's every syscall on the kernel's slow
+/// path, so this is the fallback, not the first choice.
 #[tracepoint]
 pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
     if !active() {
@@ -343,33 +349,120 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: reads inside the tracepoint record at offsets from its format.
     let nr: i32 = unsafe { ctx.read_at(kc!(tp_sys_nr) as usize) }.unwrap_or(-1);
-    if nr < 0 || nr as u32 >= SYSCALL_TABLE_SIZE {
+    // SAFETY: as above.
+    let ret: i64 = unsafe { ctx.read_at(kc!(tp_sys_ret) as usize) }.unwrap_or(0);
+    attempt(nr, ret);
+    0
+}
+
+/// Which syscall each `protect_fexit_N` program watches, by slot; user
+/// space attaches slot N to that syscall's `__x64_sys_*` entry point.
+#[map(name = "FEXIT_SYSCALLS")]
+static FEXIT_SYSCALLS: Array<u32> = Array::with_max_entries(FEXIT_SLOTS, 0);
+
+/// Layer 2 where the kernel allows trampolines: one fexit program per
+/// watched syscall, so every other syscall runs exactly as without governor.
+#[inline(always)]
+fn fexit_slot(ctx: &FExitContext, slot: u32) -> i32 {
+    if !active() {
         return 0;
     }
-    let Some(d) = SYSCALL_DESCS.get(nr as u32) else {
+    let Some(nr) = FEXIT_SYSCALLS.get(slot) else {
         return 0;
+    };
+    // The wrapper is `long __x64_sys_NAME(const struct pt_regs *)`: its
+    // return value follows its one argument.
+    let ret: i64 = ctx.arg(1);
+    attempt(*nr as i32, ret);
+    0
+}
+
+/// Generates the numbered fexit programs (identical code; the slot tells
+/// them apart). A macro rather than one program because the kernel binds a
+/// tracing program to a single function at load.
+macro_rules! fexit_slots {
+    ($($name:ident = $slot:literal),* $(,)?) => {
+        $(
+            #[fexit]
+            pub fn $name(ctx: FExitContext) -> i32 {
+                fexit_slot(&ctx, $slot)
+            }
+        )*
+    };
+}
+
+fexit_slots!(
+    protect_fexit_0 = 0,
+    protect_fexit_1 = 1,
+    protect_fexit_2 = 2,
+    protect_fexit_3 = 3,
+    protect_fexit_4 = 4,
+    protect_fexit_5 = 5,
+    protect_fexit_6 = 6,
+    protect_fexit_7 = 7,
+    protect_fexit_8 = 8,
+    protect_fexit_9 = 9,
+    protect_fexit_10 = 10,
+    protect_fexit_11 = 11,
+    protect_fexit_12 = 12,
+    protect_fexit_13 = 13,
+    protect_fexit_14 = 14,
+    protect_fexit_15 = 15,
+    protect_fexit_16 = 16,
+    protect_fexit_17 = 17,
+    protect_fexit_18 = 18,
+    protect_fexit_19 = 19,
+    protect_fexit_20 = 20,
+    protect_fexit_21 = 21,
+    protect_fexit_22 = 22,
+    protect_fexit_23 = 23,
+    protect_fexit_24 = 24,
+    protect_fexit_25 = 25,
+    protect_fexit_26 = 26,
+    protect_fexit_27 = 27,
+    protect_fexit_28 = 28,
+    protect_fexit_29 = 29,
+    protect_fexit_30 = 30,
+    protect_fexit_31 = 31,
+    protect_fexit_32 = 32,
+    protect_fexit_33 = 33,
+    protect_fexit_34 = 34,
+    protect_fexit_35 = 35,
+    protect_fexit_36 = 36,
+    protect_fexit_37 = 37,
+    protect_fexit_38 = 38,
+    protect_fexit_39 = 39,
+);
+
+/// One syscall exit: `nr` returned `ret`. Reports it when it touched (or
+/// tried to touch) a protected file.
+#[inline(always)]
+fn attempt(nr: i32, ret: i64) {
+    if nr < 0 || nr as u32 >= SYSCALL_TABLE_SIZE {
+        return;
+    }
+    let Some(d) = SYSCALL_DESCS.get(nr as u32) else {
+        return;
     };
     let d = *d;
     if d.kind == 0 {
-        return 0;
+        return;
     }
-    // SAFETY: as above.
-    let ret: i64 = unsafe { ctx.read_at(kc!(tp_sys_ret) as usize) }.unwrap_or(0);
     let refused = ret == -EPERM || ret == -EACCES;
     // Opens that failed for another reason (ENOENT…) are never ours.
     if d.kind == KIND_OPEN && ret < 0 && !refused {
-        return 0;
+        return;
     }
     if is_daemon() {
-        return 0;
+        return;
     }
     let Some(w) = PROTECT_WORK.get_ptr_mut(0) else {
-        return 0;
+        return;
     };
     // SAFETY: the per-CPU work slot is ours for this program run.
     let p = unsafe { &mut *w };
     if !syscall_args(p) {
-        return 0;
+        return;
     }
     // SAFETY: bpf_get_current_task has no preconditions.
     let task = unsafe { bpf_get_current_task() };
@@ -389,12 +482,12 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
                 flags |= arg_of(&p, d.flags);
             }
             if flags & O_ACCMODE == 0 && flags & O_TRUNC == 0 {
-                return 0;
+                return;
             }
             if ret >= 0 {
                 key = fd_key(task, ret as u64);
                 if !is_protected(&key) {
-                    return 0;
+                    return;
                 }
                 valid |= VALID_KEY;
             }
@@ -402,7 +495,7 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
         KIND_FD => {
             key = fd_key(task, arg_of(&p, d.fd));
             if !is_protected(&key) {
-                return 0;
+                return;
             }
             valid |= VALID_KEY;
             if d.flags != ARG_NONE {
@@ -412,11 +505,11 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
         KIND_IOCTL => {
             let cmd = arg_of(&p, d.cmd) as u32;
             if cmd != FS_IOC_SETFLAGS && cmd != FS_IOC32_SETFLAGS && cmd != FS_IOC_FSSETXATTR {
-                return 0;
+                return;
             }
             key = fd_key(task, arg_of(&p, d.fd));
             if !is_protected(&key) {
-                return 0;
+                return;
             }
             valid |= VALID_KEY;
             flags = cmd as u64;
@@ -445,7 +538,7 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
                 if empty {
                     key = fd_key(task, arg_of(&p, d.dirfd0));
                     if !is_protected(&key) {
-                        return 0;
+                        return;
                     }
                     valid |= VALID_KEY;
                 }
@@ -455,11 +548,11 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
                 // basename is protected, tested before taking ring space.
                 if ret != 0 || !(path_name_protected(p, d.path0) || path_name_protected(p, d.path1))
                 {
-                    return 0;
+                    return;
                 }
             }
         }
-        _ => return 0,
+        _ => return,
     }
 
     p.key = key;
@@ -470,7 +563,6 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
     p.nr = nr as u32;
     p.desc = d;
     emit(p, task);
-    0
 }
 
 /// Reports the attempt in `p` (values re-read from map memory, see [`Work`]).

@@ -41,6 +41,8 @@ pub struct ProtectBench {
     /// The whole start: flags, eBPF load, hashing, state, audit entry.
     pub start_ms: Vec<f64>,
     pub ratios: Vec<Ratio>,
+    /// How attempt logging saw syscalls in the "with" rounds, and why.
+    pub backend: String,
 }
 
 impl ProtectBench {
@@ -169,6 +171,7 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
     cfg_flags_only.attempt_logging = false;
     let mut flags_ms = Vec::new();
     let mut start_ms = Vec::new();
+    let mut backend = String::new();
     // Warm caches.
     for (_, f, p, _) in &ops {
         f(p, iters / 4);
@@ -191,6 +194,7 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
                     let r = Running::start(c.clone(), &state, None);
                     let started = t.elapsed();
                     if side == 1 {
+                        backend = r.report.attempt_backend_detail.clone().unwrap_or_default();
                         flags_ms.push(r.report.flags_ms);
                         start_ms.push(started.as_secs_f64() * 1e3);
                     }
@@ -248,11 +252,13 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
         flags_ms,
         start_ms,
         ratios,
+        backend,
     };
     println!(
-        "protect: {} files, {rounds} rounds x {iters} iterations, kernel {}",
+        "protect: {} files, {rounds} rounds x {iters} iterations, kernel {}\n  attempt logging: {}",
         b.files,
-        governor::doctor::kernel_release()
+        governor::doctor::kernel_release(),
+        b.backend
     );
     for r in &b.ratios {
         println!(

@@ -304,6 +304,23 @@ fn expect_layers_flagless(r: &Running, flagless: bool) {
             r.report.layer_errors
         );
     }
+    // fexit must be chosen exactly when the kernel loads tracing programs
+    // (aya's own minimal probe is the independent witness); the fallback
+    // puts every syscall on the slow path, so falling back needlessly is a
+    // bug, and claiming fexit where it can't load would be a lie.
+    let trampolines =
+        aya::sys::is_program_supported(aya::programs::ProgramType::Tracing).unwrap_or(false);
+    let want = if trampolines {
+        "fexit"
+    } else {
+        "syscall-tracepoints"
+    };
+    assert_eq!(
+        r.report.attempt_backend.as_deref(),
+        Some(want),
+        "{:?}",
+        r.report.attempt_backend_detail
+    );
 }
 
 struct Mount(PathBuf);

@@ -62,7 +62,13 @@ enum Cmd {
     /// Run the benchmarks (root); figures are ratios against a baseline
     /// measured in the same run.
     Bench {
-        /// Only these benchmarks (lifecycle, daemon, audit, velocity).
+        /// Also (or, with a name list, only) run them inside a qemu guest
+        /// with this stock kernel (6.1 or 6.12): how governor fares on a
+        /// kernel that allows fexit and BPF LSM. The guest is emulated, so
+        /// its ratios are indicative.
+        #[arg(long)]
+        guest: Option<String>,
+        /// Only these benchmarks (lifecycle, daemon, audit, velocity, protect).
         only: Vec<String>,
     },
 }
@@ -141,7 +147,7 @@ fn main() -> Result<()> {
             setup::setup(&setup::Needs::all())?;
             vm_test(&root, &kernel, Duration::from_secs(timeout), &filter)
         }
-        Cmd::Bench { only } => {
+        Cmd::Bench { guest, only } => {
             setup::setup(&setup::Needs::all())?;
             run_cmd(cargo().args([
                 "build",
@@ -152,7 +158,22 @@ fn main() -> Result<()> {
                 "governor-tests",
                 "--bins",
             ]))?;
-            let mut c = Command::new(target_dir().join("release/governor-bench"));
+            let bench = target_dir().join("release/governor-bench");
+            if let Some(kernel) = guest {
+                let mut argv = vec![bench.display().to_string()];
+                argv.extend(only);
+                let opts = vm::VmOptions {
+                    kernels: vm::parse_kernel_arg(&kernel)?,
+                    test_binaries: Vec::new(),
+                    extra_binaries: vec![bench, target_dir().join("release/governor")],
+                    pre_commands: vec![argv],
+                    filter: Vec::new(),
+                    timeout: Duration::from_secs(3600),
+                    target_dir: target_dir(),
+                };
+                return vm::vm_test(&opts);
+            }
+            let mut c = Command::new(bench);
             c.args(&only);
             run_cmd(&mut c)
         }

@@ -1,5 +1,14 @@
-//! Loads the protect programs: layer 2 (attempt logging on syscall
-//! tracepoints) and, where the kernel allows it, layer 3 (BPF LSM).
+//! Loads the protect programs: layer 2 (attempt logging at syscall exit)
+//! and, where the kernel allows it, layer 3 (BPF LSM).
+//!
+//! Layer 2 prefers one fexit program per watched syscall: a trampoline on
+//! that syscall's entry point alone, so `stat`, `read`, `write` and every
+//! other syscall run exactly as without governor. Kernels that refuse
+//! trampolines (like the 6.18 host this was built on, which refuses fentry,
+//! fexit and BPF LSM with EPERM) get the `syscalls/sys_exit_*` tracepoints
+//! instead: the same body, but any syscall tracepoint puts every syscall of
+//! every task on the kernel's slow path (~50 ns each, measured). Which one
+//! runs is reported at start, in the startup audit entry and by `doctor`.
 //!
 //! The object is governor's one eBPF object, loaded a second time (as
 //! `LsmGuard` does) so the lifecycle programs and their ring are untouched.
@@ -9,14 +18,15 @@ use std::{collections::BTreeMap, os::fd::AsRawFd, path::Path};
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{Lsm, TracePoint},
+    programs::{FExit, Lsm, TracePoint},
     Ebpf, EbpfLoader,
 };
 use governor_common::{
     protect::{
-        AttemptEvent, LsmArgs, Op, ProtectRuntime, SyscallDesc, ARG_NONE, KIND_FD, KIND_IOCTL,
-        KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP, PROTECTED_NAMES_MAP, PROTECT_DROPS_MAP,
-        PROTECT_EVENTS_MAP, PROTECT_RUNTIME_SYMBOL, SYSCALL_DESCS_MAP, SYSCALL_TABLE_SIZE,
+        AttemptEvent, LsmArgs, Op, ProtectRuntime, SyscallDesc, ARG_NONE, FEXIT_SLOTS,
+        FEXIT_SYSCALLS_MAP, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP,
+        PROTECTED_NAMES_MAP, PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP, PROTECT_RUNTIME_SYMBOL,
+        SYSCALL_DESCS_MAP, SYSCALL_TABLE_SIZE,
     },
     InodeKey, KernelConfig, EVENTS_MAP, KERNEL_CONFIG_SYMBOL,
 };
@@ -367,6 +377,47 @@ const LSM_DENTRY_HOOKS: &[(&str, bool)] = &[
     ("inode_file_setattr", false),
 ];
 
+/// The entry-point prefix of a syscall's BTF-visible wrapper function.
+#[cfg(target_arch = "x86_64")]
+const SYSCALL_WRAPPER_PREFIX: &str = "__x64_sys_";
+#[cfg(target_arch = "aarch64")]
+const SYSCALL_WRAPPER_PREFIX: &str = "__arm64_sys_";
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const SYSCALL_WRAPPER_PREFIX: &str = "__sys_";
+
+/// How layer 2 sees syscall exits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptBackend {
+    /// One fexit program per watched syscall; other syscalls pay nothing.
+    Fexit,
+    /// The `syscalls/sys_exit_*` tracepoints, because fexit could not be
+    /// used (`why`); every syscall takes the kernel's slow path.
+    Tracepoints { why: String },
+}
+
+impl AttemptBackend {
+    /// Short name for logs, `doctor` and the startup audit entry.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AttemptBackend::Fexit => "fexit",
+            AttemptBackend::Tracepoints { .. } => "syscall-tracepoints",
+        }
+    }
+
+    /// One line: the backend, and for the fallback what it costs and why.
+    pub fn describe(&self) -> String {
+        match self {
+            AttemptBackend::Fexit => {
+                "fexit on each watched syscall (other syscalls untouched)".to_string()
+            }
+            AttemptBackend::Tracepoints { why } => format!(
+                "syscall-exit tracepoints (every syscall takes the kernel's slow path); \
+                 fexit unavailable: {why}"
+            ),
+        }
+    }
+}
+
 /// Default attempt ring size: ~60 events of backlog. Attempts are rare; a
 /// flood beyond it is counted and summarised, and each KiB here costs two
 /// of the daemon's RSS (user space maps the ring twice).
@@ -379,8 +430,10 @@ pub struct KernelLayer {
     drops: PerCpuArray<MapData, u64>,
     inodes: BpfHashMap<MapData, InodeKey, u32>,
     names: BpfHashMap<MapData, u64, u32>,
-    /// Syscall tracepoints attached (enter and exit each).
+    /// Syscalls whose exits are watched.
     pub attached: Vec<String>,
+    /// How they are watched (`None` when attempt logging is off).
+    pub backend: Option<AttemptBackend>,
     /// Syscalls this kernel has no tracepoint for.
     pub missing: Vec<String>,
     /// `Ok(hooks)` when the LSM layer is active, else why not.
@@ -395,9 +448,15 @@ fn register<T: std::os::fd::AsFd + AsRawFd>(inner: T) -> Result<AsyncFd<T>> {
         .map_err(|e| anyhow::anyhow!("registering a BPF map fd with tokio: {e}"))
 }
 
-/// Keeps the head and tail of a long error (verifier logs run to pages).
+/// Keeps the head and tail of a long error (verifier logs run to pages),
+/// and drops aya's empty "Verifier output:" trailer.
 fn short(s: String) -> String {
     const KEEP: usize = 600;
+    let trimmed = s.trim_end();
+    let s = match trimmed.strip_suffix("Verifier output:") {
+        Some(head) => head.trim_end().trim_end_matches('.').to_string(),
+        None => s,
+    };
     if s.len() <= 2 * KEEP {
         return s;
     }
@@ -470,7 +529,7 @@ impl KernelLayer {
             ebpf.take_map(SYSCALL_DESCS_MAP)
                 .context("SYSCALL_DESCS map missing")?,
         )?;
-        let mut present = Vec::new();
+        let mut present: Vec<(&'static str, u32)> = Vec::new();
         let mut missing = Vec::new();
         for s in syscall_specs() {
             let dir = root.join(format!("events/syscalls/sys_enter_{}", s.name));
@@ -492,30 +551,32 @@ impl KernelLayer {
             descs
                 .set(s.nr as u32, d, 0)
                 .with_context(|| format!("describing syscall {}", s.name))?;
-            present.push(s.name);
+            present.push((s.name, s.nr as u32));
         }
 
-        let attached = if want_logging {
-            let p: &mut TracePoint = ebpf
-                .program_mut("protect_sys_exit")
-                .context("program protect_sys_exit missing from the eBPF object")?
-                .try_into()?;
-            p.load().context("loading protect_sys_exit")?;
-            for name in &present {
-                let tp = format!("sys_exit_{name}");
-                p.attach("syscalls", &tp)
-                    .with_context(|| format!("attaching protect_sys_exit to syscalls/{tp}"))?;
-            }
-            present.iter().map(|s| s.to_string()).collect()
+        // One parse of the kernel's BTF (tens of MB of heap, returned to
+        // the system after start) serves both fexit and LSM.
+        let btf = if want_logging || want_lsm {
+            aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))
         } else {
-            Vec::new()
+            Err("not needed".to_string())
+        };
+        let (attached, backend) = if want_logging {
+            let backend = Self::attach_logging(&mut ebpf, &present, btf.as_ref())?;
+            (
+                present.iter().map(|(n, _)| n.to_string()).collect(),
+                Some(backend),
+            )
+        } else {
+            (Vec::new(), None)
         };
 
-        let lsm = if want_lsm {
-            Self::attach_lsm(&mut ebpf, &config)
-        } else {
-            Err("not requested".to_string())
+        let lsm = match (&btf, want_lsm) {
+            (_, false) => Err("not requested".to_string()),
+            (Err(e), true) => Err(e.clone()),
+            (Ok(btf), true) => Self::attach_lsm(&mut ebpf, &config, btf),
         };
+        drop(btf);
 
         let ring = RingBuf::try_from(
             ebpf.take_map(PROTECT_EVENTS_MAP)
@@ -541,18 +602,108 @@ impl KernelLayer {
             inodes,
             names,
             attached,
+            backend,
             missing,
             lsm,
             config,
         })
     }
 
+    /// Attaches layer 2 to the exits of `present` (name, number): fexit
+    /// where the kernel allows it, else the syscall-exit tracepoints.
+    fn attach_logging(
+        ebpf: &mut Ebpf,
+        present: &[(&'static str, u32)],
+        btf: std::result::Result<&aya::Btf, &String>,
+    ) -> Result<AttemptBackend> {
+        let why = match btf {
+            Ok(btf) => match Self::attach_fexit(ebpf, present, btf) {
+                Ok(()) => return Ok(AttemptBackend::Fexit),
+                Err(e) => e,
+            },
+            Err(e) => e.clone(),
+        };
+        let p: &mut TracePoint = ebpf
+            .program_mut("protect_sys_exit")
+            .context("program protect_sys_exit missing from the eBPF object")?
+            .try_into()?;
+        p.load().context("loading protect_sys_exit")?;
+        for (name, _) in present {
+            let tp = format!("sys_exit_{name}");
+            p.attach("syscalls", &tp)
+                .with_context(|| format!("attaching protect_sys_exit to syscalls/{tp}"))?;
+        }
+        Ok(AttemptBackend::Tracepoints { why })
+    }
+
+    /// Binds `protect_fexit_N` to the Nth syscall of `present`. All or
+    /// nothing: on any refusal the programs loaded so far are unloaded and
+    /// the reason returned, so the caller can fall back.
+    fn attach_fexit(
+        ebpf: &mut Ebpf,
+        present: &[(&'static str, u32)],
+        btf: &aya::Btf,
+    ) -> std::result::Result<(), String> {
+        if present.len() > FEXIT_SLOTS as usize {
+            return Err(format!(
+                "{} syscalls to watch but only {FEXIT_SLOTS} fexit programs",
+                present.len()
+            ));
+        }
+        {
+            let map = ebpf
+                .map_mut(FEXIT_SYSCALLS_MAP)
+                .ok_or("FEXIT_SYSCALLS map missing from the eBPF object")?;
+            let mut slots: Array<&mut MapData, u32> =
+                Array::try_from(map).map_err(|e| e.to_string())?;
+            for (slot, (_, nr)) in present.iter().enumerate() {
+                slots
+                    .set(slot as u32, nr, 0)
+                    .map_err(|e| format!("filling FEXIT_SYSCALLS: {e}"))?;
+            }
+        }
+        let mut loaded = 0;
+        let mut result = Ok(());
+        for (slot, (name, _)) in present.iter().enumerate() {
+            let prog = format!("protect_fexit_{slot}");
+            let func = format!("{SYSCALL_WRAPPER_PREFIX}{name}");
+            let step = (|| -> std::result::Result<(), String> {
+                let p: &mut FExit = ebpf
+                    .program_mut(&prog)
+                    .ok_or_else(|| format!("program {prog} missing from the eBPF object"))?
+                    .try_into()
+                    .map_err(|e| format!("{prog}: {e}"))?;
+                p.load(&func, btf)
+                    .map_err(|e| short(format!("loading fexit on {func}: {e}")))?;
+                loaded = slot + 1;
+                p.attach()
+                    .map_err(|e| format!("attaching fexit to {func}: {e}"))?;
+                Ok(())
+            })();
+            if let Err(e) = step {
+                result = Err(e);
+                break;
+            }
+        }
+        if result.is_err() {
+            for slot in 0..loaded {
+                if let Some(p) = ebpf.program_mut(&format!("protect_fexit_{slot}")) {
+                    let p: std::result::Result<&mut FExit, _> = p.try_into();
+                    if let Ok(p) = p {
+                        let _ = p.unload();
+                    }
+                }
+            }
+        }
+        result
+    }
+
     fn attach_lsm(
         ebpf: &mut Ebpf,
         config: &KernelConfig,
+        btf: &aya::Btf,
     ) -> std::result::Result<Vec<String>, String> {
         lsm_precheck()?;
-        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
         let mut hooks = Vec::new();
         let mut progs: Vec<(String, &str)> = LSM_PROGRAMS
             .iter()
@@ -593,7 +744,7 @@ impl KernelLayer {
                 .ok_or_else(|| format!("program {prog} missing from the eBPF object"))?
                 .try_into()
                 .map_err(|e| format!("{prog}: {e}"))?;
-            p.load(hook, &btf)
+            p.load(hook, btf)
                 .map_err(|e| short(format!("loading the BPF LSM program for {hook}: {e}")))?;
             p.attach().map_err(|e| {
                 format!(
@@ -708,11 +859,13 @@ pub fn probe_lsm() -> std::result::Result<Vec<String>, String> {
         .map_max_entries(PROTECT_EVENTS_MAP, 4096)
         .load(crate::probes::EBPF_OBJECT)
         .map_err(|e| format!("loading governor's eBPF object: {e}"))?;
-    KernelLayer::attach_lsm(&mut ebpf, &config)
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
+    KernelLayer::attach_lsm(&mut ebpf, &config, &btf)
 }
 
-/// Whether attempt logging can run here: loads the syscall-exit program
-/// (inert) and attaches it to one tracepoint, then detaches. For `doctor`.
+/// Whether attempt logging can run here, and how: loads the programs
+/// (inert: the runtime global stays disabled), attaches them to `openat`
+/// only, then unloads. For `doctor`.
 pub fn probe_logging() -> std::result::Result<String, String> {
     let config = crate::probes::kernel_config().map_err(|e| format!("{e:#}"))?;
     if config.regs_ok != 1 {
@@ -729,18 +882,17 @@ pub fn probe_logging() -> std::result::Result<String, String> {
         .map_max_entries(PROTECT_EVENTS_MAP, 4096)
         .load(crate::probes::EBPF_OBJECT)
         .map_err(|e| format!("loading governor's eBPF object: {e}"))?;
-    let p: &mut TracePoint = ebpf
-        .program_mut("protect_sys_exit")
-        .ok_or("program protect_sys_exit missing")?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
-    p.load()
-        .map_err(|e| short(format!("loading protect_sys_exit: {e}")))?;
-    p.attach("syscalls", "sys_exit_openat")
-        .map_err(|e| format!("attaching to syscalls/sys_exit_openat: {e}"))?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"));
+    let backend = KernelLayer::attach_logging(
+        &mut ebpf,
+        &[("openat", libc::SYS_openat as u32)],
+        btf.as_ref(),
+    )
+    .map_err(|e| short(format!("{e:#}")))?;
     let n = syscall_specs().len();
     Ok(format!(
-        "syscall-exit program loads and attaches ({n} syscalls known; those this kernel has are watched)"
+        "{}; {n} syscalls known, those this kernel has are watched",
+        backend.describe()
     ))
 }
 

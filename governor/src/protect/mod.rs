@@ -91,6 +91,10 @@ pub struct StartReport {
     pub layers: Vec<String>,
     /// Layer → why it is not running.
     pub layer_errors: BTreeMap<String, String>,
+    /// How attempt logging sees syscalls (`fexit` or `syscall-tracepoints`)
+    /// and, for the fallback, why (see `kernel::AttemptBackend`).
+    pub attempt_backend: Option<String>,
+    pub attempt_backend_detail: Option<String>,
     /// Config problems (missing path, directory, empty glob, bad list line).
     pub problems: Vec<String>,
     /// Files on filesystems that can't hold the flag (layers 2/3 only).
@@ -348,6 +352,10 @@ impl Protector {
                 if let Err(e) = &k.lsm {
                     report.layer_errors.insert("bpf-lsm".into(), e.clone());
                 }
+                if let Some(b) = &k.backend {
+                    report.attempt_backend = Some(b.label().to_string());
+                    report.attempt_backend_detail = Some(b.describe());
+                }
                 if !cfg.attempt_logging {
                     report.layer_errors.insert(
                         "ebpf-attempt-logging".into(),
@@ -453,6 +461,8 @@ impl Protector {
                 "files": report.files, "untouchable": report.untouchable,
                 "protected": report.protected, "flagged": report.flagged,
                 "layers": report.layers, "layer_errors": report.layer_errors,
+                "attempt_backend": report.attempt_backend,
+                "attempt_backend_detail": report.attempt_backend_detail,
                 "problems": report.problems, "unflaggable": report.unflaggable,
                 "missing": report.missing, "changed_while_down": report.changed,
                 "windows_closed": report.windows_closed,
