@@ -144,8 +144,10 @@ pub struct KernelConfig {
     pub lsm: protect::LsmArgs,
     /// Saved user registers (`struct pt_regs`, from BTF): the offset of a
     /// 128-byte window read at syscall exit, and each syscall argument's
-    /// offset inside it (x86_64: di, si, dx, r10, r8, r9).
+    /// offset inside it (x86_64: di, si, dx, r10, r8, r9), and that of the
+    /// syscall number the task entered with (x86_64: orig_ax).
     pub regs_window: u32,
+    pub regs_nr: u32,
     pub regs_arg0: u32,
     pub regs_arg1: u32,
     pub regs_arg2: u32,

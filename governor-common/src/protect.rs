@@ -22,9 +22,10 @@ pub const PROTECTED_NAMES_MAP: &str = "PROTECTED_NAMES";
 pub const SYSCALL_DESCS_MAP: &str = "SYSCALL_DESCS";
 /// Entries of [`SYSCALL_DESCS_MAP`] (syscall numbers must be below this).
 pub const SYSCALL_TABLE_SIZE: u32 = 512;
-/// Slot → syscall number for the `protect_fexit_N` programs.
-pub const FEXIT_SYSCALLS_MAP: &str = "FEXIT_SYSCALLS";
-/// How many `protect_fexit_N` programs the eBPF object has (one per watched
+/// Program array whose entry 0 is `protect_fexit_worker`, the tail-call
+/// target of every `protect_fexit_N` stub.
+pub const FEXIT_WORKER_MAP: &str = "FEXIT_WORKER";
+/// How many `protect_fexit_N` stubs the eBPF object has (one per watched
 /// syscall; N counts from 0).
 pub const FEXIT_SLOTS: u32 = 40;
 

@@ -87,6 +87,7 @@ static GOVERNOR_KERNEL_CONFIG: KernelConfig = KernelConfig {
     regs_arg3: 0,
     regs_arg4: 0,
     regs_arg5: 0,
+    regs_nr: 0,
     regs_ok: 0,
 };
 

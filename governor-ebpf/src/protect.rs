@@ -35,14 +35,14 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{fexit, lsm, map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{FExitContext, LsmContext, TracePointContext},
 };
 use governor_common::{
     protect::{
         AttemptEvent, ProtectRuntime, SyscallDesc, ARG_NONE, ATTEMPT_PATH_MAX, EXE_DEPTH,
-        FEXIT_SLOTS, FNV_OFFSET, FNV_PRIME, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS,
-        INODE_DENY, INODE_DIR_GUARD, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE,
+        FNV_OFFSET, FNV_PRIME, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS, INODE_DENY,
+        INODE_DIR_GUARD, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE,
         VALID_BASE0, VALID_BASE1, VALID_KEY, VALID_PATH0, VALID_PATH1,
     },
     InodeKey,
@@ -355,83 +355,94 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Which syscall each `protect_fexit_N` program watches, by slot; user
-/// space attaches slot N to that syscall's `__x64_sys_*` entry point.
-#[map(name = "FEXIT_SYSCALLS")]
-static FEXIT_SYSCALLS: Array<u32> = Array::with_max_entries(FEXIT_SLOTS, 0);
+/// The one program that does the work behind every fexit stub: the kernel
+/// binds a tracing program to a single function, so each watched syscall
+/// needs its own program, but verifying the full body once per syscall cost
+/// 0.8 s each under emulation. Each stub is a tail call into this.
+#[map(name = "FEXIT_WORKER")]
+static FEXIT_WORKER: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-/// Layer 2 where the kernel allows trampolines: one fexit program per
-/// watched syscall, so every other syscall runs exactly as without governor.
-#[inline(always)]
-fn fexit_slot(ctx: &FExitContext, slot: u32) -> i32 {
+/// Layer 2 where the kernel allows trampolines: stubs on the watched
+/// syscalls' entry points tail-call this, so every other syscall runs
+/// exactly as without governor. Loaded for (not attached to) one syscall
+/// wrapper; every `__x64_sys_*` wrapper has the same prototype, which is
+/// what lets the stubs share it.
+#[fexit]
+pub fn protect_fexit_worker(ctx: FExitContext) -> i32 {
     if !active() {
         return 0;
     }
-    let Some(nr) = FEXIT_SYSCALLS.get(slot) else {
+    // The number the task entered the syscall with, from its saved user
+    // registers (the wrapper's return value follows its one argument).
+    // SAFETY: both helpers are valid in tracing programs; the task pointer
+    // is the current task's.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
         return 0;
-    };
-    // The wrapper is `long __x64_sys_NAME(const struct pt_regs *)`: its
-    // return value follows its one argument.
+    }
+    let nr: i64 = read_at(regs, kc!(regs_window) + kc!(regs_nr));
     let ret: i64 = ctx.arg(1);
-    attempt(*nr as i32, ret);
+    attempt(nr as i32, ret);
     0
 }
 
-/// Generates the numbered fexit programs (identical code; the slot tells
-/// them apart). A macro rather than one program because the kernel binds a
-/// tracing program to a single function at load.
-macro_rules! fexit_slots {
-    ($($name:ident = $slot:literal),* $(,)?) => {
+/// Generates the stubs, one per watched syscall (user space binds stub N
+/// to the Nth): a tail call into [`protect_fexit_worker`], nothing else.
+macro_rules! fexit_stubs {
+    ($($name:ident),* $(,)?) => {
         $(
             #[fexit]
             pub fn $name(ctx: FExitContext) -> i32 {
-                fexit_slot(&ctx, $slot)
+                // SAFETY: index 0 of our own program array holds the
+                // worker; if it is empty the call falls through.
+                let _ = unsafe { FEXIT_WORKER.tail_call(&ctx, 0) };
+                0
             }
         )*
     };
 }
 
-fexit_slots!(
-    protect_fexit_0 = 0,
-    protect_fexit_1 = 1,
-    protect_fexit_2 = 2,
-    protect_fexit_3 = 3,
-    protect_fexit_4 = 4,
-    protect_fexit_5 = 5,
-    protect_fexit_6 = 6,
-    protect_fexit_7 = 7,
-    protect_fexit_8 = 8,
-    protect_fexit_9 = 9,
-    protect_fexit_10 = 10,
-    protect_fexit_11 = 11,
-    protect_fexit_12 = 12,
-    protect_fexit_13 = 13,
-    protect_fexit_14 = 14,
-    protect_fexit_15 = 15,
-    protect_fexit_16 = 16,
-    protect_fexit_17 = 17,
-    protect_fexit_18 = 18,
-    protect_fexit_19 = 19,
-    protect_fexit_20 = 20,
-    protect_fexit_21 = 21,
-    protect_fexit_22 = 22,
-    protect_fexit_23 = 23,
-    protect_fexit_24 = 24,
-    protect_fexit_25 = 25,
-    protect_fexit_26 = 26,
-    protect_fexit_27 = 27,
-    protect_fexit_28 = 28,
-    protect_fexit_29 = 29,
-    protect_fexit_30 = 30,
-    protect_fexit_31 = 31,
-    protect_fexit_32 = 32,
-    protect_fexit_33 = 33,
-    protect_fexit_34 = 34,
-    protect_fexit_35 = 35,
-    protect_fexit_36 = 36,
-    protect_fexit_37 = 37,
-    protect_fexit_38 = 38,
-    protect_fexit_39 = 39,
+fexit_stubs!(
+    protect_fexit_0,
+    protect_fexit_1,
+    protect_fexit_2,
+    protect_fexit_3,
+    protect_fexit_4,
+    protect_fexit_5,
+    protect_fexit_6,
+    protect_fexit_7,
+    protect_fexit_8,
+    protect_fexit_9,
+    protect_fexit_10,
+    protect_fexit_11,
+    protect_fexit_12,
+    protect_fexit_13,
+    protect_fexit_14,
+    protect_fexit_15,
+    protect_fexit_16,
+    protect_fexit_17,
+    protect_fexit_18,
+    protect_fexit_19,
+    protect_fexit_20,
+    protect_fexit_21,
+    protect_fexit_22,
+    protect_fexit_23,
+    protect_fexit_24,
+    protect_fexit_25,
+    protect_fexit_26,
+    protect_fexit_27,
+    protect_fexit_28,
+    protect_fexit_29,
+    protect_fexit_30,
+    protect_fexit_31,
+    protect_fexit_32,
+    protect_fexit_33,
+    protect_fexit_34,
+    protect_fexit_35,
+    protect_fexit_36,
+    protect_fexit_37,
+    protect_fexit_38,
+    protect_fexit_39,
 );
 
 /// One syscall exit: `nr` returned `ret`. Reports it when it touched (or

@@ -43,6 +43,8 @@ pub struct ProtectBench {
     pub ratios: Vec<Ratio>,
     /// How attempt logging saw syscalls in the "with" rounds, and why.
     pub backend: String,
+    /// eBPF load phases of the last "with" start (ms).
+    pub kernel_ms: Vec<(String, f64)>,
 }
 
 impl ProtectBench {
@@ -172,6 +174,7 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
     let mut flags_ms = Vec::new();
     let mut start_ms = Vec::new();
     let mut backend = String::new();
+    let mut kernel_ms = Vec::new();
     // Warm caches.
     for (_, f, p, _) in &ops {
         f(p, iters / 4);
@@ -195,6 +198,7 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
                     let started = t.elapsed();
                     if side == 1 {
                         backend = r.report.attempt_backend_detail.clone().unwrap_or_default();
+                        kernel_ms = r.report.kernel_ms.clone();
                         flags_ms.push(r.report.flags_ms);
                         start_ms.push(started.as_secs_f64() * 1e3);
                     }
@@ -253,6 +257,7 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
         start_ms,
         ratios,
         backend,
+        kernel_ms,
     };
     println!(
         "protect: {} files, {rounds} rounds x {iters} iterations, kernel {}\n  attempt logging: {}",
@@ -286,5 +291,11 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
         b.start_ms.iter().cloned().fold(0.0, f64::max),
         if median(&b.start_ms) <= 1000.0 { "ok" } else { "MISSED" }
     );
+    let phases: Vec<String> = b
+        .kernel_ms
+        .iter()
+        .map(|(w, t)| format!("{w} {t:.0} ms"))
+        .collect();
+    println!("  eBPF load phases (last start): {}", phases.join(", "));
     Ok(b)
 }

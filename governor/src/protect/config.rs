@@ -13,7 +13,7 @@
 //! telegram_approvers = [123456789] # Telegram user ids allowed to approve
 //! max_window = "1h"               # longest approval window
 //! lsm = true                      # use BPF LSM where the kernel allows it
-//! attempt_logging = true          # layer 2; costs every syscall a little (see below)
+//! attempt_logging = true          # layer 2; its cost depends on the kernel (see below)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -64,11 +64,13 @@ pub struct ProtectConfig {
     /// Use the BPF LSM layer where the kernel allows it.
     #[serde(default = "default_true")]
     pub lsm: bool,
-    /// Layer 2 (logging every attempt with who and what). Syscall
-    /// tracepoints put every syscall of every process on the kernel's slow
-    /// path: measured on a retpoline VM, ~65 ns per syscall and ~300 ns per
-    /// open. `false` keeps the flags (and BPF LSM) without that cost, and
-    /// without the attempt log and tamper restore.
+    /// Layer 2 (logging every attempt with who and what). Where the kernel
+    /// allows fexit (stock Debian/Ubuntu kernels) only the watched syscalls
+    /// pay, a trampoline each. Where it doesn't, syscall tracepoints put
+    /// every syscall of every process on the kernel's slow path: measured on
+    /// a retpoline VM, ~50–65 ns per syscall. `false` keeps the flags (and
+    /// BPF LSM) without that cost, and without the attempt log and tamper
+    /// restore.
     #[serde(default = "default_true")]
     pub attempt_logging: bool,
     /// Size of the attempt ring.

@@ -17,14 +17,14 @@ use std::{collections::BTreeMap, os::fd::AsRawFd, path::Path};
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{FExit, Lsm, TracePoint},
     Ebpf, EbpfLoader,
 };
 use governor_common::{
     protect::{
         AttemptEvent, LsmArgs, Op, ProtectRuntime, SyscallDesc, ARG_NONE, FEXIT_SLOTS,
-        FEXIT_SYSCALLS_MAP, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP,
+        FEXIT_WORKER_MAP, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP,
         PROTECTED_NAMES_MAP, PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP, PROTECT_RUNTIME_SYMBOL,
         SYSCALL_DESCS_MAP, SYSCALL_TABLE_SIZE,
     },
@@ -317,10 +317,11 @@ pub fn lsm_args(btf: &Btf) -> LsmArgs {
 /// when this architecture or kernel doesn't fit).
 pub fn regs_layout(btf: &Btf) -> KernelConfig {
     // The syscall calling convention (an ABI); the offsets come from BTF.
+    // The last entry is the syscall number as entered.
     #[cfg(target_arch = "x86_64")]
-    const ARG_REGS: [&str; 6] = ["di", "si", "dx", "r10", "r8", "r9"];
+    const ARG_REGS: [&str; 7] = ["di", "si", "dx", "r10", "r8", "r9", "orig_ax"];
     #[cfg(not(target_arch = "x86_64"))]
-    const ARG_REGS: [&str; 6] = ["", "", "", "", "", ""];
+    const ARG_REGS: [&str; 7] = ["", "", "", "", "", "", ""];
     let offs: Option<Vec<u32>> = ARG_REGS
         .iter()
         .map(|r| btf.member_offset("pt_regs", r).ok())
@@ -331,7 +332,7 @@ pub fn regs_layout(btf: &Btf) -> KernelConfig {
     };
     // The program reads 128 bytes from `window`; they must stay inside
     // pt_regs (it sits at the very top of the kernel stack: a read past its
-    // end faults) and cover every argument register.
+    // end faults) and cover every argument register and the number.
     let size = btf.struct_size("pt_regs").unwrap_or(0);
     let (min, max) = match (offs.iter().min(), offs.iter().max()) {
         (Some(a), Some(b)) => (*a, *b),
@@ -352,6 +353,7 @@ pub fn regs_layout(btf: &Btf) -> KernelConfig {
     c.regs_arg3 = rel[3];
     c.regs_arg4 = rel[4];
     c.regs_arg5 = rel[5];
+    c.regs_nr = rel[6];
     c.regs_ok = 1;
     c
 }
@@ -439,6 +441,8 @@ pub struct KernelLayer {
     /// `Ok(hooks)` when the LSM layer is active, else why not.
     pub lsm: std::result::Result<Vec<String>, String>,
     pub config: KernelConfig,
+    /// Where the load's time went (ms): `object`, `btf`, `logging`, `lsm`.
+    pub timings: Vec<(&'static str, f64)>,
 }
 
 fn register<T: std::os::fd::AsFd + AsRawFd>(inner: T) -> Result<AsyncFd<T>> {
@@ -500,6 +504,12 @@ impl KernelLayer {
             ring_bytes >= 4096 && ring_bytes.is_power_of_two(),
             "protect ring size {ring_bytes} must be a power of two of at least 4096 bytes"
         );
+        let mut timings = Vec::new();
+        let mut lap = std::time::Instant::now();
+        let mut mark = |what: &'static str| {
+            timings.push((what, lap.elapsed().as_secs_f64() * 1e3));
+            lap = std::time::Instant::now();
+        };
         let config = crate::probes::kernel_config()?;
         ensure!(
             config.regs_ok == 1,
@@ -554,6 +564,7 @@ impl KernelLayer {
             present.push((s.name, s.nr as u32));
         }
 
+        mark("object");
         // One parse of the kernel's BTF (tens of MB of heap, returned to
         // the system after start) serves both fexit and LSM.
         let btf = if want_logging || want_lsm {
@@ -561,6 +572,7 @@ impl KernelLayer {
         } else {
             Err("not needed".to_string())
         };
+        mark("btf");
         let (attached, backend) = if want_logging {
             let backend = Self::attach_logging(&mut ebpf, &present, btf.as_ref())?;
             (
@@ -570,6 +582,7 @@ impl KernelLayer {
         } else {
             (Vec::new(), None)
         };
+        mark("logging");
 
         let lsm = match (&btf, want_lsm) {
             (_, false) => Err("not requested".to_string()),
@@ -577,6 +590,7 @@ impl KernelLayer {
             (Ok(btf), true) => Self::attach_lsm(&mut ebpf, &config, btf),
         };
         drop(btf);
+        mark("lsm");
 
         let ring = RingBuf::try_from(
             ebpf.take_map(PROTECT_EVENTS_MAP)
@@ -606,6 +620,7 @@ impl KernelLayer {
             missing,
             lsm,
             config,
+            timings,
         })
     }
 
@@ -636,9 +651,10 @@ impl KernelLayer {
         Ok(AttemptBackend::Tracepoints { why })
     }
 
-    /// Binds `protect_fexit_N` to the Nth syscall of `present`. All or
-    /// nothing: on any refusal the programs loaded so far are unloaded and
-    /// the reason returned, so the caller can fall back.
+    /// Binds stub `protect_fexit_N` to the Nth syscall of `present`, each
+    /// a tail call into `protect_fexit_worker` (verified once, not once per
+    /// syscall). All or nothing: on any refusal the programs loaded so far
+    /// are unloaded and the reason returned, so the caller can fall back.
     fn attach_fexit(
         ebpf: &mut Ebpf,
         present: &[(&'static str, u32)],
@@ -650,44 +666,14 @@ impl KernelLayer {
                 present.len()
             ));
         }
-        {
-            let map = ebpf
-                .map_mut(FEXIT_SYSCALLS_MAP)
-                .ok_or("FEXIT_SYSCALLS map missing from the eBPF object")?;
-            let mut slots: Array<&mut MapData, u32> =
-                Array::try_from(map).map_err(|e| e.to_string())?;
-            for (slot, (_, nr)) in present.iter().enumerate() {
-                slots
-                    .set(slot as u32, nr, 0)
-                    .map_err(|e| format!("filling FEXIT_SYSCALLS: {e}"))?;
-            }
-        }
-        let mut loaded = 0;
-        let mut result = Ok(());
-        for (slot, (name, _)) in present.iter().enumerate() {
-            let prog = format!("protect_fexit_{slot}");
-            let func = format!("{SYSCALL_WRAPPER_PREFIX}{name}");
-            let step = (|| -> std::result::Result<(), String> {
-                let p: &mut FExit = ebpf
-                    .program_mut(&prog)
-                    .ok_or_else(|| format!("program {prog} missing from the eBPF object"))?
-                    .try_into()
-                    .map_err(|e| format!("{prog}: {e}"))?;
-                p.load(&func, btf)
-                    .map_err(|e| short(format!("loading fexit on {func}: {e}")))?;
-                loaded = slot + 1;
-                p.attach()
-                    .map_err(|e| format!("attaching fexit to {func}: {e}"))?;
-                Ok(())
-            })();
-            if let Err(e) = step {
-                result = Err(e);
-                break;
-            }
-        }
+        let Some((first, _)) = present.first() else {
+            return Err("no syscall to watch".into());
+        };
+        let mut loaded: Vec<String> = Vec::new();
+        let result = Self::bind_fexit(ebpf, present, first, btf, &mut loaded);
         if result.is_err() {
-            for slot in 0..loaded {
-                if let Some(p) = ebpf.program_mut(&format!("protect_fexit_{slot}")) {
+            for prog in &loaded {
+                if let Some(p) = ebpf.program_mut(prog) {
                     let p: std::result::Result<&mut FExit, _> = p.try_into();
                     if let Ok(p) = p {
                         let _ = p.unload();
@@ -696,6 +682,57 @@ impl KernelLayer {
             }
         }
         result
+    }
+
+    fn bind_fexit(
+        ebpf: &mut Ebpf,
+        present: &[(&'static str, u32)],
+        first: &str,
+        btf: &aya::Btf,
+        loaded: &mut Vec<String>,
+    ) -> std::result::Result<(), String> {
+        fn fexit<'a>(ebpf: &'a mut Ebpf, prog: &str) -> std::result::Result<&'a mut FExit, String> {
+            ebpf.program_mut(prog)
+                .ok_or_else(|| format!("program {prog} missing from the eBPF object"))?
+                .try_into()
+                .map_err(|e| format!("{prog}: {e}"))
+        }
+        // The worker is loaded for one wrapper (any: they share one
+        // prototype) and never attached itself.
+        let worker = "protect_fexit_worker";
+        let func = format!("{SYSCALL_WRAPPER_PREFIX}{first}");
+        let w = fexit(ebpf, worker)?;
+        w.load(&func, btf)
+            .map_err(|e| short(format!("loading fexit on {func}: {e}")))?;
+        loaded.push(worker.to_string());
+        let fd = w
+            .fd()
+            .map_err(|e| format!("{worker}: {e}"))?
+            .try_clone()
+            .map_err(|e| format!("{worker}: {e}"))?;
+        {
+            // Kept inside `ebpf` (not taken): the kernel empties a program
+            // array when user space closes its last fd to it.
+            let map = ebpf
+                .map_mut(FEXIT_WORKER_MAP)
+                .ok_or("FEXIT_WORKER map missing from the eBPF object")?;
+            let mut array: ProgramArray<&mut MapData> =
+                ProgramArray::try_from(map).map_err(|e| e.to_string())?;
+            array
+                .set(0, &fd, 0)
+                .map_err(|e| format!("installing the fexit worker: {e}"))?;
+        }
+        for (slot, (name, _)) in present.iter().enumerate() {
+            let prog = format!("protect_fexit_{slot}");
+            let func = format!("{SYSCALL_WRAPPER_PREFIX}{name}");
+            let p = fexit(ebpf, &prog)?;
+            p.load(&func, btf)
+                .map_err(|e| short(format!("loading fexit on {func}: {e}")))?;
+            loaded.push(prog.clone());
+            p.attach()
+                .map_err(|e| format!("attaching fexit to {func}: {e}"))?;
+        }
+        Ok(())
     }
 
     fn attach_lsm(

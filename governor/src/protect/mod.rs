@@ -110,6 +110,8 @@ pub struct StartReport {
     /// Time until every file carried its flag.
     pub flags_ms: f64,
     pub total_ms: f64,
+    /// Where loading the eBPF layers spent its time (ms, by phase).
+    pub kernel_ms: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -352,6 +354,7 @@ impl Protector {
                 if let Err(e) = &k.lsm {
                     report.layer_errors.insert("bpf-lsm".into(), e.clone());
                 }
+                report.kernel_ms = k.timings.iter().map(|(w, t)| (w.to_string(), *t)).collect();
                 if let Some(b) = &k.backend {
                     report.attempt_backend = Some(b.label().to_string());
                     report.attempt_backend_detail = Some(b.describe());
@@ -467,6 +470,7 @@ impl Protector {
                 "missing": report.missing, "changed_while_down": report.changed,
                 "windows_closed": report.windows_closed,
                 "flags_ms": report.flags_ms, "total_ms": report.total_ms,
+                "kernel_ms": report.kernel_ms,
             }),
         );
         p.alert_report(&report);

@@ -3,6 +3,8 @@
 //! Every figure is reported against a baseline measured in the same run —
 //! the machines are shared and noisy — and checked against the issue's
 //! target. Names: lifecycle, daemon, audit, velocity, protect.
+//! `--protect-rounds=N` / `--protect-iters=N` shorten the protect benchmark
+//! (12 rounds of 100,000 by default), e.g. in an emulated guest.
 
 use std::{
     io::Write,
@@ -382,7 +384,27 @@ fn velocity(r: &mut Report) {
 }
 
 fn main() {
-    let only: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |flag: &str, default: usize| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(flag))
+            .map(|v| {
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| panic!("{flag}{v}: expected a positive number"))
+            })
+            .unwrap_or(default)
+    };
+    let (protect_rounds, protect_iters) = (
+        number("--protect-rounds=", 12),
+        number("--protect-iters=", 100_000),
+    );
+    let only: Vec<String> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .cloned()
+        .collect();
     let want = |n: &str| only.is_empty() || only.iter().any(|o| o == n);
     let mut r = Report { rows: Vec::new() };
     if want("lifecycle") {
@@ -399,7 +421,7 @@ fn main() {
     }
     if want("protect") {
         println!("protect: 89 protected files, daemon-style protector running over not");
-        match governor_tests::bench_protect::bench_protect(12, 100_000) {
+        match governor_tests::bench_protect::bench_protect(protect_rounds, protect_iters) {
             Ok(b) => {
                 for x in &b.ratios {
                     r.add(
