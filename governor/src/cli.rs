@@ -344,6 +344,16 @@ pub fn approve(target: &Target, path: &Path, for_s: u64, reason: &str) -> Result
         },
         true,
     )?;
+    if data["status"].as_str() == Some("pending") {
+        // approve_via = "telegram": nothing is open yet.
+        println!(
+            "{}: approval requested on Telegram (request {}); the {for_s} s window opens when an \
+             authorised approver taps Approve. `governor protect list` shows it once open.",
+            abs.display(),
+            data["request"].as_str().unwrap_or("?")
+        );
+        return Ok(());
+    }
     println!(
         "write window open on {} for {for_s} s{}",
         abs.display(),

@@ -300,3 +300,103 @@ fn telegram_config_errors_name_the_key() {
     let (code, out) = check(&section(tok, Some("42"), "https://api.telegram.org"));
     assert_eq!(code, 0, "{out}");
 }
+
+/// `approve_via = "telegram"`, end to end through the daemon: `governor
+/// approve` at a terminal only asks; a tap by someone not in
+/// `telegram_approvers` is answered and changes nothing; the approver's tap
+/// opens the window, the write goes through and is logged as allowed, and
+/// `approve --end` puts the flag back.
+#[test]
+fn telegram_approval_opens_a_window_only_on_an_authorised_tap() {
+    let bot = BotServer::start(vec![]);
+    let (_tdir, token) = governor_tests::botapi::token_file();
+    let files = tempfile::tempdir_in("/tmp").unwrap();
+    let target = files.path().join("bot.json");
+    fs::write(&target, "{\"v\":1}\n").unwrap();
+    let d = DaemonProc::start(&format!(
+        "{}\n[protect]\nprotected = [\"{}\"]\napprove_via = \"telegram\"\ntelegram_approvers = [42]\napproval_timeout = \"5m\"\n",
+        telegram_section(&bot.url(), &token),
+        target.display()
+    ));
+    let writable = || fs::OpenOptions::new().append(true).open(&target).is_ok();
+    assert!(!writable(), "a protected file must refuse writes");
+    let (p, sock) = (
+        target.to_str().unwrap(),
+        d.socket.to_str().unwrap().to_string(),
+    );
+
+    // Someone else taps Approve first.
+    bot.tap(7, true);
+    let (code, out) = governor_tests::governor_on_tty(
+        &[
+            "approve", p, "--for", "2m", "--reason", "tg e2e", "--socket", &sock,
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "approve: {out}\n{}", d.log());
+    assert!(out.contains("Telegram"), "the CLI says it asked: {out}");
+    let wait = if governor_tests::in_vm() { 120 } else { 20 };
+    let end = Instant::now() + Duration::from_secs(wait);
+    let answered = |needle: &str| {
+        bot.requests().iter().any(|r| {
+            r.path.ends_with("/answerCallbackQuery")
+                && r.body["text"].as_str().unwrap_or("").contains(needle)
+        })
+    };
+    while !answered("not an authorised") && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(answered("not an authorised"), "{}", d.log());
+    let req = bot
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/sendMessage") && !r.body["reply_markup"].is_null())
+        .expect("the approval request was sent with buttons");
+    assert!(
+        req.text().contains(p) && req.text().contains("tg e2e"),
+        "{}",
+        req.text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!writable(), "an unauthorised tap must not open the window");
+    assert!(d.entries_of("protect.window_open").is_empty());
+
+    // The approver taps Approve.
+    bot.tap(42, true);
+    let end = Instant::now() + Duration::from_secs(wait);
+    while !writable() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        writable(),
+        "the approver's tap opens the window: {}",
+        d.log()
+    );
+    assert!(answered("Approved"));
+    let opened = d.entries_of("protect.window_open");
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert_eq!(
+        opened[0]["detail"]["via"].as_str(),
+        Some("telegram:42:user42"),
+        "{opened:?}"
+    );
+    // A write inside the window is logged as allowed.
+    let mut f = fs::OpenOptions::new().append(true).open(&target).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"v\":2}\n").unwrap();
+    drop(f);
+    let end = Instant::now() + Duration::from_secs(wait);
+    let allowed = || {
+        d.entries_of("protect.attempt")
+            .iter()
+            .any(|e| e["detail"]["result"].as_str() == Some("allowed"))
+    };
+    while !allowed() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(allowed(), "{:?}", d.entries_of("protect.attempt"));
+
+    let (code, out, err) = governor(&["approve", "--end", p, "--socket", &sock]);
+    assert_eq!(code, 0, "approve --end: {out}{err}");
+    assert!(!writable(), "the flag is back after the window");
+    assert_eq!(d.entries_of("protect.window_close").len(), 1);
+}

@@ -52,6 +52,7 @@ impl Recorded {
 pub struct BotServer {
     addr: SocketAddr,
     records: Arc<Mutex<Vec<Recorded>>>,
+    taps: Arc<Mutex<VecDeque<(i64, bool)>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -62,23 +63,37 @@ impl BotServer {
         let addr = listener.local_addr().expect("local addr");
         let records = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(VecDeque::from(script)));
+        let taps = Arc::new(Mutex::new(VecDeque::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s, st) = (records.clone(), script.clone(), stop.clone());
+        let (r, s, t, st) = (records.clone(), script.clone(), taps.clone(), stop.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (r, s) = (r.clone(), s.clone());
-                std::thread::spawn(move || handle(conn, &r, &s));
+                let (r, s, t) = (r.clone(), s.clone(), t.clone());
+                std::thread::spawn(move || handle(conn, &r, &s, &t));
             }
         });
         BotServer {
             addr,
             records,
+            taps,
             stop,
         }
+    }
+
+    /// Queues a tap on the latest message with buttons: `user` presses
+    /// Approve (`true`) or Deny. The next `getUpdates` (other than the
+    /// `offset = -1` flush) hands it out as a `callback_query`.
+    pub fn tap(&self, user: i64, approve: bool) {
+        self.taps.lock().unwrap().push_back((user, approve));
+    }
+
+    /// Taps not handed out yet.
+    pub fn pending_taps(&self) -> usize {
+        self.taps.lock().unwrap().len()
     }
 
     pub fn url(&self) -> String {
@@ -109,7 +124,12 @@ impl Drop for BotServer {
     }
 }
 
-fn handle(conn: TcpStream, records: &Mutex<Vec<Recorded>>, script: &Mutex<VecDeque<Reply>>) {
+fn handle(
+    conn: TcpStream,
+    records: &Mutex<Vec<Recorded>>,
+    script: &Mutex<VecDeque<Reply>>,
+    taps: &Mutex<VecDeque<(i64, bool)>>,
+) {
     conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let mut reader = BufReader::new(conn.try_clone().expect("clone stream"));
     let mut request_line = String::new();
@@ -142,13 +162,68 @@ fn handle(conn: TcpStream, records: &Mutex<Vec<Recorded>>, script: &Mutex<VecDeq
         return;
     }
     let at = Instant::now();
-    let reply = script.lock().unwrap().pop_front().unwrap_or(Reply::Ok);
-    records.lock().unwrap().push(Recorded {
-        path,
-        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-        at,
-        reply: reply.clone(),
-    });
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let updates = path.ends_with("/getUpdates");
+    // getUpdates is answered from the taps, not the script.
+    let reply = if updates {
+        Reply::Ok
+    } else {
+        script.lock().unwrap().pop_front().unwrap_or(Reply::Ok)
+    };
+    let result = {
+        let mut recs = records.lock().unwrap();
+        recs.push(Recorded {
+            path: path.clone(),
+            body: body.clone(),
+            at,
+            reply: reply.clone(),
+        });
+        if updates && body["offset"] != -1 {
+            let buttons = recs
+                .iter()
+                .rev()
+                .find(|r| r.path.ends_with("/sendMessage") && !r.body["reply_markup"].is_null())
+                .map(|r| r.body["reply_markup"]["inline_keyboard"][0].clone());
+            match buttons {
+                Some(kb) => taps
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .map(|(user, approve)| (kb, user, approve, recs.len())),
+                None => None,
+            }
+        } else {
+            None
+        }
+    };
+    if updates {
+        let list = match result {
+            Some((kb, user, approve, n)) => serde_json::json!([{
+                "update_id": 5000 + n,
+                "callback_query": {
+                    "id": format!("cb{n}"),
+                    "from": {"id": user, "is_bot": false, "first_name": "T", "username": format!("user{user}")},
+                    "data": kb[if approve { 0 } else { 1 }]["callback_data"].clone(),
+                }
+            }]),
+            None => {
+                if body["offset"] != -1 {
+                    // A short long-poll.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                serde_json::json!([])
+            }
+        };
+        let json = serde_json::json!({"ok": true, "result": list}).to_string();
+        let mut conn = conn;
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+            json.len()
+        );
+        let _ = conn.flush();
+        return;
+    }
     let (status, json) = match reply {
         Reply::Ok => ("200 OK", ok_json()),
         Reply::Slow(d) => {

@@ -883,12 +883,18 @@ pub fn spec_of(nr: u32) -> Option<SyscallSpec> {
 }
 
 /// Whether the BPF LSM layer can run here: loads and attaches every LSM
-/// program (inert: the runtime global stays disabled) and detaches them
-/// again. For `governor doctor` and tests; `Ok` lists the hooks.
+/// program (live, but with nothing marked, so it refuses nothing) and
+/// detaches them again. For `governor doctor` and tests; `Ok` lists the hooks.
 pub fn probe_lsm() -> std::result::Result<Vec<String>, String> {
     lsm_precheck()?;
     let config = crate::probes::kernel_config().map_err(|e| format!("{e:#}"))?;
-    let runtime = ProtectRuntime::default();
+    // Enabled, so the verifier checks the real code (a disabled runtime
+    // lets it prune everything); with empty maps nothing is denied and
+    // nothing anyone reads is reported, and the probe detaches at once.
+    let runtime = ProtectRuntime {
+        enabled: 1,
+        daemon_tgid: std::process::id(),
+    };
     let mut ebpf = EbpfLoader::new()
         .override_global(KERNEL_CONFIG_SYMBOL, &config, true)
         .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
@@ -901,8 +907,8 @@ pub fn probe_lsm() -> std::result::Result<Vec<String>, String> {
 }
 
 /// Whether attempt logging can run here, and how: loads the programs
-/// (inert: the runtime global stays disabled), attaches them to `openat`
-/// only, then unloads. For `doctor`.
+/// (live, with nothing protected), attaches them to `openat` only, then
+/// unloads. For `doctor`.
 pub fn probe_logging() -> std::result::Result<String, String> {
     let config = crate::probes::kernel_config().map_err(|e| format!("{e:#}"))?;
     if config.regs_ok != 1 {
@@ -911,7 +917,13 @@ pub fn probe_logging() -> std::result::Result<String, String> {
     if config.tp_sys_nr == 0 || config.tp_sys_ret == 0 {
         return Err("no syscalls/sys_{enter,exit}_openat tracepoints".into());
     }
-    let runtime = ProtectRuntime::default();
+    // Enabled, so the verifier checks the real code (a disabled runtime
+    // lets it prune everything); with empty maps nothing is denied and
+    // nothing anyone reads is reported, and the probe detaches at once.
+    let runtime = ProtectRuntime {
+        enabled: 1,
+        daemon_tgid: std::process::id(),
+    };
     let mut ebpf = EbpfLoader::new()
         .override_global(KERNEL_CONFIG_SYMBOL, &config, true)
         .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
