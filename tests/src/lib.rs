@@ -537,6 +537,20 @@ pub fn governor(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The `enable` switch of a tracefs event (`"syscalls/sys_exit_futimesat"`),
+/// if tracefs and the event exist.
+pub fn tracefs_event_enable(event: &str) -> Option<std::path::PathBuf> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .map(|root| {
+            std::path::Path::new(root)
+                .join("events")
+                .join(event)
+                .join("enable")
+        })
+        .find(|p| p.exists())
+}
+
 /// `chattr -i`, without needing chattr.
 pub fn clear_immutable(path: &std::path::Path) {
     if let Ok(f) = std::fs::File::open(path) {
