@@ -258,23 +258,32 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
         .enumerate()
         .map(|(i, (name, _, _, target))| ratio(i, name, &with, *target))
         .collect();
-    for (i, (name, _, _, _)) in ops.iter().enumerate().take(3) {
-        let mut r = ratio(i, name, &flags_only, 0.0);
-        r.name = match i {
-            0 => "open+close, attempt_logging = false (info)",
-            1 => "stat, attempt_logging = false (info)",
-            _ => "64-byte write, attempt_logging = false (info)",
-        };
-        ratios.push(r);
-    }
-    if floor_switch.is_some() {
-        for (i, (name, _, _, _)) in ops.iter().enumerate().take(3) {
-            let mut r = ratio(i, name, &floor, 0.0);
-            r.name = match i {
-                0 => "open+close, any syscall tracepoint (info)",
-                1 => "stat, any syscall tracepoint (info)",
-                _ => "64-byte write, any syscall tracepoint (info)",
-            };
+    // The informational sides, labelled per operation.
+    let info: [(&Vec<Vec<f64>>, [&'static str; 3]); 2] = [
+        (
+            &flags_only,
+            [
+                "open+close, attempt_logging = false (info)",
+                "stat, attempt_logging = false (info)",
+                "64-byte write, attempt_logging = false (info)",
+            ],
+        ),
+        (
+            &floor,
+            [
+                "open+close, any syscall tracepoint (info)",
+                "stat, any syscall tracepoint (info)",
+                "64-byte write, any syscall tracepoint (info)",
+            ],
+        ),
+    ];
+    for (side, names) in info {
+        if side.iter().any(|v| v.is_empty()) {
+            continue; // not measured here (no tracefs)
+        }
+        for (i, label) in names.into_iter().enumerate() {
+            let mut r = ratio(i, ops[i].0, side, 0.0);
+            r.name = label;
             ratios.push(r);
         }
     }

@@ -215,13 +215,7 @@ fn handle(
             }
         };
         let json = serde_json::json!({"ok": true, "result": list}).to_string();
-        let mut conn = conn;
-        let _ = write!(
-            conn,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
-            json.len()
-        );
-        let _ = conn.flush();
+        respond(conn, "200 OK", &json);
         return;
     }
     let (status, json) = match reply {
@@ -247,7 +241,11 @@ fn handle(
         ),
         Reply::Hangup => return,
     };
-    let mut conn = conn;
+    respond(conn, status, &json);
+}
+
+/// Writes one JSON response and lets the connection close.
+fn respond(mut conn: TcpStream, status: &str, json: &str) {
     let _ = write!(
         conn,
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
