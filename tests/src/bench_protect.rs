@@ -7,9 +7,9 @@
 //! unprotected file — target ≥ 0.97 each; and the time to get all 89 files
 //! protected — target ≤ 1 s.
 //!
-//! The protector runs in-process like the daemon runs it (its own thread and
-//! runtime); the kernel cost being measured is the same: syscall tracepoints
-//! are system-wide.
+//! "With" is the real daemon (`governor run`, a separate process) on a
+//! config protecting the 89 files; its start is timed from outside, from
+//! spawning it until all 89 files carry the immutable flag.
 
 use std::{
     ffi::CString,
@@ -17,9 +17,30 @@ use std::{
     time::{Duration, Instant},
 };
 
-use governor::protect::ProtectConfig;
+use crate::{protect::unflag_tree, DaemonProc};
 
-use crate::protect::{unflag_tree, Running};
+fn flagged(path: &Path) -> bool {
+    std::fs::File::open(path)
+        .and_then(|f| governor::fsflags::get_flags(&f))
+        .is_ok_and(|fl| fl & governor::fsflags::FS_IMMUTABLE_FL != 0)
+}
+
+/// Waits until every file in `files` carries the immutable flag; returns
+/// when (from the call), or `None` after `limit`.
+fn wait_flagged(files: &[std::path::PathBuf], limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    let mut next = 0;
+    while t.elapsed() < limit {
+        while next < files.len() && flagged(&files[next]) {
+            next += 1;
+        }
+        if next == files.len() {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    None
+}
 
 /// One measured ratio.
 #[derive(Debug, Clone)]
@@ -36,9 +57,9 @@ pub struct Ratio {
 #[derive(Debug, Clone)]
 pub struct ProtectBench {
     pub files: usize,
-    /// Start of the protector until every file carried its flag.
+    /// From spawning `governor run` until every file carried its flag.
     pub flags_ms: Vec<f64>,
-    /// The whole start: flags, eBPF load, hashing, state, audit entry.
+    /// From spawning it until its control socket answered (all loaded).
     pub start_ms: Vec<f64>,
     pub ratios: Vec<Ratio>,
     /// How attempt logging saw syscalls in the "with" rounds, and why.
@@ -49,7 +70,7 @@ pub struct ProtectBench {
 
 impl ProtectBench {
     pub fn passed(&self) -> bool {
-        self.ratios.iter().all(|r| r.ratio >= r.target) && median(&self.start_ms) <= 1000.0
+        self.ratios.iter().all(|r| r.ratio >= r.target) && median(&self.flags_ms) <= 1000.0
     }
 }
 
@@ -137,8 +158,16 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
         std::fs::write(&f, format!("# governed file {i}\n").repeat(64))?;
         files.push(f);
     }
-    let refs: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
-    let cfg = ProtectConfig::with_paths(&refs, &[]);
+    let list: Vec<String> = files
+        .iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect();
+    let section = |logging: bool| {
+        format!(
+            "[protect]\nuntouchable = [{}]\nattempt_logging = {logging}\n",
+            list.join(", ")
+        )
+    };
     let scratch = base.path().join("scratch");
     std::fs::create_dir_all(&scratch)?;
     let plain = scratch.join("plain.txt");
@@ -169,8 +198,6 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
     // Flags (and BPF LSM where it runs) without attempt logging, for
     // comparison: what `attempt_logging = false` costs.
     let mut flags_only: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
-    let mut cfg_flags_only = cfg.clone();
-    cfg_flags_only.attempt_logging = false;
     // No governor at all, but one syscall tracepoint enabled (through
     // tracefs, no BPF, on a syscall the loops never make): the floor any
     // syscall-tracepoint design pays, because it puts every syscall of every
@@ -190,7 +217,6 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
         let mut order = [0usize, 1, 2, 3];
         order.rotate_left(round % 4);
         for side in order {
-            let state = base.path().join(format!("state{round}-{side}"));
             match side {
                 0 => {
                     for (i, (_, f, p, _)) in ops.iter().enumerate() {
@@ -208,22 +234,37 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
                     std::fs::write(switch, "0")?;
                 }
                 _ => {
-                    let c = if side == 1 { &cfg } else { &cfg_flags_only };
+                    let mut d = DaemonProc::launch(&section(side == 1));
                     let t = Instant::now();
-                    let r = Running::start(c.clone(), &state, None);
+                    let flagged_at = wait_flagged(&files, Duration::from_secs(60));
+                    d.wait_ready();
                     let started = t.elapsed();
+                    let Some(flagged_at) = flagged_at else {
+                        anyhow::bail!("not all 89 files were flagged within 60 s:\n{}", d.log());
+                    };
                     if side == 1 {
-                        backend = r.report.attempt_backend_detail.clone().unwrap_or_default();
-                        kernel_ms = r.report.kernel_ms.clone();
-                        flags_ms.push(r.report.flags_ms);
+                        let start = d.entries_of("protect.start");
+                        let detail = start
+                            .last()
+                            .map(|e| e["detail"].clone())
+                            .unwrap_or_default();
+                        backend = detail["attempt_backend_detail"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string();
+                        kernel_ms = detail["kernel_ms"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|p| {
+                                        Some((p[0].as_str()?.to_string(), p[1].as_f64()?))
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        flags_ms.push(flagged_at.as_secs_f64() * 1e3);
                         start_ms.push(started.as_secs_f64() * 1e3);
                     }
-                    anyhow::ensure!(
-                        r.report.flagged == 89,
-                        "only {} of 89 files flagged: {:?}",
-                        r.report.flagged,
-                        r.report
-                    );
                     std::thread::sleep(Duration::from_millis(50));
                     let dst = if side == 1 {
                         &mut with
@@ -233,7 +274,8 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
                     for (i, (_, f, p, _)) in ops.iter().enumerate() {
                         dst[i].push(f(p, iters));
                     }
-                    r.stop();
+                    d.stop();
+                    drop(d);
                     unflag_tree(&files_dir);
                 }
             }
@@ -320,12 +362,12 @@ pub fn bench_protect(rounds: usize, iters: usize) -> anyhow::Result<ProtectBench
         );
     }
     println!(
-        "  all 89 files flagged after {:.1} ms (median; max {:.1}); protector fully up (eBPF, hashes, audit) after {:.0} ms (median; max {:.0}) (target <= 1000 ms: {})",
+        "  `governor run` spawned → all 89 files flagged after {:.1} ms (median; max {:.1}) (target <= 1000 ms: {}); daemon fully up (eBPF, hashes, audit, socket) after {:.0} ms (median; max {:.0})",
         median(&b.flags_ms),
         b.flags_ms.iter().cloned().fold(0.0, f64::max),
+        if median(&b.flags_ms) <= 1000.0 { "ok" } else { "MISSED" },
         median(&b.start_ms),
-        b.start_ms.iter().cloned().fold(0.0, f64::max),
-        if median(&b.start_ms) <= 1000.0 { "ok" } else { "MISSED" }
+        b.start_ms.iter().cloned().fold(0.0, f64::max)
     );
     let phases: Vec<String> = b
         .kernel_ms

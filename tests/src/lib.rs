@@ -295,6 +295,10 @@ impl DaemonProc {
     /// Writes a config (daemon section filled in, `extra` appended) and
     /// starts the daemon, waiting until its control socket answers.
     pub fn start(extra: &str) -> Self {
+        Self::start_with(extra, true)
+    }
+
+    fn start_with(extra: &str, spawn: bool) -> Self {
         require_root();
         let dir = tempfile::tempdir().expect("tempdir");
         // Traversable by others, so a non-root client reaches the socket and
@@ -323,12 +327,27 @@ impl DaemonProc {
             state,
             child: None,
         };
-        d.spawn();
+        if spawn {
+            d.spawn();
+        }
+        d
+    }
+
+    /// Writes the config and starts the daemon without waiting for it: for
+    /// timing its start from outside. Follow with [`DaemonProc::wait_ready`].
+    pub fn launch(extra: &str) -> Self {
+        let mut d = Self::start_with(extra, false);
+        d.launch_child();
         d
     }
 
     /// (Re)starts the daemon process on the same config and state.
     pub fn spawn(&mut self) {
+        self.launch_child();
+        self.wait_ready();
+    }
+
+    fn launch_child(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -343,6 +362,10 @@ impl DaemonProc {
             .spawn()
             .expect("spawn governor run");
         self.child = Some(child);
+    }
+
+    /// Waits until the daemon's control socket answers (start-up done).
+    pub fn wait_ready(&mut self) {
         // Start-up verifies and attaches the protection programs too; under
         // the guests' software emulation that alone takes tens of seconds.
         let end = Instant::now() + Duration::from_secs(if in_vm() { 240 } else { 30 });

@@ -420,7 +420,7 @@ fn main() {
         velocity(&mut r);
     }
     if want("protect") {
-        println!("protect: 89 protected files, daemon-style protector running over not");
+        println!("protect: 89 protected files, `governor run` running over not");
         match governor_tests::bench_protect::bench_protect(protect_rounds, protect_iters) {
             Ok(b) => {
                 for x in &b.ratios {
@@ -440,10 +440,10 @@ fn main() {
                 st.sort_by(|a, b| a.total_cmp(b));
                 let (fm, sm) = (f[f.len() / 2], st[st.len() / 2]);
                 r.add(
-                    &format!("protect: start to all {} files flagged", b.files),
-                    format!("{fm:.1} ms (whole protector up in {sm:.0} ms, medians) = {:.4}× the 1 s budget", sm / 1000.0),
+                    &format!("protect: `governor run` to all {} files flagged", b.files),
+                    format!("{fm:.1} ms (daemon fully up in {sm:.0} ms, medians) = {:.4}× the 1 s budget", fm / 1000.0),
                     "≤ 1 s",
-                    sm <= 1000.0,
+                    fm <= 1000.0,
                 );
             }
             Err(e) => r.add("protected files", format!("failed: {e:#}"), "runs", false),
