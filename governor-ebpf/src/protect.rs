@@ -1,15 +1,14 @@
-//! Protected files (issue 6): layer 2 (attempt logging on syscall
-//! tracepoints) and layer 3 (BPF LSM refusals).
+//! Protected files (issue 6): layer 2 (attempt logging at syscall exit)
+//! and layer 3 (BPF LSM refusals).
 //!
 //! Layer 2 is one generic body, [`attempt`], run at the exit of every
-//! syscall that can modify a file: from one fexit program per syscall where
-//! the kernel allows trampolines (`protect_fexit_N`; other syscalls pay
-//! nothing), else from the `syscalls/sys_exit_*` tracepoints
-//! (`protect_sys_exit`; every syscall then takes the slow path). Exit only: each tracepoint a syscall passes costs a few hundred ns on a
-//! VM with retpolines, so the entry side is not traced at all — the
-//! arguments are read back from the task's saved user registers
-//! (`bpf_task_pt_regs`; register offsets from BTF), which still hold them at
-//! exit. User space describes each syscall in [`SYSCALL_DESCS`] (which
+//! syscall that can modify a file: from one fexit stub per syscall where
+//! the kernel allows trampolines (`protect_fexit_N`, each a tail call into
+//! `protect_fexit_worker`; other syscalls pay nothing), else from the
+//! `syscalls/sys_exit_*` tracepoints (`protect_sys_exit`; every syscall
+//! then takes the kernel's slow path). Exit only: the entry side is not
+//! hooked at all — the arguments are read back from the task's saved user
+//! registers (register offsets from BTF), which still hold them at exit. User space describes each syscall in [`SYSCALL_DESCS`] (which
 //! argument is the path, the dirfd, the fd, the flags — derived from the
 //! tracefs formats), so the program holds no per-syscall layout.
 //!

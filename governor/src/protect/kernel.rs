@@ -539,7 +539,7 @@ impl KernelLayer {
             ebpf.take_map(SYSCALL_DESCS_MAP)
                 .context("SYSCALL_DESCS map missing")?,
         )?;
-        let mut present: Vec<(&'static str, u32)> = Vec::new();
+        let mut present: Vec<&'static str> = Vec::new();
         let mut missing = Vec::new();
         for s in syscall_specs() {
             let dir = root.join(format!("events/syscalls/sys_enter_{}", s.name));
@@ -561,7 +561,7 @@ impl KernelLayer {
             descs
                 .set(s.nr as u32, d, 0)
                 .with_context(|| format!("describing syscall {}", s.name))?;
-            present.push((s.name, s.nr as u32));
+            present.push(s.name);
         }
 
         mark("object");
@@ -576,7 +576,7 @@ impl KernelLayer {
         let (attached, backend) = if want_logging {
             let backend = Self::attach_logging(&mut ebpf, &present, btf.as_ref())?;
             (
-                present.iter().map(|(n, _)| n.to_string()).collect(),
+                present.iter().map(|n| n.to_string()).collect(),
                 Some(backend),
             )
         } else {
@@ -624,11 +624,11 @@ impl KernelLayer {
         })
     }
 
-    /// Attaches layer 2 to the exits of `present` (name, number): fexit
+    /// Attaches layer 2 to the exits of the syscalls named in `present`: fexit
     /// where the kernel allows it, else the syscall-exit tracepoints.
     fn attach_logging(
         ebpf: &mut Ebpf,
-        present: &[(&'static str, u32)],
+        present: &[&'static str],
         btf: std::result::Result<&aya::Btf, &String>,
     ) -> Result<AttemptBackend> {
         let why = match btf {
@@ -643,7 +643,7 @@ impl KernelLayer {
             .context("program protect_sys_exit missing from the eBPF object")?
             .try_into()?;
         p.load().context("loading protect_sys_exit")?;
-        for (name, _) in present {
+        for name in present {
             let tp = format!("sys_exit_{name}");
             p.attach("syscalls", &tp)
                 .with_context(|| format!("attaching protect_sys_exit to syscalls/{tp}"))?;
@@ -657,7 +657,7 @@ impl KernelLayer {
     /// are unloaded and the reason returned, so the caller can fall back.
     fn attach_fexit(
         ebpf: &mut Ebpf,
-        present: &[(&'static str, u32)],
+        present: &[&'static str],
         btf: &aya::Btf,
     ) -> std::result::Result<(), String> {
         if present.len() > FEXIT_SLOTS as usize {
@@ -666,7 +666,7 @@ impl KernelLayer {
                 present.len()
             ));
         }
-        let Some((first, _)) = present.first() else {
+        let Some(first) = present.first() else {
             return Err("no syscall to watch".into());
         };
         let mut loaded: Vec<String> = Vec::new();
@@ -686,7 +686,7 @@ impl KernelLayer {
 
     fn bind_fexit(
         ebpf: &mut Ebpf,
-        present: &[(&'static str, u32)],
+        present: &[&'static str],
         first: &str,
         btf: &aya::Btf,
         loaded: &mut Vec<String>,
@@ -722,7 +722,7 @@ impl KernelLayer {
                 .set(0, &fd, 0)
                 .map_err(|e| format!("installing the fexit worker: {e}"))?;
         }
-        for (slot, (name, _)) in present.iter().enumerate() {
+        for (slot, name) in present.iter().enumerate() {
             let prog = format!("protect_fexit_{slot}");
             let func = format!("{SYSCALL_WRAPPER_PREFIX}{name}");
             let p = fexit(ebpf, &prog)?;
@@ -932,12 +932,8 @@ pub fn probe_logging() -> std::result::Result<String, String> {
         .load(crate::probes::EBPF_OBJECT)
         .map_err(|e| format!("loading governor's eBPF object: {e}"))?;
     let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"));
-    let backend = KernelLayer::attach_logging(
-        &mut ebpf,
-        &[("openat", libc::SYS_openat as u32)],
-        btf.as_ref(),
-    )
-    .map_err(|e| short(format!("{e:#}")))?;
+    let backend = KernelLayer::attach_logging(&mut ebpf, &["openat"], btf.as_ref())
+        .map_err(|e| short(format!("{e:#}")))?;
     let n = syscall_specs().len();
     Ok(format!(
         "{}; {n} syscalls known, those this kernel has are watched",
