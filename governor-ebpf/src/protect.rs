@@ -396,10 +396,13 @@ pub fn protect_sys_exit(ctx: TracePointContext) -> u32 {
         // SAFETY: as above.
         unsafe { ctx.read_at(kc!(tp_sys_ret) as usize) }.unwrap_or(0)
     };
-    // SAFETY: both helpers are valid in tracing programs; the task pointer
-    // is the current task's.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    attempt(nr, ret, regs);
+    // The registers cost two helper calls: fetched only past the cheap
+    // filters (failed opens, e.g. ENOENT from library searches, never are).
+    attempt(nr, ret, || {
+        // SAFETY: both helpers are valid in tracing programs; the task
+        // pointer is the current task's.
+        unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as u64 }
+    });
     0
 }
 
@@ -426,7 +429,7 @@ pub fn protect_fexit_worker(ctx: FExitContext) -> i32 {
     let ret: i64 = ctx.arg(1);
     // The number the task entered the syscall with.
     let nr = reg_at(regs, kc!(regs_nr)) as i64;
-    attempt(nr as i32, ret, regs);
+    attempt(nr as i32, ret, || regs);
     0
 }
 
@@ -492,7 +495,7 @@ fexit_stubs!(
 /// One syscall exit: `nr` returned `ret`. Reports it when it touched (or
 /// tried to touch) a protected file.
 #[inline(always)]
-fn attempt(nr: i32, ret: i64, regs: u64) {
+fn attempt(nr: i32, ret: i64, regs: impl Fn() -> u64) {
     if nr < 0 || nr as u32 >= SYSCALL_TABLE_SIZE {
         return;
     }
@@ -511,7 +514,7 @@ fn attempt(nr: i32, ret: i64, regs: u64) {
     // Read-only opens are most of what passes here: settle them with one
     // 8-byte read of the flags register, before anything costlier.
     if d.kind == KIND_OPEN && d.how == ARG_NONE && d.flags != ARG_NONE {
-        let flags = arg_reg(regs, d.flags) | d.implied_flags as u64;
+        let flags = arg_reg(regs(), d.flags) | d.implied_flags as u64;
         if flags & O_ACCMODE == 0 && flags & O_TRUNC == 0 {
             return;
         }

@@ -794,8 +794,8 @@ fn report_protection(r: &crate::protect::StartReport, alerts: &dyn AlertSink) {
         r.flags_ms,
         r.layers.join(", ")
     );
-    if let Some(detail) = &r.attempt_backend_detail {
-        log::info!("attempt logging: {detail}");
+    if let Some(b) = &r.attempt_backend {
+        log::info!("attempt logging: {}", b.describe());
     }
     for (layer, why) in &r.layer_errors {
         log::warn!("protection layer {layer} not running: {why}");

@@ -84,6 +84,27 @@ pub fn event_line(ev: &Event, service: &str, clock: &Clock) -> Option<String> {
 }
 
 /// Applies an event to the table and returns the service it concerns.
+/// Applies `ev` to the table and prints its line (or JSON object), if it
+/// has one: the same for events that woke us and those the timer drained.
+fn print_event(
+    out: &mut impl Write,
+    table: &mut ProcTable,
+    ev: &Event,
+    json_out: bool,
+    clock: &Clock,
+) -> std::io::Result<()> {
+    let service = track(table, ev);
+    let line = if json_out {
+        event_json(ev, table, &service, clock).map(|v| v.to_string())
+    } else {
+        event_line(ev, &service, clock)
+    };
+    match line {
+        Some(line) => writeln!(out, "{line}"),
+        None => Ok(()),
+    }
+}
+
 pub fn track(table: &mut ProcTable, ev: &Event) -> String {
     match ev {
         Event::Exec(e) => table.on_exec(e).service.clone(),
@@ -128,14 +149,8 @@ pub async fn run(json_out: bool, matcher: Matcher) -> Result<()> {
         let mut write_err = None;
         tokio::select! {
             r = probes.next_batch(|ev| {
-                let service = track(&mut table, &ev);
-                let line = if json_out {
-                    event_json(&ev, &table, &service, &clock).map(|v| v.to_string())
-                } else {
-                    event_line(&ev, &service, &clock)
-                };
-                if let Some(line) = line {
-                    if let Err(e) = writeln!(out, "{line}") { write_err = Some(e); }
+                if let Err(e) = print_event(&mut out, &mut table, &ev, json_out, &clock) {
+                    write_err = Some(e);
                 }
             }, |e| eprintln!("governor watch: bad event record: {e:#}")) => {
                 r?;
@@ -145,14 +160,8 @@ pub async fn run(json_out: bool, matcher: Matcher) -> Result<()> {
             // Exec records are queued without a wakeup (see governor-ebpf).
             _ = drain.tick() => {
                 probes.drain(|ev| {
-                    let service = track(&mut table, &ev);
-                    let line = if json_out {
-                        event_json(&ev, &table, &service, &clock).map(|v| v.to_string())
-                    } else {
-                        event_line(&ev, &service, &clock)
-                    };
-                    if let Some(line) = line {
-                        if let Err(e) = writeln!(out, "{line}") { write_err = Some(e); }
+                    if let Err(e) = print_event(&mut out, &mut table, &ev, json_out, &clock) {
+                        write_err = Some(e);
                     }
                 });
             }

@@ -316,10 +316,10 @@ fn expect_layers_flagless(r: &Running, flagless: bool) {
         "syscall-tracepoints"
     };
     assert_eq!(
-        r.report.attempt_backend.as_deref(),
+        r.report.attempt_backend.as_ref().map(|b| b.label()),
         Some(want),
         "{:?}",
-        r.report.attempt_backend_detail
+        r.report.attempt_backend
     );
 }
 

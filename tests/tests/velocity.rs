@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use governor_tests::{botapi::BotServer, governor, in_vm, DaemonProc, Pm2};
+use governor_tests::{botapi::BotServer, governor, pm2_runs_here, DaemonProc, Pm2};
 use serde_json::Value;
 
 fn state_of(status: &Value, name: &str) -> Option<String> {
@@ -91,8 +91,7 @@ fn token_and_bot() -> (BotServer, tempfile::TempDir, String) {
 /// under pm2 is a crash loop to governor while pm2 shows it `online`.
 #[test]
 fn pm2_crash_loop_flagged_while_pm2_says_online() {
-    if in_vm() {
-        println!("pm2 is not in the guest; this test covers the host");
+    if !pm2_runs_here() {
         return;
     }
     let (bot, _tdir, telegram) = token_and_bot();
@@ -190,8 +189,7 @@ fn pm2_crash_loop_flagged_while_pm2_says_online() {
 /// wake-on-exec map of supervisors), so /proc is read while the app lives.
 #[test]
 fn instant_pm2_crashes_are_attributed_to_the_app() {
-    if in_vm() {
-        println!("pm2 is not in the guest; this test covers the host");
+    if !pm2_runs_here() {
         return;
     }
     let d = DaemonProc::start(
@@ -222,8 +220,7 @@ fn instant_pm2_crashes_are_attributed_to_the_app() {
 /// daemon stops the app through pm2 (as pm2's owner), and audits it.
 #[test]
 fn stop_action_stops_a_pm2_crash_loop() {
-    if in_vm() {
-        println!("pm2 is not in the guest; this test covers the host");
+    if !pm2_runs_here() {
         return;
     }
     let d = DaemonProc::start(

@@ -388,7 +388,8 @@ const SYSCALL_WRAPPER_PREFIX: &str = "__arm64_sys_";
 const SYSCALL_WRAPPER_PREFIX: &str = "__sys_";
 
 /// How layer 2 sees syscall exits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum AttemptBackend {
     /// One fexit program per watched syscall; other syscalls pay nothing.
     Fexit,

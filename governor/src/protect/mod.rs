@@ -91,10 +91,8 @@ pub struct StartReport {
     pub layers: Vec<String>,
     /// Layer → why it is not running.
     pub layer_errors: BTreeMap<String, String>,
-    /// How attempt logging sees syscalls (`fexit` or `syscall-tracepoints`)
-    /// and, for the fallback, why (see `kernel::AttemptBackend`).
-    pub attempt_backend: Option<String>,
-    pub attempt_backend_detail: Option<String>,
+    /// How attempt logging sees syscalls (`None` when it is off).
+    pub attempt_backend: Option<kernel::AttemptBackend>,
     /// Config problems (missing path, directory, empty glob, bad list line).
     pub problems: Vec<String>,
     /// Files on filesystems that can't hold the flag (layers 2/3 only).
@@ -111,7 +109,7 @@ pub struct StartReport {
     pub flags_ms: f64,
     pub total_ms: f64,
     /// Where loading the eBPF layers spent its time (ms, by phase).
-    pub kernel_ms: Vec<(String, f64)>,
+    pub kernel_ms: Vec<(&'static str, f64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -354,11 +352,8 @@ impl Protector {
                 if let Err(e) = &k.lsm {
                     report.layer_errors.insert("bpf-lsm".into(), e.clone());
                 }
-                report.kernel_ms = k.timings.iter().map(|(w, t)| (w.to_string(), *t)).collect();
-                if let Some(b) = &k.backend {
-                    report.attempt_backend = Some(b.label().to_string());
-                    report.attempt_backend_detail = Some(b.describe());
-                }
+                report.kernel_ms = k.timings.clone();
+                report.attempt_backend = k.backend.clone();
                 if !cfg.attempt_logging {
                     report.layer_errors.insert(
                         "ebpf-attempt-logging".into(),
@@ -464,8 +459,8 @@ impl Protector {
                 "files": report.files, "untouchable": report.untouchable,
                 "protected": report.protected, "flagged": report.flagged,
                 "layers": report.layers, "layer_errors": report.layer_errors,
-                "attempt_backend": report.attempt_backend,
-                "attempt_backend_detail": report.attempt_backend_detail,
+                "attempt_backend": report.attempt_backend.as_ref().map(|b| b.label()),
+                "attempt_backend_detail": report.attempt_backend.as_ref().map(|b| b.describe()),
                 "problems": report.problems, "unflaggable": report.unflaggable,
                 "missing": report.missing, "changed_while_down": report.changed,
                 "windows_closed": report.windows_closed,
