@@ -372,6 +372,10 @@ fn telegram_approval_opens_a_window_only_on_an_authorised_tap() {
         "the approver's tap opens the window: {}",
         d.log()
     );
+    // The flag is lifted a moment before the entry is durable; wait for it.
+    while d.entries_of("protect.window_open").is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(answered("Approved"));
     let opened = d.entries_of("protect.window_open");
     assert_eq!(opened.len(), 1, "{opened:?}");

@@ -849,7 +849,12 @@ impl Protector {
                 log::error!("protect: reading the attempt ring: {e:#}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Wake::Approval(a) => self.on_approval(a),
+            Wake::Approval(a) => {
+                self.on_approval(a);
+                // An approved window is a governance action: it is durable in
+                // the audit log before the loop takes anything else.
+                self.flush_audit().await;
+            }
             Wake::Timer => self.on_timers(),
         }
     }
