@@ -24,7 +24,7 @@ use crate::{
     events::{monotonic_ns, Event},
     probes::{ProbeOptions, Probes},
     proctable::{Matcher, ProcTable, Process},
-    protect::{Implicit, Protector},
+    protect::{Handled, Implicit, Protector},
     supervisor::{describe_view, supervisor_of, RealSupervisors, SupervisorOps},
     velocity::{Death, Decision, InstanceInfo, Live, Persisted, Supervisor, Velocity},
     watch,
@@ -908,6 +908,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     )
     .await
     .context("starting file protection")?;
+    // Reconciliation's entries are on disk before the socket answers.
+    protector.flush_audit().await;
     report_protection(&protect_report, alerts.as_ref());
     release_startup_memory();
     let mut layers = vec!["ebpf-lifecycle".to_string()];
@@ -1002,7 +1004,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 d.carry_out().await;
             }
             _ = logs.forward() => {}
-            _ = protector.next_event() => {}
+            h = protector.next_event() => {
+                if h == Handled::NeedsFlush {
+                    protector.flush_audit().await;
+                }
+            }
             _ = drain.tick() => {
                 probes.drain(|ev| d.on_event(ev));
                 probes.sync_supervisors(&mut d.table);
@@ -1016,6 +1022,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                         log::info!("config reloaded from {}", d.config_path.display());
                         let protect = if std::mem::take(&mut d.reload_protect) {
                             let r = protector.reload(&d.config.protect).await;
+                            // Its entries precede the reload's own.
+                            protector.flush_audit().await;
                             report_protection(&r, d.alerts.as_ref());
                             Some(r)
                         } else {
@@ -1064,6 +1072,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     if let Err(e) = save_velocity(&state_dir, &d.velocity) {
         log::error!("saving restart history: {e:#}");
     }
+    // Attempts and window closes still queued are written before the end.
+    protector.flush_audit().await;
     d.audit("daemon.stopped", None, json!({"reason": stop_reason}))
         .await;
     if let Some(t) = &d.telegram {

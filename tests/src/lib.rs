@@ -26,6 +26,17 @@ pub fn in_vm() -> bool {
     std::env::var_os("GOVERNOR_IN_VM").is_some()
 }
 
+/// How long to wait for something that takes `host` here: the guest runs
+/// under TCG emulation, many times slower. Only for upper bounds (waits
+/// that return as soon as the thing happens), never for latency claims.
+pub fn patience(host: Duration) -> Duration {
+    if in_vm() {
+        host * 6
+    } else {
+        host
+    }
+}
+
 /// Fails loudly when not root: these tests exist to load real programs, so
 /// skipping them silently would be a lie.
 pub fn require_root() {
@@ -160,6 +171,7 @@ impl Collector {
 
     /// Waits until `pred` holds over the collected events, or panics.
     pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&[Event]) -> bool) {
+        let timeout = patience(timeout);
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if pred(&self.events.lock().unwrap()) {
@@ -445,6 +457,25 @@ impl DaemonProc {
             .collect()
     }
 
+    /// Waits (with [`patience`]) until at least `n` entries of `kind` are
+    /// in the log and returns them all; on timeout returns what is there, so
+    /// the caller's assertion says what was missing.
+    pub fn wait_entries_of(
+        &self,
+        kind: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<serde_json::Value> {
+        let end = Instant::now() + patience(timeout);
+        loop {
+            let e = self.entries_of(kind);
+            if e.len() >= n || Instant::now() > end {
+                return e;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `governor status --json` through the CLI.
     pub fn status(&self) -> serde_json::Value {
         let out = Command::new(governor_bin())
@@ -476,7 +507,7 @@ impl DaemonProc {
         timeout: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let end = Instant::now() + timeout;
+        let end = Instant::now() + patience(timeout);
         loop {
             let s = self.status();
             if pred(&s) {

@@ -99,7 +99,11 @@ impl Running {
                 ready_tx.send(Ok((report, p.layers()))).ok();
                 loop {
                     tokio::select! {
-                        _ = p.next_event() => {}
+                        h = p.next_event() => {
+                            if h == governor::protect::Handled::NeedsFlush {
+                                p.flush_audit().await;
+                            }
+                        }
                         cmd = rx.recv() => match cmd {
                             Some(Cmd::Approve { path, dur, reason, tty, confirm, reply }) => {
                                 let r = p.approve(&path, dur, &reason, tty, confirm, 0).await
@@ -196,6 +200,7 @@ impl Running {
         timeout: Duration,
         pred: impl Fn(&[Value]) -> bool,
     ) -> Vec<Value> {
+        let timeout = crate::patience(timeout);
         let end = Instant::now() + timeout;
         loop {
             let e = self.entries();

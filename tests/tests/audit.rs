@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use governor_tests::{botapi::BotServer, governor, DaemonProc};
+use governor_tests::{botapi::BotServer, governor, patience, DaemonProc};
 
 fn verify(log: &std::path::Path, extra: &[&str]) -> (i32, String) {
     let mut args = vec!["audit", "verify", "--log", log.to_str().unwrap()];
@@ -37,11 +37,7 @@ fn daemon_records_start_reload_reject_and_stop() {
     let good = fs::read_to_string(&d.config).unwrap();
     d.edit_config(&good.replace("max_restarts = 2", "max_restarts = 2\nwindow = \"soon\""));
     d.signal(libc::SIGHUP);
-    let end = Instant::now() + Duration::from_secs(10);
-    while d.entries_of("config.rejected").is_empty() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let rejected = d.entries_of("config.rejected");
+    let rejected = d.wait_entries_of("config.rejected", 1, Duration::from_secs(10));
     assert_eq!(rejected.len(), 1, "{}", d.log());
     assert!(rejected[0]["detail"]["error"]
         .as_str()
@@ -51,11 +47,8 @@ fn daemon_records_start_reload_reject_and_stop() {
     assert!(d.status()["services"].is_array());
     d.edit_config(&good.replace("max_restarts = 2", "max_restarts = 4"));
     d.signal(libc::SIGHUP);
-    let end = Instant::now() + Duration::from_secs(10);
-    while d.entries_of("config.reloaded").is_empty() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(d.entries_of("config.reloaded").len(), 1, "{}", d.log());
+    let reloaded = d.wait_entries_of("config.reloaded", 1, Duration::from_secs(10));
+    assert_eq!(reloaded.len(), 1, "{}", d.log());
     assert!(d.stop().success());
     assert_eq!(d.entries_of("daemon.stopped").len(), 1);
     let (code, out) = verify(&d.audit_log(), &[]);
@@ -69,9 +62,13 @@ fn daemon_records_start_reload_reject_and_stop() {
 #[test]
 fn verify_cli_names_the_tampered_entry() {
     let mut d = DaemonProc::start("");
-    for _ in 0..4 {
+    // One reload at a time: signals sent while one is handled would merge.
+    for i in 1..=4 {
         d.signal(libc::SIGHUP);
-        std::thread::sleep(Duration::from_millis(150));
+        let n = d
+            .wait_entries_of("config.reloaded", i, Duration::from_secs(10))
+            .len();
+        assert_eq!(n, i, "{}", d.log());
     }
     d.stop();
     let log = d.audit_log();
@@ -121,8 +118,12 @@ fn verify_cli_names_the_tampered_entry() {
 fn kill9_mid_write_then_torn_tail_is_recovered() {
     let mut d = DaemonProc::start("");
     let pid = d.pid();
+    // SIGHUPs keep coming until the daemon is killed (pending ones merge,
+    // so a fixed number of signals is no fixed number of entries).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sending = stop.clone();
     let t = std::thread::spawn(move || {
-        for _ in 0..400 {
+        while !sending.load(std::sync::atomic::Ordering::SeqCst) {
             // SAFETY: kill(2) on the daemon's pid; it may already be dead.
             if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
                 break;
@@ -130,12 +131,10 @@ fn kill9_mid_write_then_torn_tail_is_recovered() {
             std::thread::sleep(Duration::from_millis(1));
         }
     });
-    // Kill it mid-stream, once it is well into writing (slower under TCG).
-    let end = Instant::now() + Duration::from_secs(30);
-    while d.entries_of("config.reloaded").len() < 20 && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Kill it mid-stream, once it is well into writing.
+    d.wait_entries_of("config.reloaded", 20, Duration::from_secs(30));
     d.kill9();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     t.join().unwrap();
     let n = d.entries_of("config.reloaded").len();
     assert!(
@@ -195,11 +194,8 @@ fn append_only_log_refuses_rewrites_from_other_processes() {
     assert!(!out.status.success(), "rename of the log must be refused");
     // The daemon itself still appends.
     d.signal(libc::SIGHUP);
-    let end = Instant::now() + Duration::from_secs(60);
-    while d.entries_of("config.reloaded").is_empty() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(d.entries_of("config.reloaded").len(), 1);
+    let reloaded = d.wait_entries_of("config.reloaded", 1, Duration::from_secs(10));
+    assert_eq!(reloaded.len(), 1, "{}", d.log());
 }
 
 fn telegram_section(api: &str, token: &std::path::Path) -> String {
@@ -216,7 +212,7 @@ fn telegram_startup_notice_and_delivery_audit() {
     let bot = BotServer::start(vec![]);
     let (_tdir, token) = governor_tests::botapi::token_file();
     let d = DaemonProc::start(&telegram_section(&bot.url(), &token));
-    let reqs = bot.wait_for(1, Duration::from_secs(10));
+    let reqs = bot.wait_for(1, patience(Duration::from_secs(10)));
     assert_eq!(reqs.len(), 1, "startup notice expected");
     assert!(
         reqs[0].path.ends_with("/sendMessage") && reqs[0].path.contains("/bot"),
@@ -238,11 +234,8 @@ fn telegram_startup_notice_and_delivery_audit() {
             && hash.chars().all(|c| c.is_ascii_hexdigit()),
         "head in the message: {text}"
     );
-    let end = Instant::now() + Duration::from_secs(10);
-    while d.entries_of("alert.delivered").is_empty() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(d.entries_of("alert.delivered").len(), 1, "{}", d.log());
+    let delivered = d.wait_entries_of("alert.delivered", 1, Duration::from_secs(10));
+    assert_eq!(delivered.len(), 1, "{}", d.log());
 }
 
 /// Bad Telegram settings are config errors naming the key.
@@ -335,8 +328,8 @@ fn telegram_approval_opens_a_window_only_on_an_authorised_tap() {
     );
     assert_eq!(code, 0, "approve: {out}\n{}", d.log());
     assert!(out.contains("Telegram"), "the CLI says it asked: {out}");
-    let wait = if governor_tests::in_vm() { 120 } else { 20 };
-    let end = Instant::now() + Duration::from_secs(wait);
+    let wait = patience(Duration::from_secs(20));
+    let end = Instant::now() + wait;
     let answered = |needle: &str| {
         bot.requests().iter().any(|r| {
             r.path.ends_with("/answerCallbackQuery")
@@ -363,7 +356,7 @@ fn telegram_approval_opens_a_window_only_on_an_authorised_tap() {
 
     // The approver taps Approve.
     bot.tap(42, true);
-    let end = Instant::now() + Duration::from_secs(wait);
+    let end = Instant::now() + wait;
     while !writable() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -373,11 +366,8 @@ fn telegram_approval_opens_a_window_only_on_an_authorised_tap() {
         d.log()
     );
     // The flag is lifted a moment before the entry is durable; wait for it.
-    while d.entries_of("protect.window_open").is_empty() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let opened = d.wait_entries_of("protect.window_open", 1, Duration::from_secs(20));
     assert!(answered("Approved"));
-    let opened = d.entries_of("protect.window_open");
     assert_eq!(opened.len(), 1, "{opened:?}");
     assert_eq!(
         opened[0]["detail"]["via"].as_str(),
@@ -388,7 +378,7 @@ fn telegram_approval_opens_a_window_only_on_an_authorised_tap() {
     let mut f = fs::OpenOptions::new().append(true).open(&target).unwrap();
     std::io::Write::write_all(&mut f, b"{\"v\":2}\n").unwrap();
     drop(f);
-    let end = Instant::now() + Duration::from_secs(wait);
+    let end = Instant::now() + wait;
     let allowed = || {
         d.entries_of("protect.attempt")
             .iter()

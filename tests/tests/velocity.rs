@@ -2,11 +2,12 @@
 //! a real HTTP stand-in of the Telegram Bot API.
 
 use std::{
+    os::unix::process::CommandExt,
     process::{Child, Command},
     time::{Duration, Instant},
 };
 
-use governor_tests::{botapi::BotServer, governor, pm2_runs_here, DaemonProc, Pm2};
+use governor_tests::{botapi::BotServer, governor, patience, pm2_runs_here, DaemonProc, Pm2};
 use serde_json::Value;
 
 fn state_of(status: &Value, name: &str) -> Option<String> {
@@ -38,6 +39,9 @@ impl ShellLoop {
             .arg("while true; do \"$0\"; done")
             .arg(&app)
             .stderr(std::process::Stdio::null())
+            // Its own group, so dropping it kills the running script too
+            // (an orphan dying later would be counted as one more crash).
+            .process_group(0)
             .spawn()
             .unwrap();
         (ShellLoop(child), app.display().to_string())
@@ -46,7 +50,8 @@ impl ShellLoop {
 
 impl Drop for ShellLoop {
     fn drop(&mut self) {
-        self.0.kill().ok();
+        // SAFETY: kill(2) on the process group we created at spawn.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
         self.0.wait().ok();
     }
 }
@@ -62,7 +67,7 @@ fn fingerprint_named(d: &DaemonProc, prefix: &str) -> Option<String> {
 }
 
 fn wait_fingerprint(d: &DaemonProc, prefix: &str) -> String {
-    let end = Instant::now() + Duration::from_secs(30);
+    let end = Instant::now() + patience(Duration::from_secs(30));
     loop {
         if let Some(n) = fingerprint_named(d, prefix) {
             return n;
@@ -175,11 +180,7 @@ fn pm2_crash_loop_flagged_while_pm2_says_online() {
     assert_eq!(e["service"], "crashy");
     assert_eq!(e["detail"]["supervisor"]["kind"], "pm2");
     // The supervisor's view, fetched off the event loop, is audited too.
-    let end = Instant::now() + Duration::from_secs(15);
-    while d.entries_of("crash_loop.supervisor_view").is_empty() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let views = d.entries_of("crash_loop.supervisor_view");
+    let views = d.wait_entries_of("crash_loop.supervisor_view", 1, Duration::from_secs(15));
     assert_eq!(views.len(), 1, "{}", d.log());
     assert_eq!(views[0]["detail"]["supervisor"], "pm2");
 }
@@ -231,7 +232,7 @@ fn stop_action_stops_a_pm2_crash_loop() {
     let app = pm2.home.path().join("crash.js");
     std::fs::write(&app, "setTimeout(() => process.exit(1), 300);\n").unwrap();
     pm2.run(&["start", app.to_str().unwrap(), "--name", "govtest-stopme"]);
-    let end = Instant::now() + Duration::from_secs(60);
+    let end = Instant::now() + patience(Duration::from_secs(60));
     let done = loop {
         let done: Vec<Value> = d
             .entries_of("crash_loop.action")
@@ -394,5 +395,3 @@ fn status_refused_for_non_root() {
     // Root gets an answer.
     assert!(d.status()["services"].is_array());
 }
-
-use std::os::unix::process::CommandExt;

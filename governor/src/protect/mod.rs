@@ -184,6 +184,16 @@ enum Wake {
     Timer,
 }
 
+/// What the caller of [`Protector::next_event`] owes once it returns.
+#[must_use = "an approved window must be flushed to the audit log"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    Done,
+    /// A governance action (an approved window) was taken: await
+    /// [`Protector::flush_audit`] before taking anything else.
+    NeedsFlush,
+}
+
 /// The protected-files engine the daemon owns.
 pub struct Protector {
     cfg: ProtectConfig,
@@ -714,6 +724,8 @@ impl Protector {
     }
 
     /// Resolves once every entry queued so far is durable in the audit log.
+    /// Await it from a `select!` branch body, never from the branch future:
+    /// a dropped flush is a promise silently broken.
     pub async fn flush_audit(&self) {
         let (tx, rx) = oneshot::channel();
         if self.audit_q.send(AuditItem::Flush(tx)).is_ok() {
@@ -821,8 +833,10 @@ impl Protector {
     }
 
     /// Waits for attempt events, timers (window ends, re-hashes) and
-    /// approval answers, and handles them. Cancel-safe.
-    pub async fn next_event(&mut self) {
+    /// approval answers, and handles them. Cancel-safe: the only await is
+    /// the wait itself, so what it asks for after handling (a flush) the
+    /// caller does in code that a `select!` can't drop.
+    pub async fn next_event(&mut self) -> Handled {
         let deadline = tokio::time::Instant::from_std(self.next_deadline());
         let wake = {
             let ring = self.kernel.as_mut();
@@ -851,12 +865,11 @@ impl Protector {
             }
             Wake::Approval(a) => {
                 self.on_approval(a);
-                // An approved window is a governance action: it is durable in
-                // the audit log before the loop takes anything else.
-                self.flush_audit().await;
+                return Handled::NeedsFlush;
             }
             Wake::Timer => self.on_timers(),
         }
+        Handled::Done
     }
 
     fn on_timers(&mut self) {
@@ -1466,7 +1479,20 @@ impl Protector {
         r
     }
 
+    /// Handles the attempts already in the ring. Called before a window
+    /// closes, so a write made inside it is counted and logged as in the
+    /// window even when the loop was behind (a busy or slow host).
+    fn catch_up(&mut self) {
+        let Some(k) = self.kernel.as_mut() else {
+            return;
+        };
+        for ev in k.drain() {
+            self.on_event(&ev);
+        }
+    }
+
     fn close_window(&mut self, key: &Path, why: &str) -> Result<Value> {
+        self.catch_up();
         let w = self
             .windows
             .remove(key)
