@@ -8,9 +8,10 @@
 //! `syscalls/sys_exit_*` tracepoints (`protect_sys_exit`; every syscall
 //! then takes the kernel's slow path). Exit only: the entry side is not
 //! hooked at all — the arguments are read back from the task's saved user
-//! registers (register offsets from BTF), which still hold them at exit. User space describes each syscall in [`SYSCALL_DESCS`] (which
-//! argument is the path, the dirfd, the fd, the flags — derived from the
-//! tracefs formats), so the program holds no per-syscall layout.
+//! registers (register offsets from BTF), which still hold them at exit.
+//! User space describes each syscall in [`SYSCALL_DESCS`] (which argument
+//! is the path, the dirfd, the fd, the flags — derived from the tracefs
+//! formats), so the program holds no per-syscall layout.
 //!
 //! One [`AttemptEvent`] per attempt, with the result:
 //!

@@ -83,7 +83,6 @@ pub fn event_line(ev: &Event, service: &str, clock: &Clock) -> Option<String> {
     }
 }
 
-/// Applies an event to the table and returns the service it concerns.
 /// Applies `ev` to the table and prints its line (or JSON object), if it
 /// has one: the same for events that woke us and those the timer drained.
 fn print_event(
@@ -105,6 +104,7 @@ fn print_event(
     }
 }
 
+/// Applies an event to the table and returns the service it concerns.
 pub fn track(table: &mut ProcTable, ev: &Event) -> String {
     match ev {
         Event::Exec(e) => table.on_exec(e).service.clone(),

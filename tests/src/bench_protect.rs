@@ -13,17 +13,13 @@
 
 use std::{
     ffi::CString,
-    path::Path,
     time::{Duration, Instant},
 };
 
-use crate::{protect::unflag_tree, DaemonProc};
-
-fn flagged(path: &Path) -> bool {
-    std::fs::File::open(path)
-        .and_then(|f| governor::fsflags::get_flags(&f))
-        .is_ok_and(|fl| fl & governor::fsflags::FS_IMMUTABLE_FL != 0)
-}
+use crate::{
+    protect::{flag_is_set, unflag_tree},
+    DaemonProc,
+};
 
 /// Waits until every file in `files` carries the immutable flag; returns
 /// when (from the call), or `None` after `limit`.
@@ -31,7 +27,7 @@ fn wait_flagged(files: &[std::path::PathBuf], limit: Duration) -> Option<Duratio
     let t = Instant::now();
     let mut next = 0;
     while t.elapsed() < limit {
-        while next < files.len() && flagged(&files[next]) {
+        while next < files.len() && flag_is_set(&files[next]) {
             next += 1;
         }
         if next == files.len() {

@@ -37,6 +37,21 @@ pub fn patience(host: Duration) -> Duration {
     }
 }
 
+/// Polls `cond` every 50 ms until it holds (true) or [`patience`] of
+/// `timeout` runs out (false), for the caller's assertion to explain.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + patience(timeout);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Fails loudly when not root: these tests exist to load real programs, so
 /// skipping them silently would be a lie.
 pub fn require_root() {
@@ -466,14 +481,8 @@ impl DaemonProc {
         n: usize,
         timeout: Duration,
     ) -> Vec<serde_json::Value> {
-        let end = Instant::now() + patience(timeout);
-        loop {
-            let e = self.entries_of(kind);
-            if e.len() >= n || Instant::now() > end {
-                return e;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(timeout, || self.entries_of(kind).len() >= n);
+        self.entries_of(kind)
     }
 
     /// `governor status --json` through the CLI.

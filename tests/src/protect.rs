@@ -267,7 +267,15 @@ pub fn sha256(path: &Path) -> String {
     governor::protect::sha256_file(path).expect("hash")
 }
 
-/// Whether `path` carries FS_IMMUTABLE_FL.
+/// Whether the immutable flag is set; false where the file can't be read
+/// or its filesystem has no flags (for polling and flagless filesystems).
+pub fn flag_is_set(path: &Path) -> bool {
+    std::fs::File::open(path)
+        .and_then(|f| governor::fsflags::get_flags(&f))
+        .is_ok_and(|fl| fl & governor::fsflags::FS_IMMUTABLE_FL != 0)
+}
+
+/// Whether `path` carries FS_IMMUTABLE_FL (panics if it can't tell).
 pub fn immutable(path: &Path) -> bool {
     let f = std::fs::File::open(path).expect("open");
     governor::fsflags::get_flags(&f).expect("flags") & governor::fsflags::FS_IMMUTABLE_FL != 0

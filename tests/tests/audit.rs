@@ -3,15 +3,9 @@
 //! kill -9 mid-write, the append-only attribute, and Telegram alerts through
 //! a real HTTP stand-in of the Bot API.
 
-use std::{
-    fs,
-    io::Write,
-    os::unix::fs::PermissionsExt,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{fs, io::Write, os::unix::fs::PermissionsExt, process::Command, time::Duration};
 
-use governor_tests::{botapi::BotServer, governor, patience, DaemonProc};
+use governor_tests::{botapi::BotServer, governor, patience, wait_until, DaemonProc};
 
 fn verify(log: &std::path::Path, extra: &[&str]) -> (i32, String) {
     let mut args = vec!["audit", "verify", "--log", log.to_str().unwrap()];
@@ -328,18 +322,18 @@ fn telegram_approval_opens_a_window_only_on_an_authorised_tap() {
     );
     assert_eq!(code, 0, "approve: {out}\n{}", d.log());
     assert!(out.contains("Telegram"), "the CLI says it asked: {out}");
-    let wait = patience(Duration::from_secs(20));
-    let end = Instant::now() + wait;
+    let wait = Duration::from_secs(20);
     let answered = |needle: &str| {
         bot.requests().iter().any(|r| {
             r.path.ends_with("/answerCallbackQuery")
                 && r.body["text"].as_str().unwrap_or("").contains(needle)
         })
     };
-    while !answered("not an authorised") && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(answered("not an authorised"), "{}", d.log());
+    assert!(
+        wait_until(wait, || answered("not an authorised")),
+        "{}",
+        d.log()
+    );
     let req = bot
         .requests()
         .into_iter()
@@ -356,12 +350,8 @@ fn telegram_approval_opens_a_window_only_on_an_authorised_tap() {
 
     // The approver taps Approve.
     bot.tap(42, true);
-    let end = Instant::now() + wait;
-    while !writable() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     assert!(
-        writable(),
+        wait_until(wait, writable),
         "the approver's tap opens the window: {}",
         d.log()
     );
@@ -378,16 +368,16 @@ fn telegram_approval_opens_a_window_only_on_an_authorised_tap() {
     let mut f = fs::OpenOptions::new().append(true).open(&target).unwrap();
     std::io::Write::write_all(&mut f, b"{\"v\":2}\n").unwrap();
     drop(f);
-    let end = Instant::now() + wait;
     let allowed = || {
         d.entries_of("protect.attempt")
             .iter()
             .any(|e| e["detail"]["result"].as_str() == Some("allowed"))
     };
-    while !allowed() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(allowed(), "{:?}", d.entries_of("protect.attempt"));
+    assert!(
+        wait_until(wait, allowed),
+        "{:?}",
+        d.entries_of("protect.attempt")
+    );
 
     let (code, out, err) = governor(&["approve", "--end", p, "--socket", &sock]);
     assert_eq!(code, 0, "approve --end: {out}{err}");

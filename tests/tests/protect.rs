@@ -19,8 +19,8 @@ use governor::protect::ProtectConfig;
 use governor_tests::{
     in_vm,
     protect::{
-        attempts_of, cs, file_for, forked, immutable, open_dir, read_audit, set_immutable, sha256,
-        shell, tool, unflag_tree, which, Actor, Outcome, Running, Sys,
+        attempts_of, cs, file_for, flag_is_set, forked, immutable, open_dir, read_audit,
+        set_immutable, sha256, shell, tool, unflag_tree, which, Actor, Outcome, Running, Sys,
     },
     require_root,
 };
@@ -397,7 +397,7 @@ fn attempts_as(actor: Actor, flagless: bool) {
     let r = Running::start(ProtectConfig::with_paths(&[&p], &[]), &state, None);
     expect_layers_flagless(&r, flagless);
     if flagless {
-        assert!(!immutable_or_unsupported(&p));
+        assert!(!flag_is_set(&p));
         assert_eq!(r.report.unflaggable.len(), 1, "{:?}", r.report);
         assert!(r.report.unflaggable[0].contains("protected.conf"));
         assert!(r
@@ -484,14 +484,6 @@ fn attempts_as(actor: Actor, flagless: bool) {
     );
     r.stop();
     unflag_tree(base.path());
-}
-
-/// Whether the flag is set; false where the filesystem has no flags.
-fn immutable_or_unsupported(p: &Path) -> bool {
-    let f = std::fs::File::open(p).unwrap();
-    governor::fsflags::get_flags(&f)
-        .map(|fl| fl & governor::fsflags::FS_IMMUTABLE_FL != 0)
-        .unwrap_or(false)
 }
 
 #[test]

@@ -4,10 +4,10 @@
 use std::{
     os::unix::process::CommandExt,
     process::{Child, Command},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use governor_tests::{botapi::BotServer, governor, patience, pm2_runs_here, DaemonProc, Pm2};
+use governor_tests::{botapi::BotServer, governor, pm2_runs_here, wait_until, DaemonProc, Pm2};
 use serde_json::Value;
 
 fn state_of(status: &Value, name: &str) -> Option<String> {
@@ -67,18 +67,13 @@ fn fingerprint_named(d: &DaemonProc, prefix: &str) -> Option<String> {
 }
 
 fn wait_fingerprint(d: &DaemonProc, prefix: &str) -> String {
-    let end = Instant::now() + patience(Duration::from_secs(30));
-    loop {
-        if let Some(n) = fingerprint_named(d, prefix) {
-            return n;
-        }
-        assert!(
-            Instant::now() < end,
-            "no service {prefix}* in status:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut name = None;
+    let found = wait_until(Duration::from_secs(30), || {
+        name = fingerprint_named(d, prefix);
+        name.is_some()
+    });
+    assert!(found, "no service {prefix}* in status:\n{}", d.log());
+    name.unwrap_or_default()
 }
 
 fn token_and_bot() -> (BotServer, tempfile::TempDir, String) {
@@ -232,19 +227,16 @@ fn stop_action_stops_a_pm2_crash_loop() {
     let app = pm2.home.path().join("crash.js");
     std::fs::write(&app, "setTimeout(() => process.exit(1), 300);\n").unwrap();
     pm2.run(&["start", app.to_str().unwrap(), "--name", "govtest-stopme"]);
-    let end = Instant::now() + patience(Duration::from_secs(60));
-    let done = loop {
-        let done: Vec<Value> = d
+    let mut done: Vec<Value> = Vec::new();
+    let stopped = wait_until(Duration::from_secs(60), || {
+        done = d
             .entries_of("crash_loop.action")
             .into_iter()
             .filter(|e| e["detail"]["state"] == "done")
             .collect();
-        if !done.is_empty() {
-            break done;
-        }
-        assert!(Instant::now() < end, "no stop action:\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        !done.is_empty()
+    });
+    assert!(stopped, "no stop action:\n{}", d.log());
     assert_eq!(done[0]["service"], "stopme");
     assert_eq!(done[0]["detail"]["supervisor"]["kind"], "pm2");
     let jl = pm2.jlist();

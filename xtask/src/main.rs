@@ -62,10 +62,10 @@ enum Cmd {
     /// Run the benchmarks (root); figures are ratios against a baseline
     /// measured in the same run.
     Bench {
-        /// Also (or, with a name list, only) run them inside a qemu guest
-        /// with this stock kernel (6.1 or 6.12): how governor fares on a
-        /// kernel that allows fexit and BPF LSM. The guest is emulated, so
-        /// its ratios are indicative.
+        /// Run them inside a qemu guest with this stock kernel (6.1 or
+        /// 6.12) instead of on the host: how governor fares on a kernel that
+        /// allows fexit and BPF LSM. The guest is emulated, so its ratios
+        /// are indicative.
         #[arg(long)]
         guest: Option<String>,
         /// Only these benchmarks (lifecycle, daemon, audit, velocity, protect).

@@ -91,11 +91,6 @@ impl BotServer {
         self.taps.lock().unwrap().push_back((user, approve));
     }
 
-    /// Taps not handed out yet.
-    pub fn pending_taps(&self) -> usize {
-        self.taps.lock().unwrap().len()
-    }
-
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

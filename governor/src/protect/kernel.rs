@@ -523,17 +523,7 @@ impl KernelLayer {
              attempt logging can't run"
         );
         let root = tracefs::tracefs_root().context("tracefs is not mounted")?;
-        let runtime = ProtectRuntime {
-            enabled: 1,
-            daemon_tgid: std::process::id(),
-        };
-        let mut ebpf = EbpfLoader::new()
-            .override_global(KERNEL_CONFIG_SYMBOL, &config, true)
-            .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
-            .map_max_entries(EVENTS_MAP, 4096)
-            .map_max_entries(PROTECT_EVENTS_MAP, ring_bytes)
-            .load(crate::probes::EBPF_OBJECT)
-            .context("loading governor's eBPF object for the protect layer (needs root)")?;
+        let mut ebpf = load_object(&config, ring_bytes)?;
 
         // Describe the syscalls before attaching anything.
         let mut descs: Array<MapData, SyscallDesc> = Array::try_from(
@@ -883,26 +873,32 @@ pub fn spec_of(nr: u32) -> Option<SyscallSpec> {
     syscall_specs().into_iter().find(|s| s.nr == nr as i64)
 }
 
+/// Loads governor's eBPF object for the protect programs, live: the runtime
+/// is enabled with this process as the daemon. The probes load it the same
+/// way, because a disabled runtime lets the verifier prune everything and
+/// pass code the daemon would then fail to load; with empty maps a probe
+/// denies nothing and reports nothing, and it detaches at once.
+fn load_object(config: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
+    let runtime = ProtectRuntime {
+        enabled: 1,
+        daemon_tgid: std::process::id(),
+    };
+    EbpfLoader::new()
+        .override_global(KERNEL_CONFIG_SYMBOL, config, true)
+        .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
+        .map_max_entries(EVENTS_MAP, 4096)
+        .map_max_entries(PROTECT_EVENTS_MAP, ring_bytes)
+        .load(crate::probes::EBPF_OBJECT)
+        .context("loading governor's eBPF object for the protect layer (needs root)")
+}
+
 /// Whether the BPF LSM layer can run here: loads and attaches every LSM
 /// program (live, but with nothing marked, so it refuses nothing) and
 /// detaches them again. For `governor doctor` and tests; `Ok` lists the hooks.
 pub fn probe_lsm() -> std::result::Result<Vec<String>, String> {
     lsm_precheck()?;
     let config = crate::probes::kernel_config().map_err(|e| format!("{e:#}"))?;
-    // Enabled, so the verifier checks the real code (a disabled runtime
-    // lets it prune everything); with empty maps nothing is denied and
-    // nothing anyone reads is reported, and the probe detaches at once.
-    let runtime = ProtectRuntime {
-        enabled: 1,
-        daemon_tgid: std::process::id(),
-    };
-    let mut ebpf = EbpfLoader::new()
-        .override_global(KERNEL_CONFIG_SYMBOL, &config, true)
-        .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
-        .map_max_entries(EVENTS_MAP, 4096)
-        .map_max_entries(PROTECT_EVENTS_MAP, 4096)
-        .load(crate::probes::EBPF_OBJECT)
-        .map_err(|e| format!("loading governor's eBPF object: {e}"))?;
+    let mut ebpf = load_object(&config, 4096).map_err(|e| format!("{e:#}"))?;
     let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
     KernelLayer::attach_lsm(&mut ebpf, &config, &btf)
 }
@@ -918,20 +914,7 @@ pub fn probe_logging() -> std::result::Result<String, String> {
     if config.tp_sys_nr == 0 || config.tp_sys_ret == 0 {
         return Err("no syscalls/sys_{enter,exit}_openat tracepoints".into());
     }
-    // Enabled, so the verifier checks the real code (a disabled runtime
-    // lets it prune everything); with empty maps nothing is denied and
-    // nothing anyone reads is reported, and the probe detaches at once.
-    let runtime = ProtectRuntime {
-        enabled: 1,
-        daemon_tgid: std::process::id(),
-    };
-    let mut ebpf = EbpfLoader::new()
-        .override_global(KERNEL_CONFIG_SYMBOL, &config, true)
-        .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
-        .map_max_entries(EVENTS_MAP, 4096)
-        .map_max_entries(PROTECT_EVENTS_MAP, 4096)
-        .load(crate::probes::EBPF_OBJECT)
-        .map_err(|e| format!("loading governor's eBPF object: {e}"))?;
+    let mut ebpf = load_object(&config, 4096).map_err(|e| format!("{e:#}"))?;
     let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"));
     let backend = KernelLayer::attach_logging(&mut ebpf, &["openat"], btf.as_ref())
         .map_err(|e| short(format!("{e:#}")))?;
