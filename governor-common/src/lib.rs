@@ -42,7 +42,9 @@ pub struct EventHeader {
     pub pid: u32,
     /// Thread-group id of the real parent.
     pub ppid: u32,
-    pub _pad: u32,
+    /// Real uid of the task (`bpf_get_current_uid_gid`, init user
+    /// namespace): who runs it, as only the kernel can say.
+    pub uid: u32,
     /// `bpf_ktime_get_ns()` when the event fired (CLOCK_MONOTONIC).
     pub ts_ns: u64,
     /// The process's `task_struct.start_time` (CLOCK_MONOTONIC, ns).
@@ -156,7 +158,22 @@ pub struct KernelConfig {
     pub regs_arg5: u32,
     /// 1 when the register layout above was found.
     pub regs_ok: u32,
+    // --- Exits: a death is the thread group's death. ---
+    /// Offset of `bool group_dead` in the `sched_process_exit` record where
+    /// the kernel has it (6.18), else [`NO_FIELD`].
+    pub tp_exit_group_dead: u32,
+    /// `task_struct.signal` → `signal_struct.live` (an `atomic_t`, already
+    /// decremented when the tracepoint fires): the fallback for kernels
+    /// whose tracepoint has no `group_dead` (6.1, 6.12).
+    pub task_signal: u32,
+    pub signal_live: u32,
+    /// `task_struct.group_leader`: a group's start time is its leader's,
+    /// even when a worker thread is the last to exit.
+    pub task_group_leader: u32,
 }
+
+/// An offset that the running kernel doesn't have.
+pub const NO_FIELD: u32 = u32::MAX;
 
 /// Name of the global holding the [`KernelConfig`].
 pub const KERNEL_CONFIG_SYMBOL: &str = "GOVERNOR_KERNEL_CONFIG";

@@ -16,18 +16,19 @@ mod protect;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated::bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, generated::bpf_probe_read_user,
     },
     macros::{lsm, map, raw_tracepoint, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{LsmContext, RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use governor_common::{
     protect::LsmArgs, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, InodeKey,
-    KernelConfig, ARGV_MAX, COMM_LEN,
+    KernelConfig, ARGV_MAX, COMM_LEN, NO_FIELD,
 };
 
 /// Filled in by user space before load (see the crate docs). `no_mangle` so
@@ -89,6 +90,10 @@ static GOVERNOR_KERNEL_CONFIG: KernelConfig = KernelConfig {
     regs_arg5: 0,
     regs_nr: 0,
     regs_ok: 0,
+    tp_exit_group_dead: NO_FIELD,
+    task_signal: 0,
+    signal_live: 0,
+    task_group_leader: 0,
 };
 
 /// Lifecycle events. The size is a default: the loader sets the real one.
@@ -118,6 +123,15 @@ static DENY_WRITE_INODES: HashMap<InodeKey, u8> = HashMap::with_max_entries(4096
 /// works while they live — a fast crash loop would otherwise be gone first.
 #[map(name = "WAKE_PARENTS")]
 static WAKE_PARENTS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Deaths already reported, by (tgid, leader start time): where the exit
+/// tracepoint has no `group_dead`, two threads finishing at once on two
+/// CPUs can both see the group's live count at 0; the first reports.
+#[map(name = "EXITED")]
+static EXITED: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(4096, 0);
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 #[inline(always)]
 fn config() -> KernelConfig {
@@ -158,7 +172,8 @@ fn header(kind: EventKind, pid: u32, ppid: u32, start_ns: u64) -> EventHeader {
         kind: kind as u32,
         pid,
         ppid,
-        _pad: 0,
+        // Low 32 bits: the real uid (init namespace).
+        uid: bpf_get_current_uid_gid() as u32,
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         start_ns,
@@ -247,26 +262,42 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
-pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let cfg = config();
     if cfg.configured == 0 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // One death per process: only the thread-group leader's exit counts.
-    if tgid != tid {
-        return 0;
-    }
+    let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: bpf_get_current_task has no preconditions.
     let task = unsafe { bpf_get_current_task() };
+    // One death per process, when its last thread exits: a leader that
+    // calls pthread_exit while workers run on is not a death. The
+    // tracepoint says so itself where it has `group_dead`; elsewhere the
+    // group's live count, decremented before the tracepoint fires, is 0.
+    let group_dead = if cfg.tp_exit_group_dead != NO_FIELD {
+        // SAFETY: the offset is the tracepoint format's own, inside the record.
+        unsafe { ctx.read_at::<u8>(cfg.tp_exit_group_dead as usize) }.unwrap_or(0) != 0
+    } else {
+        let signal: u64 = read_at(task, cfg.task_signal);
+        signal != 0 && read_at::<i32>(signal, cfg.signal_live) == 0
+    };
+    if !group_dead {
+        return 0;
+    }
+    let leader: u64 = read_at(task, cfg.task_group_leader);
+    let start: u64 = read_at(if leader != 0 { leader } else { task }, cfg.task_start_time);
+    if cfg.tp_exit_group_dead == NO_FIELD
+        && EXITED
+            .insert([tgid as u64, start], 1u8, BPF_NOEXIST)
+            .is_err()
+    {
+        return 0;
+    }
     let ev = ExitEvent {
-        hdr: header(
-            EventKind::Exit,
-            tgid,
-            parent_tgid(&cfg, task),
-            read_at(task, cfg.task_start_time),
-        ),
+        hdr: header(EventKind::Exit, tgid, parent_tgid(&cfg, task), start),
+        // The last thread's code: exit_group() sets it on every thread, a
+        // fatal signal likewise.
         exit_code: read_at::<i32>(task, cfg.task_exit_code) as u32,
         _pad: 0,
         comm: current_comm(),

@@ -55,6 +55,15 @@ pub struct Daemon {
     /// Size of the kernel→daemon event ring.
     #[serde(default = "default_ring")]
     pub ring_size: ByteSize,
+    /// Most unconfigured services (fingerprints, other users' pm2 apps and
+    /// units) whose restart history is kept; beyond it the least recently
+    /// seen is forgotten, and counted. Any local user can make new ones.
+    #[serde(default = "default_max_unconfigured")]
+    pub max_unconfigured_services: usize,
+}
+
+fn default_max_unconfigured() -> usize {
+    1024
 }
 
 fn default_state_dir() -> PathBuf {
@@ -73,6 +82,7 @@ impl Default for Daemon {
             state_dir: default_state_dir(),
             socket: default_socket(),
             ring_size: default_ring(),
+            max_unconfigured_services: default_max_unconfigured(),
         }
     }
 }
@@ -109,6 +119,21 @@ pub struct Defaults {
     /// the loop before the service is stopped.
     #[serde(default = "default_stop_after")]
     pub stop_after: u32,
+    /// Owner of the pm2 God daemon whose apps `pm2 = "…"` services are:
+    /// apps of anyone else's pm2 are never a configured service.
+    #[serde(default = "default_pm2_user")]
+    pub pm2_user: String,
+    /// Longest `governor deploy --grace`: a deploy switches crash-loop
+    /// counting off for its service, so it can't be for ever.
+    #[serde(default = "default_max_grace")]
+    pub max_grace: HumanDuration,
+}
+
+fn default_pm2_user() -> String {
+    "root".into()
+}
+fn default_max_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
 }
 
 fn default_window() -> HumanDuration {
@@ -136,6 +161,8 @@ impl Default for Defaults {
             stable_after: default_stable_after(),
             crash_loop_action: CrashLoopAction::default(),
             stop_after: default_stop_after(),
+            pm2_user: default_pm2_user(),
+            max_grace: default_max_grace(),
         }
     }
 }
@@ -171,14 +198,20 @@ impl Default for System {
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: Spanned<String>,
-    /// pm2 app name (pm2 sets `name` in each app's environment).
+    /// pm2 app name (pm2 sets `name` in each app's environment), of a God
+    /// daemon run by `pm2_user`.
     pub pm2: Option<String>,
+    /// Owner of this service's pm2 (default: `defaults.pm2_user`).
+    pub pm2_user: Option<String>,
     /// systemd unit, e.g. `lily.service`.
     pub unit: Option<String>,
     /// A cgroup path prefix, e.g. `/system.slice/lily.service`.
     pub cgroup: Option<String>,
-    /// Executable path (exact) or basename.
+    /// Absolute executable path, as the kernel reports it at exec.
     pub exe: Option<String>,
+    /// With `exe`: the user the process runs as (default root). Anyone can
+    /// run a binary; only this user's runs are the service.
+    pub user: Option<String>,
     /// Regex over the space-joined argv, with `exe`.
     pub args: Option<ArgsRegex>,
     pub tier: Option<Spanned<String>>,
@@ -433,6 +466,34 @@ impl Config {
             if svc.args.is_some() && svc.exe.is_none() {
                 return err(at, format!("service \"{name}\": `args` needs `exe`"));
             }
+            if let Some(exe) = &svc.exe {
+                if !exe.starts_with('/') {
+                    return err(
+                        at,
+                        format!(
+                            "service \"{name}\": exe \"{exe}\" must be an absolute path (a bare name \
+                             would match any copy of the binary, anywhere, run by anyone)"
+                        ),
+                    );
+                }
+            }
+            if svc.user.is_some() && svc.exe.is_none() {
+                return err(at, format!("service \"{name}\": `user` goes with `exe`"));
+            }
+            if svc.pm2_user.is_some() && svc.pm2.is_none() {
+                return err(
+                    at,
+                    format!("service \"{name}\": `pm2_user` goes with `pm2`"),
+                );
+            }
+            if let Some(u) = self.owner_of(svc) {
+                if crate::users::uid_of(&u).is_none() {
+                    return err(
+                        at,
+                        format!("service \"{name}\": unknown user \"{u}\" (not in /etc/passwd)"),
+                    );
+                }
+            }
             if let Some(t) = &svc.tier {
                 if !self.tiers.contains_key(t.get_ref()) {
                     let known: Vec<_> = self.tiers.keys().cloned().collect();
@@ -468,6 +529,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The user a service's identity is bound to: the pm2 God's owner for
+    /// `pm2`, the process's uid for `exe`; `None` for unit and cgroup
+    /// matches (only root places processes in those cgroups).
+    pub fn owner_of(&self, svc: &Service) -> Option<String> {
+        if svc.pm2.is_some() {
+            return Some(
+                svc.pm2_user
+                    .clone()
+                    .unwrap_or_else(|| self.defaults.pm2_user.clone()),
+            );
+        }
+        if svc.exe.is_some() {
+            return Some(svc.user.clone().unwrap_or_else(|| "root".into()));
+        }
+        None
     }
 
     /// Limits for one service, after tier and per-service overrides.

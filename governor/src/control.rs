@@ -177,6 +177,37 @@ pub fn is_tty(fd: &OwnedFd) -> bool {
     unsafe { libc::isatty(fd.as_raw_fd()) == 1 }
 }
 
+/// The (major, minor) of the terminal a descriptor is, `None` when it is
+/// no terminal.
+pub fn terminal_of(fd: &OwnedFd) -> Option<(u32, u32)> {
+    if !is_tty(fd) {
+        return None;
+    }
+    let file = std::fs::File::from(fd.try_clone().ok()?);
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = file.metadata().ok()?;
+    if !meta.file_type().is_char_device() {
+        return None;
+    }
+    let rdev = meta.rdev();
+    Some((libc::major(rdev), libc::minor(rdev)))
+}
+
+/// The controlling terminal of a live process (field 7 of
+/// `/proc/PID/stat`, the kernel's `tty_nr`), `None` when it has none.
+pub fn controlling_terminal(pid: u32) -> Option<(u32, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // rest starts at field 3 (state); tty_nr is field 7.
+    let tty_nr: u32 = rest.split_whitespace().nth(4)?.parse().ok()?;
+    if tty_nr == 0 {
+        return None;
+    }
+    let major = (tty_nr >> 8) & 0xfff;
+    let minor = (tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00);
+    Some((major, minor))
+}
+
 fn write_response(stream: &mut UnixStream, resp: &Response) {
     if let Ok(mut line) = serde_json::to_string(resp) {
         line.push('\n');

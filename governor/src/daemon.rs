@@ -187,14 +187,92 @@ fn load_velocity(state_dir: &Path) -> (Velocity, Option<String>) {
 }
 
 fn save_velocity(state_dir: &Path, v: &Velocity) -> Result<()> {
+    let data = serde_json::to_vec(&Persisted::new(v, wall_ns(), monotonic_ns()))?;
+    write_velocity(state_dir, &data)
+}
+
+/// Writes the restart history off the event loop: the loop hands over the
+/// serialised bytes, a thread writes and fsyncs them, always the newest
+/// (a slow disk merges saves instead of queueing them), and nothing when
+/// they didn't change.
+struct StateWriter {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    last: Vec<u8>,
+}
+
+impl StateWriter {
+    fn spawn(state_dir: PathBuf) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let thread = std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || {
+                while let Ok(mut data) = rx.recv() {
+                    // Newer bytes queued meanwhile supersede these.
+                    while let Ok(newer) = rx.try_recv() {
+                        data = newer;
+                    }
+                    if let Err(e) = write_velocity(&state_dir, &data) {
+                        log::error!("saving restart history: {e:#}");
+                    }
+                }
+            })
+            .context("starting the state writer thread")?;
+        Ok(StateWriter {
+            tx: Some(tx),
+            thread: Some(thread),
+            last: Vec::new(),
+        })
+    }
+
+    /// Queues `v` to be written, unless it is what was written last.
+    fn save(&mut self, v: &Velocity) {
+        let data = match serde_json::to_vec(&Persisted::new(v, wall_ns(), monotonic_ns())) {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!("serialising restart history: {e}");
+                return;
+            }
+        };
+        // The clock pair in the header changes every call: compare the
+        // history itself.
+        let body = serde_json::to_vec(v).unwrap_or_default();
+        if body == self.last {
+            return;
+        }
+        self.last = body;
+        if let Some(tx) = &self.tx {
+            match tx.try_send(data) {
+                Ok(()) => {}
+                // One save pending already: the next tick sends newer bytes.
+                Err(std::sync::mpsc::TrySendError::Full(_)) => self.last.clear(),
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                    log::error!("the state writer thread is gone; restart history not saved")
+                }
+            }
+        }
+    }
+
+    /// Writes `v` now and stops the thread (daemon stop).
+    fn finish(mut self, state_dir: &Path, v: &Velocity) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Err(e) = save_velocity(state_dir, v) {
+            log::error!("saving restart history: {e:#}");
+        }
+    }
+}
+
+fn write_velocity(state_dir: &Path, data: &[u8]) -> Result<()> {
     let path = velocity_path(state_dir);
     let tmp = path.with_extension("json.tmp");
-    let data = serde_json::to_vec(&Persisted::new(v, wall_ns(), monotonic_ns()))?;
     {
         use std::io::Write;
         let mut f =
             std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&data)?;
+        f.write_all(data)?;
         f.sync_data()?;
     }
     std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} into place", tmp.display()))
@@ -268,6 +346,17 @@ impl Daemon {
             Some(Head { seq, hash }) => format!("{seq}:{}", &hash[..hash.len().min(16)]),
             None => "empty".into(),
         }
+    }
+
+    /// Who a control-socket caller is, from the kernel-fed table.
+    fn caller(&self, pid: i32, uid: u32) -> Value {
+        let p = u32::try_from(pid).ok().and_then(|p| self.table.get(p));
+        json!({
+            "pid": pid,
+            "uid": uid,
+            "exe": p.map(|p| p.exe.clone()),
+            "service": p.map(|p| p.service.clone()),
+        })
     }
 
     /// Every alert also goes to the daemon's log.
@@ -443,6 +532,25 @@ impl Daemon {
                 supervisor,
                 crashes_since,
             } => {
+                // The supervisor is re-verified against the kernel-fed
+                // table now, not trusted from when it was first seen.
+                if let Err(e) = crate::supervisor::verify(&supervisor, &self.table) {
+                    let why = format!("{e:#}");
+                    self.audit(
+                        "crash_loop.action",
+                        Some(&service),
+                        json!({"action": "stop", "supervisor": supervisor, "crashes_since": crashes_since, "state": "refused", "why": why}),
+                    )
+                    .await;
+                    self.alert(
+                        Severity::Critical,
+                        "crash loop action",
+                        Some(&service),
+                        format!("stop {service}: refused"),
+                        why,
+                    );
+                    return;
+                }
                 self.audit(
                     "crash_loop.action",
                     Some(&service),
@@ -598,6 +706,7 @@ impl Daemon {
                 self.config = cfg;
                 self.config_hash = config_hash(&src);
                 // New limits apply to the history too.
+                self.velocity.cap = self.config.daemon.max_unconfigured_services;
                 self.refresh_history_limits();
                 Ok(self.config_hash.clone())
             }
@@ -655,6 +764,12 @@ impl Daemon {
             Request::Status { all } => {
                 let rows = self.status(all);
                 let latency = self.latency.summary();
+                let bounds = json!({
+                    "unconfigured_services": self.velocity.unconfigured(),
+                    "max_unconfigured_services": self.velocity.cap,
+                    "unconfigured_evicted": self.velocity.evicted,
+                    "processes": self.table.len(),
+                });
                 let head = self.audit.head().map(|h| h.to_string());
                 let layers = self.layers.clone();
                 let ops = self.supervisors.clone();
@@ -679,6 +794,7 @@ impl Daemon {
                         "audit_head": head,
                         "layers": layers,
                         "detection_latency": latency,
+                        "bounds": bounds,
                     })));
                 });
             }
@@ -687,6 +803,16 @@ impl Daemon {
                 grace_s,
                 reason,
             } => {
+                let max = self.config.defaults.max_grace.0.as_secs();
+                if grace_s > max {
+                    let _ = reply.send(Response::err(format!(
+                        "--grace {} is longer than defaults.max_grace ({}): a deploy switches \
+                         crash-loop detection off for its service, so it is capped",
+                        human_secs(grace_s),
+                        human_secs(max)
+                    )));
+                    return;
+                }
                 let known = self.service_index.contains_key(&service)
                     || self.velocity.services.contains_key(&service)
                     || self.table.instances_of(&service).next().is_some();
@@ -708,23 +834,32 @@ impl Daemon {
                     limits: self.limits_of(&service),
                 };
                 self.velocity
-                    .deploy(&info, monotonic_ns(), grace_s * 1_000_000_000);
+                    .deploy(&info, monotonic_ns(), grace_s.saturating_mul(1_000_000_000));
                 self.velocity_dirty = true;
+                let caller = self.caller(peer.pid, peer.uid);
                 let head = self
                     .audit(
                         "service.deploy",
                         Some(&service),
-                        json!({"grace_s": grace_s, "reason": reason, "by_uid": peer.uid, "by_pid": peer.pid}),
+                        json!({"grace_s": grace_s, "reason": reason, "by_uid": peer.uid, "by_pid": peer.pid, "caller": caller}),
                     )
                     .await;
+                // Crash-loop detection is off for the grace: worth a look.
                 self.alert(
-                    Severity::Info,
+                    Severity::Warning,
                     "deploy",
                     Some(&service),
                     format!("deploy: {service}"),
                     format!(
-                        "restarts in the next {} are planned: {reason}",
-                        human_secs(grace_s)
+                        "restarts in the next {} are planned: {reason}; by pid {} ({}) uid {}{}",
+                        human_secs(grace_s),
+                        peer.pid,
+                        caller["exe"].as_str().unwrap_or("?"),
+                        peer.uid,
+                        caller["service"]
+                            .as_str()
+                            .map(|s| format!(", service {s}"))
+                            .unwrap_or_default()
                     ),
                 );
                 let _ = reply.send(Response::ok(json!({"service": service, "grace_s": grace_s, "audit": head.map(|h| h.to_string())})));
@@ -738,14 +873,16 @@ impl Daemon {
                 reason,
                 confirm,
             } => {
-                // The client passed its stdin; we check the terminal ourselves.
-                let tty = stdin.as_ref().is_some_and(control::is_tty);
+                // Who asks, from the kernel-fed table; the terminal from the
+                // descriptor the client passed, checked against the
+                // caller's own controlling terminal.
+                let human = human_caller(&self.table, peer.pid, stdin.as_ref());
                 let r = protector
                     .approve(
                         Path::new(&path),
                         Duration::from_secs(for_s),
                         &reason,
-                        tty,
+                        human,
                         confirm,
                         peer.uid,
                     )
@@ -763,6 +900,31 @@ impl Daemon {
                 });
             }
         }
+    }
+}
+
+/// Whether an approval comes from a human at a login terminal: the
+/// caller's ancestry holds a login and nothing supervised
+/// ([`crate::proctable::login_ancestry`]), and the descriptor it passed is
+/// its own controlling terminal (a terminal the caller doesn't control
+/// proves nothing).
+fn human_caller(
+    table: &ProcTable,
+    pid: i32,
+    stdin: Option<&std::os::fd::OwnedFd>,
+) -> std::result::Result<String, String> {
+    let pid = u32::try_from(pid).map_err(|_| "the caller's pid is unknown".to_string())?;
+    let login = crate::proctable::login_ancestry(table, pid)?;
+    let tty = stdin
+        .and_then(control::terminal_of)
+        .ok_or("its stdin is not a terminal")?;
+    match control::controlling_terminal(pid) {
+        Some(ctty) if ctty == tty => Ok(format!("{login}, tty {}:{}", tty.0, tty.1)),
+        Some(ctty) => Err(format!(
+            "the terminal it passed ({}:{}) is not its controlling terminal ({}:{})",
+            tty.0, tty.1, ctty.0, ctty.1
+        )),
+        None => Err("it has no controlling terminal".into()),
     }
 }
 
@@ -935,6 +1097,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         services_by_pid,
     };
     // History loaded from the state file carries no limits: apply them.
+    d.velocity.cap = d.config.daemon.max_unconfigured_services;
     d.refresh_history_limits();
     let host = host_name();
     let started = d
@@ -953,6 +1116,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 "services_with_history": d.velocity.services.len(),
                 "protect": protect_report,
                 "history_problem": velocity_problem,
+                "approvals": crate::doctor::approval_paths(d.config.protect.approve_via),
+                "exit_detection": crate::probes::kernel_config().ok().map(|c| crate::doctor::exit_detection(&c)),
+                "max_unconfigured_services": d.velocity.cap,
             }),
         )
         .await;
@@ -995,6 +1161,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_drops = 0;
+    let mut state_writer = StateWriter::spawn(state_dir.clone())?;
     let stop_reason;
     loop {
         tokio::select! {
@@ -1015,7 +1182,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 d.carry_out().await;
             }
             Some(s) = side_rx.recv() => d.on_side(s).await,
-            Some(inc) = ctl_rx.recv() => d.on_request(inc, &mut protector).await,
+            Some(inc) = ctl_rx.recv() => {
+                // The caller's own exec may still be queued in the ring:
+                // requests are judged on a current table.
+                probes.drain(|ev| d.on_event(ev));
+                probes.sync_supervisors(&mut d.table);
+                d.carry_out().await;
+                d.on_request(inc, &mut protector).await
+            }
             _ = hup.recv() => {
                 match d.reload() {
                     Ok(hash) => {
@@ -1053,25 +1227,41 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     d.decisions.push((dec, now));
                 }
                 d.carry_out().await;
-                if d.velocity_dirty {
-                    match save_velocity(&state_dir, &d.velocity) {
-                        Ok(()) => d.velocity_dirty = false,
-                        Err(e) => log::error!("saving restart history: {e:#}"),
-                    }
+                if std::mem::take(&mut d.velocity_dirty) {
+                    state_writer.save(&d.velocity);
                 }
                 let drops = probes.dropped()?;
                 if drops > last_drops {
-                    log::warn!("{} lifecycle events lost (ring full), {drops} in all", drops - last_drops);
-                    d.audit("events.lost", None, json!({"lost": drops - last_drops, "total": drops})).await;
+                    let lost = drops - last_drops;
                     last_drops = drops;
+                    // What is still queued first, then the table against
+                    // /proc: a lost exit would leave a ghost forever.
+                    probes.drain(|ev| d.on_event(ev));
+                    let (gone, added) = d.table.reconcile_with_proc();
+                    probes.sync_supervisors(&mut d.table);
+                    if let Ok(mut m) = d.services_by_pid.write() {
+                        *m = d.table.iter().map(|p| (p.pid, p.service.clone())).collect();
+                    }
+                    let services: std::collections::BTreeSet<&str> =
+                        gone.iter().map(|p| p.service.as_str()).collect();
+                    log::warn!("{lost} lifecycle events lost (ring full), {drops} in all; swept {} dead, {added} new", gone.len());
+                    d.audit("events.lost", None, json!({"lost": lost, "total": drops, "swept_dead": gone.len(), "swept_new": added, "services": services})).await;
+                    d.alert(
+                        Severity::Warning,
+                        "events lost",
+                        None,
+                        format!("{lost} kernel lifecycle events lost"),
+                        format!(
+                            "the ring was full; the process table was re-read from /proc: {} dead process(es) removed, {added} added; restarts in that gap are not counted",
+                            gone.len()
+                        ),
+                    );
                 }
             }
         }
     }
     log::info!("governor stopping ({stop_reason})");
-    if let Err(e) = save_velocity(&state_dir, &d.velocity) {
-        log::error!("saving restart history: {e:#}");
-    }
+    state_writer.finish(&state_dir, &d.velocity);
     // Attempts and window closes still queued are written before the end.
     protector.flush_audit().await;
     d.audit("daemon.stopped", None, json!({"reason": stop_reason}))

@@ -125,6 +125,19 @@ pub fn run_checks(
         )),
         Err(e) => checks.push(check("offsets", false, format!("{e:#}"))),
     }
+    if let Ok(c) = probes::kernel_config() {
+        checks.push(check("exit detection", true, exit_detection(&c)));
+    }
+    let via = protect.map(|(p, _)| p.approve_via).unwrap_or_default();
+    checks.push(check("approvals", true, approval_paths(via)));
+    checks.push(check(
+        "bounds",
+        true,
+        "unconfigured services with history capped by daemon.max_unconfigured_services \
+         (default 1024; least recently seen evicted and counted in `status --json`); the \
+         process table mirrors the kernel and is re-read from /proc after any lost event; \
+         re-hash checks are deduped per protected file",
+    ));
     for (name, ty) in [
         ("prog:tracepoint", ProgramType::TracePoint),
         ("prog:raw_tracepoint", ProgramType::RawTracePoint),
@@ -198,6 +211,42 @@ pub fn run_checks(
         checks,
         layers,
         bpf_lsm,
+    }
+}
+
+/// How deaths are told from thread exits on this kernel.
+pub fn exit_detection(c: &governor_common::KernelConfig) -> String {
+    if c.tp_exit_group_dead != governor_common::NO_FIELD {
+        format!(
+            "a death is the thread group's: sched_process_exit's own group_dead field (offset {})",
+            c.tp_exit_group_dead
+        )
+    } else {
+        format!(
+            "a death is the thread group's: signal_struct.live == 0 at sched_process_exit \
+             (BTF offsets task_struct.signal={} signal_struct.live={}; the tracepoint has no group_dead)",
+            c.task_signal, c.signal_live
+        )
+    }
+}
+
+/// Which approval paths open a write window, what each proves and what it
+/// doesn't (doctor and the `daemon.started` entry).
+pub fn approval_paths(via: crate::protect::ApproveVia) -> String {
+    match via {
+        crate::protect::ApproveVia::Terminal => "terminal: `governor approve` typed under a login \
+            session — the caller's kernel-seen ancestry holds sshd/login/getty and no pm2 God or app, \
+            cron, or systemd service other than the login's, and the descriptor it passes is its own \
+            controlling terminal. Proves a human's session asked, not a supervised process (a pty \
+            from script(1) under pm2 or from a root process without a login fails); does not prove \
+            who typed it (root can start a `login -f` session of its own; a person's automation \
+            inside their ssh session looks the same). UNTOUCHABLE files also need the path typed back."
+            .into(),
+        crate::protect::ApproveVia::Telegram => "telegram: a window opens only on an Approve tap by an \
+            authorised approver (telegram_approvers), checked by Telegram user id from the Bot API; \
+            anyone root may ask. Proves that approver's Telegram account tapped; does not prove the \
+            account isn't compromised."
+            .into(),
     }
 }
 

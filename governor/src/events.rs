@@ -23,6 +23,8 @@ pub enum Event {
 pub struct Exec {
     pub pid: u32,
     pub ppid: u32,
+    /// Real uid, from the kernel.
+    pub uid: u32,
     pub ts_ns: u64,
     pub start_ns: u64,
     pub comm: String,
@@ -35,6 +37,7 @@ pub struct Exec {
 pub struct Exit {
     pub pid: u32,
     pub ppid: u32,
+    pub uid: u32,
     pub ts_ns: u64,
     pub start_ns: u64,
     pub comm: String,
@@ -61,6 +64,8 @@ impl Exit {
 pub struct Fork {
     pub pid: u32,
     pub ppid: u32,
+    /// The parent's real uid (the child's too, at fork).
+    pub uid: u32,
     pub ts_ns: u64,
     pub start_ns: u64,
     pub comm: String,
@@ -134,6 +139,7 @@ pub fn decode(buf: &[u8]) -> Result<Event> {
             Ok(Event::Exec(Exec {
                 pid: hdr.pid,
                 ppid: hdr.ppid,
+                uid: hdr.uid,
                 ts_ns: hdr.ts_ns,
                 start_ns: hdr.start_ns,
                 comm: cstr(&e.comm),
@@ -148,6 +154,7 @@ pub fn decode(buf: &[u8]) -> Result<Event> {
             Ok(Event::Exit(Exit {
                 pid: hdr.pid,
                 ppid: hdr.ppid,
+                uid: hdr.uid,
                 ts_ns: hdr.ts_ns,
                 start_ns: hdr.start_ns,
                 comm: cstr(&e.comm),
@@ -161,6 +168,7 @@ pub fn decode(buf: &[u8]) -> Result<Event> {
             Ok(Event::Fork(Fork {
                 pid: hdr.pid,
                 ppid: hdr.ppid,
+                uid: hdr.uid,
                 ts_ns: hdr.ts_ns,
                 start_ns: hdr.start_ns,
                 comm: cstr(&e.comm),

@@ -17,5 +17,6 @@ pub mod proctable;
 pub mod protect;
 pub mod supervisor;
 pub mod tracefs;
+pub mod users;
 pub mod velocity;
 pub mod watch;

@@ -31,8 +31,19 @@ pub(crate) static EBPF_OBJECT: &[u8] =
 /// KiB here costs two of the daemon's RSS.
 pub const DEFAULT_RING_BYTES: u32 = 1 << 18;
 
-/// Computes the programs' [`KernelConfig`] for the running kernel.
+/// The programs' [`KernelConfig`] for the running kernel: computed once per
+/// process (the kernel's BTF is parsed once, however many loaders need the
+/// layout: lifecycle, attempt logging, LSM, doctor's probes).
 pub fn kernel_config() -> Result<KernelConfig> {
+    static LAYOUT: std::sync::OnceLock<KernelConfig> = std::sync::OnceLock::new();
+    if let Some(c) = LAYOUT.get() {
+        return Ok(*c);
+    }
+    let c = compute_kernel_config()?;
+    Ok(*LAYOUT.get_or_init(|| c))
+}
+
+fn compute_kernel_config() -> Result<KernelConfig> {
     let btf = Btf::from_sys_fs()?;
     let tracefs = tracefs::tracefs_root().context(
         "tracefs is not mounted (tried /sys/kernel/tracing and /sys/kernel/debug/tracing); \
@@ -82,6 +93,16 @@ pub fn kernel_config() -> Result<KernelConfig> {
             .unwrap_or(0),
         tp_sys_ret: tracefs::field_offset(&tracefs, "syscalls", "sys_exit_openat", "ret")
             .unwrap_or(0),
+        tp_exit_group_dead: tracefs::field_offset(
+            &tracefs,
+            "sched",
+            "sched_process_exit",
+            "group_dead",
+        )
+        .unwrap_or(governor_common::NO_FIELD),
+        task_signal: off("task_struct", "signal")?,
+        signal_live: off("signal_struct", "live")?,
+        task_group_leader: off("task_struct", "group_leader")?,
         lsm: crate::protect::kernel::lsm_args(&btf),
         ..crate::protect::kernel::regs_layout(&btf)
     })

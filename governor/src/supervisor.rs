@@ -16,32 +16,51 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    proctable::{ProcTable, Process},
+    proctable::{ProcTable, Process, Unit},
     velocity::Supervisor,
 };
 
-/// Derives how a process is supervised from what the table knows of it.
-/// For pm2, the God daemon's argv as the kernel saw it at exec time names
-/// the pm2 install (pm2 rewrites its process title right after).
+/// Derives how a process is supervised from what the table knows of it:
+/// pm2 only for a child of a verified God (see [`crate::proctable`]),
+/// systemd only for PID 1's units. A user manager's units and anything
+/// else have no supervisor governor acts through.
 pub fn supervisor_of(p: &Process, table: &ProcTable) -> Supervisor {
     if let Some(app) = &p.pm2 {
-        let daemon_js = table.get(p.ppid).and_then(|god| {
-            god.argv
-                .iter()
-                .find(|a| a.ends_with("lib/Daemon.js"))
-                .cloned()
-        });
-        return Supervisor::Pm2 {
-            name: app.name.clone(),
-            pm_id: app.pm_id,
-            god_pid: p.ppid,
-            daemon_js,
-        };
+        if let Some(god) = table.god(app.god_pid) {
+            return Supervisor::Pm2 {
+                name: app.name.clone(),
+                pm_id: app.pm_id,
+                god_pid: app.god_pid,
+                god_uid: god.uid,
+                daemon_js: god.daemon_js.clone(),
+            };
+        }
     }
-    if let Some(unit) = &p.unit {
+    if let Some(Unit::System(unit)) = &p.unit {
         return Supervisor::Systemd { unit: unit.clone() };
     }
     Supervisor::None
+}
+
+/// Re-verifies, at action time, that a supervisor still is what the
+/// decision was made against: the pm2 God is still a verified God in the
+/// kernel-fed table, run by the same uid. A supervisor read back from the
+/// state file, or a God that died and whose pid was reused, fails here.
+pub fn verify(s: &Supervisor, table: &ProcTable) -> Result<()> {
+    if let Supervisor::Pm2 {
+        god_pid, god_uid, ..
+    } = s
+    {
+        match table.god(*god_pid) {
+            Some(g) if g.uid == *god_uid => {}
+            Some(g) => bail!(
+                "pm2 God daemon pid {god_pid} is now run by uid {} (expected {god_uid})",
+                g.uid
+            ),
+            None => bail!("pid {god_pid} is no longer a verified pm2 God daemon"),
+        }
+    }
+    Ok(())
 }
 
 /// Side effects on supervisors.
@@ -111,7 +130,7 @@ fn locate_cli(daemon_js: Option<&str>, env: &[(String, String)]) -> Result<PathB
         )
 }
 
-fn pm2_cli(god_pid: u32, daemon_js: Option<&str>) -> Result<Pm2Cli> {
+fn pm2_cli(god_pid: u32, god_uid: u32, daemon_js: Option<&str>) -> Result<Pm2Cli> {
     let node = std::fs::read_link(format!("/proc/{god_pid}/exe"))
         .with_context(|| format!("pm2 God daemon (pid {god_pid}) is gone"))?;
     let env: Vec<(String, String)> = std::fs::read(format!("/proc/{god_pid}/environ"))
@@ -135,12 +154,18 @@ fn pm2_cli(god_pid: u32, daemon_js: Option<&str>) -> Result<Pm2Cli> {
             .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
     };
+    // The same process the decision was made against: still run by the
+    // verified owner (a reused pid would be another user's, or root's).
+    let uid = id_of("Uid:").context("reading the pm2 God daemon's uid")?;
+    if uid != god_uid {
+        bail!("pm2 God daemon pid {god_pid} runs as uid {uid}, not the verified {god_uid}");
+    }
     Ok(Pm2Cli {
         node,
         cli,
         home,
-        uid: id_of("Uid:").unwrap_or(0),
-        gid: id_of("Gid:").unwrap_or(0),
+        uid,
+        gid: id_of("Gid:").context("reading the pm2 God daemon's gid")?,
     })
 }
 
@@ -202,13 +227,21 @@ impl SupervisorOps for RealSupervisors {
         match s {
             Supervisor::Pm2 {
                 name,
+                pm_id,
                 god_pid,
+                god_uid,
                 daemon_js,
-                ..
             } => {
                 check_name("pm2 app", name)?;
-                let pm2 = pm2_cli(*god_pid, daemon_js.as_deref())?;
-                run(pm2.command(&["stop", name]), &format!("pm2 stop {name}"))
+                // By id: a name stops every cluster instance of that name.
+                let id = pm_id
+                    .with_context(|| format!("pm2 app {name} has no pm_id to stop it by"))?
+                    .to_string();
+                let pm2 = pm2_cli(*god_pid, *god_uid, daemon_js.as_deref())?;
+                run(
+                    pm2.command(&["stop", &id]),
+                    &format!("pm2 stop {id} ({name})"),
+                )
             }
             Supervisor::Systemd { unit } => {
                 check_name("unit", unit)?;
@@ -225,11 +258,12 @@ impl SupervisorOps for RealSupervisors {
             Supervisor::Pm2 {
                 name,
                 god_pid,
+                god_uid,
                 daemon_js,
                 ..
             } => {
                 check_name("pm2 app", name)?;
-                let pm2 = pm2_cli(*god_pid, daemon_js.as_deref())?;
+                let pm2 = pm2_cli(*god_pid, *god_uid, daemon_js.as_deref())?;
                 let out = run(pm2.command(&["jlist"]), "pm2 jlist")?;
                 let start = out.find('[').context("pm2 jlist printed no JSON")?;
                 let list: serde_json::Value =

@@ -31,8 +31,11 @@ pub enum Supervisor {
     Pm2 {
         name: String,
         pm_id: Option<u32>,
-        /// pid of pm2's God daemon (the instance's parent).
+        /// pid of pm2's verified God daemon (the instance's parent).
         god_pid: u32,
+        /// The God's owner (kernel uid): pm2 commands run as this user.
+        #[serde(default)]
+        god_uid: u32,
         /// The God daemon's `lib/Daemon.js`, which locates pm2's CLI.
         #[serde(default)]
         daemon_js: Option<String>,
@@ -165,9 +168,29 @@ pub struct Live {
     pub start_ns: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Velocity {
     pub services: BTreeMap<String, Track>,
+    /// Unconfigured services forgotten to stay within `cap`, in all.
+    #[serde(default)]
+    pub evicted: u64,
+    /// Most unconfigured services with history (`daemon.max_unconfigured_services`).
+    #[serde(skip, default = "default_cap")]
+    pub cap: usize,
+}
+
+fn default_cap() -> usize {
+    1024
+}
+
+impl Default for Velocity {
+    fn default() -> Self {
+        Velocity {
+            services: BTreeMap::new(),
+            evicted: 0,
+            cap: default_cap(),
+        }
+    }
 }
 
 /// One row of `governor status`.
@@ -283,6 +306,9 @@ impl Velocity {
         if unmanaged && !d.failed() && !self.services.contains_key(&info.service) {
             return Vec::new();
         }
+        if !info.configured && !self.services.contains_key(&info.service) {
+            self.make_room(d.ts_ns);
+        }
         let t = self
             .services
             .entry(info.service.clone())
@@ -350,6 +376,32 @@ impl Velocity {
             }
         }
         out
+    }
+
+    /// Unconfigured services with history, now.
+    pub fn unconfigured(&self) -> usize {
+        self.services.values().filter(|t| !t.configured).count()
+    }
+
+    /// Keeps unconfigured services below the cap before one more is added:
+    /// the least recently seen (last death) goes, and is counted. Configured
+    /// services are never evicted.
+    fn make_room(&mut self, now_ns: u64) {
+        while self.unconfigured() >= self.cap.max(1) {
+            let oldest = self
+                .services
+                .iter()
+                .filter(|(_, t)| !t.configured)
+                .min_by_key(|(_, t)| t.last_exit.as_ref().map(|d| d.ts_ns).unwrap_or(now_ns))
+                .map(|(n, _)| n.clone());
+            match oldest {
+                Some(n) => {
+                    self.services.remove(&n);
+                    self.evicted += 1;
+                }
+                None => break,
+            }
+        }
     }
 
     /// Periodic evaluation: ends episodes, forgets old history.
@@ -558,6 +610,7 @@ mod tests {
                 name: name.into(),
                 pm_id: Some(0),
                 god_pid: 1,
+                god_uid: 0,
                 daemon_js: None,
             },
             limits: limits(max),

@@ -32,7 +32,7 @@ pub fn event_json(
             "argv_truncated": e.argv_truncated,
             "service": service,
             "pm2": table.get(e.pid).and_then(|p| p.pm2.as_ref()).map(|a| &a.name),
-            "unit": table.get(e.pid).and_then(|p| p.unit.as_ref()),
+            "unit": table.get(e.pid).and_then(|p| p.unit.as_ref()).map(|u| u.to_string()),
         })),
         Event::Exit(e) => Some(json!({
             "type": "exit",
@@ -117,7 +117,7 @@ pub fn track(table: &mut ProcTable, ev: &Event) -> String {
         }
         Event::Exit(e) => match table.on_exit(e) {
             Some(p) => p.service,
-            None => table.resolve_unknown(&e.comm),
+            None => table.resolve_unknown(e.uid, &e.comm),
         },
     }
 }

@@ -66,17 +66,27 @@ pub fn require_root() {
 /// The `governor` binary next to the test executables
 /// (`target/<profile>/governor`).
 pub fn governor_bin() -> PathBuf {
+    sibling_bin("governor")
+}
+
+/// The test fixture binary (`src/bin/fixture.rs`): processes that behave
+/// in ways a shell can't (a leader thread that exits before its group).
+pub fn fixture_bin() -> PathBuf {
+    sibling_bin("governor-fixture")
+}
+
+fn sibling_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // Test executables live in target/<profile>/deps, binaries (the bench)
     // in target/<profile>.
     let here = exe.parent().expect("exe dir");
-    let mut bin = here.join("governor");
+    let mut bin = here.join(name);
     if !bin.exists() {
-        bin = here.parent().expect("target dir").join("governor");
+        bin = here.parent().expect("target dir").join(name);
     }
     if !bin.exists() && in_vm() {
         // The guest's initramfs carries it in /bin.
-        bin = PathBuf::from("/bin/governor");
+        bin = PathBuf::from("/bin").join(name);
     }
     assert!(
         bin.exists(),

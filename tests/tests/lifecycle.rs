@@ -226,3 +226,58 @@ fn tiny_ring_counts_drops() {
     // counted as lost accounts for at least all of ours.
     assert!(events.len() as u64 + dropped >= 150);
 }
+
+/// A leader thread that ends (as `pthread_exit` does) while a worker runs
+/// on is not a death: the process dies once, when the worker exits it with
+/// code 5 a second later, and its uptime is the whole second.
+#[test]
+fn leader_thread_exit_is_not_a_death() {
+    let c = Collector::start();
+    let t0 = Instant::now();
+    let mut child = Command::new(governor_tests::fixture_bin())
+        .args(["leader-exits", "1000", "5"])
+        .spawn()
+        .expect("spawn the fixture");
+    let pid = child.id();
+    let status = child.wait().unwrap();
+    let observed = t0.elapsed();
+    assert_eq!(status.code(), Some(5), "the fixture's own exit status");
+    let exit = one_exit(&c, pid);
+    assert_eq!(
+        (exit.code, exit.signal),
+        (Some(5), None),
+        "the group's exit, not the leader's: {exit:?}"
+    );
+    let up = exit.uptime();
+    assert!(
+        up >= Duration::from_millis(1000) && up <= observed + Duration::from_millis(2),
+        "uptime is the group's (≈ 1 s, at most the observed {observed:?}): {up:?}"
+    );
+    c.stop();
+}
+
+/// A multi-threaded process killed by a signal dies once, by that signal:
+/// every thread exits, only the last one's exit is the process's.
+#[test]
+fn multithreaded_process_killed_by_signal_dies_once() {
+    let c = Collector::start();
+    let mut child = Command::new(governor_tests::fixture_bin())
+        .args(["threads", "8"])
+        .spawn()
+        .expect("spawn the fixture");
+    let pid = child.id();
+    // All eight threads exist before the kill.
+    assert!(
+        governor_tests::wait_until(Duration::from_secs(10), || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|d| d.count() >= 8)
+                .unwrap_or(false)
+        }),
+        "the fixture started its 8 threads"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let exit = one_exit(&c, pid);
+    assert_eq!((exit.code, exit.signal), (None, Some(9)), "{exit:?}");
+    c.stop();
+}

@@ -204,6 +204,30 @@ fn install_example_config(root: &Path) -> Result<PathBuf> {
     Ok(dest)
 }
 
+/// What of each integration-test binary runs in the guests, and its time
+/// budget there (TCG seconds). The guest is for what the kernel can change:
+/// lifecycle events, protection (flags, attempt logging, LSM), doctor, and
+/// the daemon end to end once (a crash loop from real exits, identity from
+/// real uids). Policy tests (audit chain, reloads, Telegram, pm2, restart
+/// history) depend on no kernel feature and run on the host only.
+fn guest_plan(binary: &str) -> Option<(&'static [&'static str], u64)> {
+    match binary {
+        "lifecycle" => Some((&[], 150)),
+        "protect" => Some((&[], 330)),
+        "lsm" => Some((&[], 60)),
+        "cli" => Some((&[], 90)),
+        "velocity" => Some((
+            &[
+                "--exact",
+                "unmanaged_shell_loop_and_signal_deaths",
+                "forged_identities_are_not_configured_services",
+            ],
+            150,
+        )),
+        _ => None,
+    }
+}
+
 /// Builds the integration tests and the governor binary, and runs them in
 /// the chosen guest kernels (with `governor doctor` first).
 fn vm_test(root: &Path, kernel: &str, timeout: Duration, filter: &[String]) -> Result<()> {
@@ -212,22 +236,30 @@ fn vm_test(root: &Path, kernel: &str, timeout: Duration, filter: &[String]) -> R
     // features exactly as `cargo test` does and the eBPF object is built once.
     // (Never --workspace: that would build the eBPF crate for the host.)
     run_cmd(cargo().arg("build"))?;
-    let tests = vm::build_test_binaries(root, &["-p".into(), "governor-tests".into()])?;
-    let tests: Vec<PathBuf> = tests
-        .into_iter()
-        // The library target's unit tests hold nothing; the integration
-        // test binaries are the ones that exercise the kernel.
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| !n.starts_with("governor_tests-"))
-        })
-        .collect();
+    let built = vm::build_test_binaries(root, &["-p".into(), "governor-tests".into()])?;
+    let mut tests = Vec::new();
+    for p in built {
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.rsplit_once('-'))
+            .map(|(n, _)| n.to_string())
+            .unwrap_or_default();
+        match guest_plan(&name) {
+            Some((args, budget)) => tests.push(vm::TestBinary {
+                path: p,
+                args: args.iter().map(|s| s.to_string()).collect(),
+                budget: Duration::from_secs(budget),
+            }),
+            None => println!("xtask: {name}: host only (nothing in it depends on the kernel)"),
+        }
+    }
     let governor = target_dir().join("debug/governor");
+    let fixture = target_dir().join("debug/governor-fixture");
     let opts = vm::VmOptions {
         kernels,
         test_binaries: tests,
-        extra_binaries: vec![governor.clone()],
+        extra_binaries: vec![governor.clone(), fixture],
         pre_commands: vec![vec![governor.display().to_string(), "doctor".into()]],
         filter: filter.to_vec(),
         timeout,

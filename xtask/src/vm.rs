@@ -101,12 +101,25 @@ pub fn parse_kernel_arg(s: &str) -> Result<Vec<KernelChoice>> {
     Ok(out)
 }
 
+/// One libtest binary to run in the guest, with what to run of it and how
+/// long it may take.
+#[derive(Clone, Debug)]
+pub struct TestBinary {
+    pub path: PathBuf,
+    /// libtest arguments after `--test-threads=1` (test names, `--exact`);
+    /// replaced by [`VmOptions::filter`] when that is set.
+    pub args: Vec<String>,
+    /// Its own time budget: a hang fails naming this binary and the test
+    /// that was running, instead of eating the whole guest's timeout.
+    pub budget: Duration,
+}
+
 #[derive(Clone, Debug)]
 pub struct VmOptions {
     /// Kernels to boot, one guest each, in order.
     pub kernels: Vec<KernelChoice>,
-    /// libtest binaries; each runs as `/bin/<file name> --test-threads=1 <filter...>`.
-    pub test_binaries: Vec<PathBuf>,
+    /// libtest binaries; each runs as `/bin/<file name> --test-threads=1 <args...>`.
+    pub test_binaries: Vec<TestBinary>,
     /// Other binaries to include (e.g. the `governor` binary). Each lands in
     /// `/bin/<file name>` and also at its own absolute host path, so
     /// `env!("CARGO_BIN_EXE_...")` paths compiled into tests resolve in the guest.
@@ -431,6 +444,46 @@ fn download_kernel(dir: &Path, choice: KernelChoice) -> Result<()> {
     Ok(())
 }
 
+/// The per-binary time table of one guest, printed whatever the outcome.
+fn print_timings(
+    choice: KernelChoice,
+    spec: &InitSpec,
+    timings: &HashMap<String, (f64, Option<String>)>,
+    current: Option<&str>,
+    current_started: Instant,
+    total: Duration,
+) {
+    println!("vm-test {choice}: time per step (budget)");
+    let mut sum = 0.0;
+    for step in &spec.steps {
+        let shown = step.label.split('-').next().unwrap_or(&step.label);
+        match timings.get(&step.label) {
+            Some((secs, _)) => {
+                sum += secs;
+                println!(
+                    "  {shown:<24} {secs:>7.1} s  ({:>4} s, {:>3.0}%)",
+                    step.budget.as_secs(),
+                    100.0 * secs / step.budget.as_secs_f64()
+                );
+            }
+            None if current == Some(step.label.as_str()) => println!(
+                "  {shown:<24} {:>7.1} s  ({:>4} s) still running",
+                current_started.elapsed().as_secs_f64(),
+                step.budget.as_secs()
+            ),
+            None => println!(
+                "  {shown:<24}       —  ({:>4} s) not reached",
+                step.budget.as_secs()
+            ),
+        }
+    }
+    println!(
+        "  {:<24} {sum:>7.1} s  of {:.1} s in the guest (boot and poweroff included)",
+        "steps",
+        total.as_secs_f64()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Initramfs
 
@@ -445,6 +498,8 @@ struct Step {
     label: String,
     argv: Vec<String>,
     kind: StepKind,
+    /// Killed (SIGKILL, exit 137) when it runs longer.
+    budget: Duration,
 }
 
 struct InitSpec {
@@ -508,16 +563,24 @@ impl InitSpec {
                 label,
                 argv: argv.clone(),
                 kind: StepKind::Command,
+                // Commands (doctor, the benchmarks) are bounded by the
+                // guest's own timeout, which fires first.
+                budget: opts.timeout + Duration::from_secs(60),
             });
         }
-        for p in &opts.test_binaries {
-            let name = add(p, false)?;
+        for t in &opts.test_binaries {
+            let name = add(&t.path, false)?;
             let mut argv = vec![format!("/bin/{name}"), "--test-threads=1".to_string()];
-            argv.extend(opts.filter.iter().cloned());
+            if opts.filter.is_empty() {
+                argv.extend(t.args.iter().cloned());
+            } else {
+                argv.extend(opts.filter.iter().cloned());
+            }
             steps.push(Step {
                 label: sanitize_label(&name),
                 argv,
                 kind: StepKind::Test,
+                budget: t.budget,
             });
         }
         Ok(InitSpec { binaries, steps })
@@ -565,6 +628,10 @@ echo "GOVERNOR-VM-LSM $(cat /sys/kernel/security/lsm)"
     for step in steps {
         let argv: Vec<String> = step.argv.iter().map(|a| sh_quote(a)).collect();
         s.push_str(&format!("echo \"{MARK_STEP}{}\"\n", step.label));
+        s.push_str(&format!(
+            "timeout -s KILL {} ",
+            step.budget.as_secs().max(1)
+        ));
         s.push_str(&argv.join(" "));
         s.push('\n');
         s.push_str(&format!("echo \"{MARK_RESULT}{} $?\"\n", step.label));
@@ -1105,6 +1172,10 @@ fn run_on_kernel(
     let mut done = false;
     let mut panic_line = None;
     let mut current_step: Option<String> = None;
+    let mut step_started = Instant::now();
+    // label -> (seconds, the test that was running when the result came)
+    let mut timings: HashMap<String, (f64, Option<String>)> = HashMap::new();
+    let mut running_test: Option<String> = None;
     let mut qemu_error = None;
     let mut guest_release = None;
     let mut guest_lsm = None;
@@ -1119,13 +1190,32 @@ fn run_on_kernel(
         }
         if let Some(label) = line.strip_prefix(MARK_STEP) {
             current_step = Some(label.trim().to_string());
+            step_started = Instant::now();
+            running_test = None;
         } else if let Some(i) = line.find(MARK_RESULT) {
+            // A test killed mid-line leaves `test NAME ... ` before the marker.
+            let before = line[..i].trim();
+            if let Some(t) = before.strip_prefix("test ") {
+                running_test = Some(t.trim_end_matches(" ...").trim().to_string());
+            }
             let mut it = line[i + MARK_RESULT.len()..].split_whitespace();
             if let (Some(label), Some(code), None) = (it.next(), it.next(), it.next()) {
                 if let Ok(code) = code.parse::<i32>() {
                     results.entry(label.to_string()).or_insert(code);
+                    timings.entry(label.to_string()).or_insert((
+                        step_started.elapsed().as_secs_f64(),
+                        if code == 0 { None } else { running_test.take() },
+                    ));
                 }
             }
+        } else if let Some(t) = line.trim().strip_prefix("test ") {
+            // `test NAME ... ok` ends one; a bare `test NAME ...` starts one.
+            let t = t.trim();
+            running_test = if t.ends_with("...") {
+                Some(t.trim_end_matches("...").trim().to_string())
+            } else {
+                None
+            };
         } else if line.contains(MARK_DONE) {
             if !done {
                 done = true;
@@ -1165,6 +1255,14 @@ fn run_on_kernel(
             format!("exit codes so far: {}", parts.join(", "))
         }
     };
+    print_timings(
+        choice,
+        spec,
+        &timings,
+        current_step.as_deref(),
+        step_started,
+        elapsed,
+    );
     if outcome.timed_out {
         bail!(
             "guest timed out after {} s (no {MARK_DONE}); qemu killed; {progress}\n{tail}",
@@ -1186,10 +1284,17 @@ fn run_on_kernel(
     let mut missing = Vec::new();
     let mut failed = Vec::new();
     for step in &spec.steps {
+        let (secs, test) = timings.get(&step.label).cloned().unwrap_or((0.0, None));
+        let during = test.map(|t| format!(", in test {t}")).unwrap_or_default();
         match results.get(&step.label) {
             None => missing.push(step.label.clone()),
             Some(0) => {}
-            Some(code) => failed.push(format!("{} (exit {code})", step.label)),
+            Some(137) if secs + 1.0 >= step.budget.as_secs_f64() => failed.push(format!(
+                "{} (ran out of its {} s budget{during})",
+                step.label,
+                step.budget.as_secs()
+            )),
+            Some(code) => failed.push(format!("{} (exit {code}{during})", step.label)),
         }
     }
     if !missing.is_empty() || !failed.is_empty() {
@@ -1328,9 +1433,10 @@ mod tests {
             label: "t1".into(),
             argv: vec!["/bin/t1".into(), "x'y".into()],
             kind: StepKind::Test,
+            budget: Duration::from_secs(30),
         }];
         let s = init_script(&steps);
-        assert!(s.contains("'/bin/t1' 'x'\\''y'\n"));
+        assert!(s.contains("timeout -s KILL 30 '/bin/t1' 'x'\\''y'\n"));
         assert!(s.contains("echo \"GOVERNOR-VM-RESULT t1 $?\""));
         assert!(s.contains("echo GOVERNOR-VM-DONE\npoweroff -f"));
     }

@@ -1041,10 +1041,7 @@ impl Protector {
                     }
                 } else {
                     // Not refused and not approved: the flag is missing.
-                    self.rehash
-                        .push((Instant::now() + Duration::from_millis(250), p.clone()));
-                    self.rehash
-                        .push((Instant::now() + Duration::from_secs(2), p.clone()));
+                    self.schedule_rehash(p);
                     self.alerts.send(
                         Alert::new(
                             Severity::Critical,
@@ -1126,10 +1123,7 @@ impl Protector {
             }
         }
         // Writes that slipped in before the restore show up later.
-        self.rehash
-            .push((Instant::now() + Duration::from_millis(250), e.path.clone()));
-        self.rehash
-            .push((Instant::now() + Duration::from_secs(2), e.path.clone()));
+        self.schedule_rehash(&e.path.clone());
         let mut alert = Alert::new(
             Severity::Critical,
             "protected file tampering",
@@ -1247,15 +1241,44 @@ impl Protector {
             .or_else(|| key_of(&real, true).and_then(|k| self.by_key.get(&k).cloned()))
     }
 
+    /// Re-hashes `p` soon (250 ms) and once more later (2 s), for writes
+    /// that slipped in before a flag was back. Deduped per path: a flood of
+    /// writes keeps at most two pending checks per file, not one per write.
+    fn schedule_rehash(&mut self, p: &Path) {
+        let now = Instant::now();
+        for at in [
+            now + Duration::from_millis(250),
+            now + Duration::from_secs(2),
+        ] {
+            let near = self.rehash.iter().any(|(t, q)| {
+                q == p
+                    && t.saturating_duration_since(at) < Duration::from_millis(200)
+                    && at.saturating_duration_since(*t) < Duration::from_millis(200)
+            });
+            if !near {
+                self.rehash.push((at, p.to_path_buf()));
+            }
+        }
+        // Bounded whatever happens: one pending pair per protected file.
+        let cap = 2 * self.files.len().max(1);
+        if self.rehash.len() > cap {
+            self.rehash.sort_by_key(|(t, _)| *t);
+            self.rehash
+                .dedup_by(|a, b| a.1 == b.1 && a.0 <= b.0 + Duration::from_secs(1));
+            self.rehash.truncate(cap);
+        }
+    }
+
     /// `governor approve PATH --for DUR --reason TEXT`. The daemon passes
-    /// whether the client's stdin is a terminal (checked on the fd it sent)
-    /// and, for UNTOUCHABLE files, the path the human typed back.
+    /// whether the caller is a human at a login terminal (`Ok(how)`, or
+    /// `Err(why not)`: see [`crate::daemon`]'s caller check) and, for
+    /// UNTOUCHABLE files, the path the human typed back.
     pub async fn approve(
         &mut self,
         path: &Path,
         dur: Duration,
         reason: &str,
-        stdin_is_tty: bool,
+        human: std::result::Result<String, String>,
         confirm: Option<String>,
         peer_uid: u32,
     ) -> Result<Value> {
@@ -1276,13 +1299,6 @@ impl Protector {
         let Some(e) = self.files.get(&key).cloned() else {
             bail!("{} is not a protected file", path.display());
         };
-        if !stdin_is_tty {
-            refuse(self, "stdin is not a terminal");
-            bail!(
-                "approve needs a human: run it from a terminal (stdin is not a tty); \
-                 processes can't approve their own writes"
-            );
-        }
         if reason.trim().is_empty() {
             bail!("--reason must say why the file needs to change");
         }
@@ -1311,9 +1327,20 @@ impl Protector {
             );
         }
         let r = if self.cfg.approve_via == ApproveVia::Telegram {
+            // The authorised approver's tap is the human; anyone root may ask.
             self.request_telegram(&key, &e, dur, reason, peer_uid)
         } else {
-            self.open_window(&key, dur, reason, peer_uid, "terminal")
+            let how = match human {
+                Ok(how) => how,
+                Err(why) => {
+                    refuse(self, &why);
+                    bail!(
+                        "approve needs a human at a login terminal (ssh, console): {why}; \
+                         processes can't approve writes, not even through a pseudo-terminal"
+                    );
+                }
+            };
+            self.open_window(&key, dur, reason, peer_uid, &format!("terminal via {how}"))
         };
         // The client hears back once the entry is durable.
         self.flush_audit().await;

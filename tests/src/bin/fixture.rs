@@ -1,0 +1,51 @@
+//! Processes for the tests that a shell can't make.
+//!
+//! `governor-fixture leader-exits MS CODE`: the main (leader) thread ends
+//! with the kernel's thread exit — what `pthread_exit` does at its end —
+//! while a worker thread runs on for MS milliseconds and then exits the
+//! process with CODE. The process dies once, with CODE, after MS.
+//!
+//! `governor-fixture threads N`: N threads that sleep until killed.
+
+use std::time::Duration;
+
+fn arg(n: usize) -> Option<String> {
+    std::env::args().nth(n)
+}
+
+fn num(n: usize, what: &str) -> u64 {
+    arg(n)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("governor-fixture: argument {n} ({what}) must be a number"))
+}
+
+fn main() {
+    match arg(1).as_deref() {
+        Some("leader-exits") => {
+            let ms = num(2, "milliseconds");
+            let code = num(3, "exit code") as i32;
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(ms));
+                std::process::exit(code);
+            });
+            // SAFETY: SYS_exit ends only the calling thread; nothing of it is
+            // used afterwards (the call does not return).
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+            unreachable!("SYS_exit returned");
+        }
+        Some("threads") => {
+            for _ in 1..num(2, "threads") {
+                std::thread::spawn(|| loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                });
+            }
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        _ => {
+            eprintln!("usage: governor-fixture leader-exits MS CODE | threads N");
+            std::process::exit(2);
+        }
+    }
+}
