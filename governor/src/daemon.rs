@@ -187,7 +187,7 @@ fn load_velocity(state_dir: &Path) -> (Velocity, Option<String>) {
 }
 
 fn save_velocity(state_dir: &Path, v: &Velocity) -> Result<()> {
-    let data = serde_json::to_vec(&Persisted::new(v, wall_ns(), monotonic_ns()))?;
+    let data = serde_json::to_vec(&Persisted::view(v, wall_ns(), monotonic_ns()))?;
     write_velocity(state_dir, &data)
 }
 
@@ -198,7 +198,11 @@ fn save_velocity(state_dir: &Path, v: &Velocity) -> Result<()> {
 struct StateWriter {
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    last: Vec<u8>,
+    /// SHA-256 of the history last handed over (not the bytes: they can
+    /// be hundreds of KiB with many services).
+    last: [u8; 32],
+    /// Length of the last file written.
+    last_len: usize,
 }
 
 impl StateWriter {
@@ -221,34 +225,50 @@ impl StateWriter {
         Ok(StateWriter {
             tx: Some(tx),
             thread: Some(thread),
-            last: Vec::new(),
+            last: [0; 32],
+            last_len: 0,
         })
     }
 
     /// Queues `v` to be written, unless it is what was written last.
-    fn save(&mut self, v: &Velocity) {
-        let data = match serde_json::to_vec(&Persisted::new(v, wall_ns(), monotonic_ns())) {
-            Ok(d) => d,
-            Err(e) => {
-                log::error!("serialising restart history: {e}");
-                return;
-            }
-        };
-        // The clock pair in the header changes every call: compare the
-        // history itself.
-        let body = serde_json::to_vec(v).unwrap_or_default();
-        if body == self.last {
-            return;
+    /// False when it must be tried again (a save is still pending).
+    fn save(&mut self, v: &Velocity) -> bool {
+        use sha2::Digest;
+        // The history itself decides (the persisted header's clock pair
+        // changes on every call).
+        // Streamed into the hash: no copy of the history is made to
+        // find out that nothing changed.
+        let view = crate::velocity::VelocityView::of(v);
+        let mut h = sha2::Sha256::new();
+        if let Err(e) = serde_json::to_writer(&mut h, &view) {
+            log::error!("serialising restart history: {e}");
+            return true;
         }
-        self.last = body;
-        if let Some(tx) = &self.tx {
-            match tx.try_send(data) {
-                Ok(()) => {}
-                // One save pending already: the next tick sends newer bytes.
-                Err(std::sync::mpsc::TrySendError::Full(_)) => self.last.clear(),
-                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                    log::error!("the state writer thread is gone; restart history not saved")
-                }
+        let digest: [u8; 32] = h.finalize().into();
+        if digest == self.last {
+            return true;
+        }
+        // Sized from the last save: one buffer, not a doubling chain of
+        // them that the allocator then keeps.
+        let mut data = Vec::with_capacity(self.last_len + self.last_len / 8 + 256);
+        if let Err(e) =
+            serde_json::to_writer(&mut data, &Persisted::view(v, wall_ns(), monotonic_ns()))
+        {
+            log::error!("serialising restart history: {e}");
+            return true;
+        }
+        self.last_len = data.len();
+        let Some(tx) = &self.tx else { return true };
+        match tx.try_send(data) {
+            Ok(()) => {
+                self.last = digest;
+                true
+            }
+            // One save pending already: the next tick sends newer bytes.
+            Err(std::sync::mpsc::TrySendError::Full(_)) => false,
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                log::error!("the state writer thread is gone; restart history not saved");
+                true
             }
         }
     }
@@ -1227,8 +1247,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     d.decisions.push((dec, now));
                 }
                 d.carry_out().await;
-                if std::mem::take(&mut d.velocity_dirty) {
-                    state_writer.save(&d.velocity);
+                if d.velocity_dirty && state_writer.save(&d.velocity) {
+                    d.velocity_dirty = false;
                 }
                 let drops = probes.dropped()?;
                 if drops > last_drops {

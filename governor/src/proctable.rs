@@ -400,6 +400,11 @@ pub fn login_ancestry(table: &ProcTable, pid: u32) -> Result<String, String> {
     let mut next = Some(pid);
     while let Some(p) = next {
         let Some(proc_) = table.get(p) else {
+            if p == 1 {
+                // An init whose /proc entry we can't read (a container's):
+                // the top of the tree either way.
+                break;
+            }
             return Err(format!(
                 "the caller's ancestor pid {p} is unknown to governor's process table"
             ));

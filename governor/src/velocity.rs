@@ -231,7 +231,9 @@ impl Track {
             configured: info.configured,
             failures_only: !info.configured && info.supervisor == Supervisor::None,
             supervisor: info.supervisor.clone(),
-            deaths: VecDeque::new(),
+            // Most tracks (one failed command line) hold one death: no
+            // room for four until a second comes.
+            deaths: VecDeque::with_capacity(1),
             last_exit: None,
             episode: None,
             last_crash_ns: None,
@@ -543,7 +545,56 @@ pub struct Persisted {
     pub velocity: Velocity,
 }
 
+/// What is written of a [`Velocity`], borrowed (no copy of the history is
+/// made to save it) and without the noise: an unconfigured, unsupervised
+/// command line that failed once is not worth a byte on disk (status
+/// doesn't list it either), so a flood of distinct failures costs nothing
+/// there. Reads back as a [`Persisted`].
+#[derive(Debug, Serialize)]
+pub struct PersistedView<'a> {
+    pub version: u32,
+    pub wall_ns: i128,
+    pub mono_ns: u64,
+    pub velocity: VelocityView<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VelocityView<'a> {
+    pub services: BTreeMap<&'a str, &'a Track>,
+    pub evicted: u64,
+}
+
+impl<'a> VelocityView<'a> {
+    pub fn of(v: &'a Velocity) -> Self {
+        VelocityView {
+            services: v
+                .services
+                .iter()
+                .filter(|(_, t)| {
+                    t.configured
+                        || t.supervisor != Supervisor::None
+                        || t.episode.is_some()
+                        || t.deaths.len() >= 2
+                        || t.planned_until_ns != 0
+                        || t.expected_planned != 0
+                })
+                .map(|(n, t)| (n.as_str(), t))
+                .collect(),
+            evicted: v.evicted,
+        }
+    }
+}
+
 impl Persisted {
+    pub fn view(v: &Velocity, wall_ns: i128, mono_ns: u64) -> PersistedView<'_> {
+        PersistedView {
+            version: 1,
+            wall_ns,
+            mono_ns,
+            velocity: VelocityView::of(v),
+        }
+    }
+
     pub fn new(v: &Velocity, wall_ns: i128, mono_ns: u64) -> Self {
         Persisted {
             version: 1,

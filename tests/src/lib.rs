@@ -332,10 +332,15 @@ impl DaemonProc {
     /// Writes a config (daemon section filled in, `extra` appended) and
     /// starts the daemon, waiting until its control socket answers.
     pub fn start(extra: &str) -> Self {
-        Self::start_with(extra, true)
+        Self::start_with("", extra, true)
     }
 
-    fn start_with(extra: &str, spawn: bool) -> Self {
+    /// As [`DaemonProc::start`], with more keys in the `[daemon]` section.
+    pub fn start_with_daemon_keys(daemon: &str, extra: &str) -> Self {
+        Self::start_with(daemon, extra, true)
+    }
+
+    fn start_with(daemon: &str, extra: &str, spawn: bool) -> Self {
         require_root();
         let dir = tempfile::tempdir().expect("tempdir");
         // Traversable by others, so a non-root client reaches the socket and
@@ -351,7 +356,7 @@ impl DaemonProc {
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\n\n{extra}",
+                "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\n{daemon}\n{extra}",
                 state.display(),
                 socket.display()
             ),
@@ -373,7 +378,7 @@ impl DaemonProc {
     /// Writes the config and starts the daemon without waiting for it: for
     /// timing its start from outside. Follow with [`DaemonProc::wait_ready`].
     pub fn launch(extra: &str) -> Self {
-        let mut d = Self::start_with(extra, false);
+        let mut d = Self::start_with("", extra, false);
         d.launch_child();
         d
     }
@@ -438,7 +443,7 @@ impl DaemonProc {
         let path = std::fs::canonicalize(&self.config).expect("config path");
         let p = path.to_str().expect("utf-8 path");
         let sock = self.socket.to_str().expect("utf-8 socket");
-        let (code, out) = governor_on_tty(
+        let (code, out) = governor_in_login(
             &[
                 "approve",
                 p,
@@ -497,8 +502,19 @@ impl DaemonProc {
 
     /// `governor status --json` through the CLI.
     pub fn status(&self) -> serde_json::Value {
+        self.status_with(&[])
+    }
+
+    /// `governor status --json --all`: every service with a live instance.
+    pub fn status_all(&self) -> serde_json::Value {
+        self.status_with(&["--all"])
+    }
+
+    fn status_with(&self, extra: &[&str]) -> serde_json::Value {
         let out = Command::new(governor_bin())
-            .args(["status", "--json", "--socket"])
+            .args(["status", "--json"])
+            .args(extra)
+            .arg("--socket")
             .arg(&self.socket)
             .output()
             .expect("governor status");
@@ -634,6 +650,66 @@ pub fn clear_immutable(path: &std::path::Path) {
         let _ = governor::fsflags::set_flag(&f, governor::fsflags::FS_IMMUTABLE_FL, false);
     }
 }
+
+/// Runs `governor ARGS` typed into a real login session: login(1) in its
+/// pre-authenticated mode (`login -f root`, what a getty runs after it
+/// authenticated someone) on a fresh pty from script(1), the way a person
+/// at a console would, then `answer` typed at its prompt. Returns its exit
+/// code and everything the terminal showed.
+pub fn governor_in_login(args: &[&str], answer: &str) -> (i32, String) {
+    use std::io::{Read, Write};
+    let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let mut cmd = vec![quote(&governor_bin().display().to_string())];
+    cmd.extend(args.iter().map(|a| quote(a)));
+    let typed = format!("{}; echo GOVERNOR-RC=$?; exit\n{answer}\n", cmd.join(" "));
+    let mut child = Command::new("script")
+        .args(["-qfc", "login -f root", "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn script(1) running login(1)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(typed.as_bytes())
+        .expect("type into the login");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .ok();
+    child.wait().ok();
+    drop(stdin);
+    // The typed line echoes `GOVERNOR-RC=$?`; the shell's answer has digits.
+    let code = out
+        .match_indices("GOVERNOR-RC=")
+        .filter_map(|(i, m)| {
+            let rest = &out[i + m.len()..];
+            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            digits.parse::<i32>().ok()
+        })
+        .last()
+        .unwrap_or(-1);
+    (code, out)
+}
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` on a hybrid host).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    std::fs::read_to_string("/proc/mounts")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, at, ty) = (f.next()?, f.next()?, f.next()?);
+            (ty == "cgroup2").then(|| PathBuf::from(at))
+        })
+}
+
+/// The uid tests use for an unprivileged local user.
+pub const NOBODY: u32 = 65534;
 
 /// Runs `governor ARGS` with a pseudo-terminal on stdin, answering its
 /// prompt with `answer` — what a human at a terminal does.
