@@ -125,6 +125,7 @@ fn main() -> Result<()> {
             run_cmd(Command::new(bin).arg("run").arg("--config").arg(&config))
         }
         Cmd::Test { kernel, filter } => {
+            let started = std::time::Instant::now();
             setup::setup(&setup::Needs::all())?;
             let mut c = cargo();
             c.args(["build"]);
@@ -132,11 +133,14 @@ fn main() -> Result<()> {
             let mut c = cargo();
             c.args(["test", "--no-fail-fast", "--", "--test-threads=1"]);
             c.args(&filter);
-            run_cmd(&mut c)?;
+            run_timed_tests(&mut c)?;
             if kernel != "none" {
                 vm_test(&root, &kernel, Duration::from_secs(900), &filter)?;
             }
-            println!("xtask: all tests passed");
+            println!(
+                "xtask: all tests passed in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Cmd::VmTest {
@@ -180,6 +184,54 @@ fn main() -> Result<()> {
     }
 }
 
+/// Runs `cargo test`, passing its output through, and prints how long each
+/// test binary took (libtest's own `finished in`), longest first, so what
+/// grows is seen.
+fn run_timed_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let t0 = std::time::Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    let out = child.stdout.take().context("cargo test stdout")?;
+    let mut current = String::new();
+    let mut table: Vec<(String, f64, bool)> = Vec::new();
+    for line in BufReader::new(out).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("Running ") {
+            // `Running tests/x.rs (target/debug/deps/x-hash)`
+            current = rest.split(" (").next().unwrap_or(rest).to_string();
+        } else if let Some(rest) = t.strip_prefix("test result: ") {
+            let secs = rest
+                .rsplit_once("finished in ")
+                .and_then(|(_, s)| s.trim_end_matches('s').parse::<f64>().ok())
+                .unwrap_or(0.0);
+            table.push((current.clone(), secs, rest.starts_with("ok")));
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    table.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("xtask: host test binaries, longest first");
+    for (name, secs, ok) in table.iter().filter(|r| r.1 >= 0.05) {
+        println!(
+            "  {name:<44} {secs:>7.1} s{}",
+            if *ok { "" } else { "  FAILED" }
+        );
+    }
+    println!(
+        "  {:<44} {:>7.1} s (build and doctests included)",
+        "cargo test",
+        t0.elapsed().as_secs_f64()
+    );
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
 /// The daemon's default config path. `cargo xtask run` installs the example
 /// there when there is none, so `governor status` finds the daemon without
 /// flags. An existing file is the user's and is left alone. (The daemon
@@ -216,13 +268,11 @@ fn guest_plan(binary: &str) -> Option<(&'static [&'static str], u64)> {
         "protect" => Some((&[], 330)),
         "lsm" => Some((&[], 60)),
         "cli" => Some((&[], 90)),
-        "velocity" => Some((
-            &[
-                "--exact",
-                "unmanaged_shell_loop_and_signal_deaths",
-                "forged_identities_are_not_configured_services",
-            ],
-            150,
+        "velocity" => Some((&["--exact", "unmanaged_shell_loop_and_signal_deaths"], 120)),
+        // Identity from the kernel's uids and the guest's cgroup v2.
+        "trust" => Some((
+            &["--exact", "forged_identities_are_not_configured_services"],
+            120,
         )),
         _ => None,
     }

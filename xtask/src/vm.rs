@@ -456,7 +456,15 @@ fn print_timings(
     println!("vm-test {choice}: time per step (budget)");
     let mut sum = 0.0;
     for step in &spec.steps {
-        let shown = step.label.split('-').next().unwrap_or(&step.label);
+        // Test binaries without cargo's hash suffix.
+        let shown = match step.label.rsplit_once('-') {
+            Some((name, hash))
+                if step.kind == StepKind::Test && hash.chars().all(|c| c.is_ascii_hexdigit()) =>
+            {
+                name
+            }
+            _ => step.label.as_str(),
+        };
         match timings.get(&step.label) {
             Some((secs, _)) => {
                 sum += secs;
