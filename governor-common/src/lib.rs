@@ -9,6 +9,13 @@ pub const FILENAME_MAX: usize = 256;
 /// Longest argv block the exec event carries (NUL-separated arguments).
 /// A power of two so the kernel side can bound the copy with a mask.
 pub const ARGV_MAX: usize = 512;
+/// Default lifecycle ring size. 256 KiB holds ~300 exec records (the
+/// largest) of backlog, which the lossless storm test and benchmark (5,000+
+/// fork+exec+exit at this machine's top rate) never fill while the daemon
+/// drains it. User space maps the ring twice (for wrap-around), so every
+/// KiB here costs two of the daemon's RSS.
+pub const DEFAULT_RING_BYTES: u32 = 1 << 18;
+
 /// `TASK_COMM_LEN` in the kernel.
 pub const COMM_LEN: usize = 16;
 

@@ -23,7 +23,7 @@ use crate::{
     control::{self, Incoming, Request, Response},
     events::{monotonic_ns, Event},
     probes::{ProbeOptions, Probes},
-    proctable::{Matcher, ProcTable, Process},
+    proctable::{ProcFs, ProcTable, Process},
     protect::{Handled, Implicit, Protector},
     supervisor::{describe_view, supervisor_of, RealSupervisors, SupervisorOps},
     velocity::{Death, Decision, InstanceInfo, Live, Persisted, Supervisor, Velocity},
@@ -718,7 +718,7 @@ impl Daemon {
         let src = std::fs::read_to_string(&self.config_path).unwrap_or_default();
         match Config::load(&self.config_path) {
             Ok(cfg) => {
-                self.table.set_matcher(Matcher::new(&cfg));
+                self.table.set_matcher(crate::proctable::matcher(&cfg));
                 self.service_index = Self::index_services(&cfg);
                 // Re-walk the protected files only when [protect] changed:
                 // it re-hashes every file and reloads kernel state.
@@ -1048,7 +1048,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut probes = Probes::load(&ProbeOptions {
         ring_bytes: config.daemon.ring_size.0 as u32,
     })?;
-    let mut table = ProcTable::new(Matcher::new(&config));
+    let mut table = crate::proctable::table(crate::proctable::matcher(&config));
     let seeded = table
         .seed_from_proc()
         .context("seeding the process table from /proc")?;

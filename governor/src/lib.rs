@@ -12,11 +12,15 @@ pub mod daemon;
 pub mod doctor;
 pub mod events;
 pub mod fsflags;
+pub mod layout;
 pub mod probes;
 pub mod proctable;
 pub mod protect;
 pub mod supervisor;
 pub mod tracefs;
+pub mod units;
 pub mod users;
-pub mod velocity;
 pub mod watch;
+
+/// Restart velocity: the pure policy, from the core.
+pub use governor_core::velocity;

@@ -270,7 +270,7 @@ fn main() -> ExitCode {
         Cmd::Watch { json, config } => {
             let matcher = match config {
                 Some(p) => match load_config(&p) {
-                    Ok(c) => Matcher::new(&c),
+                    Ok(c) => governor::proctable::matcher(&c),
                     Err(code) => return code,
                 },
                 None => Matcher::default(),

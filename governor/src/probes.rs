@@ -17,96 +17,12 @@ use governor_common::{
 };
 use tokio::io::unix::AsyncFd;
 
-use crate::{btf::Btf, events, tracefs};
+use crate::events;
 
-/// The compiled eBPF object, embedded so the binary is self-contained (the
-/// test binaries that run inside the qemu guest carry it too).
-pub(crate) static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/governor-ebpf"));
+pub use governor_common::DEFAULT_RING_BYTES;
 
-/// Default lifecycle ring size. 256 KiB holds ~300 exec records (the
-/// largest) of backlog, which the lossless storm test and benchmark (5,000+
-/// fork+exec+exit at this machine's top rate) never fill while the daemon
-/// drains it. User space maps the ring twice (for wrap-around), so every
-/// KiB here costs two of the daemon's RSS.
-pub const DEFAULT_RING_BYTES: u32 = 1 << 18;
-
-/// The programs' [`KernelConfig`] for the running kernel: computed once per
-/// process (the kernel's BTF is parsed once, however many loaders need the
-/// layout: lifecycle, attempt logging, LSM, doctor's probes).
-pub fn kernel_config() -> Result<KernelConfig> {
-    static LAYOUT: std::sync::OnceLock<KernelConfig> = std::sync::OnceLock::new();
-    if let Some(c) = LAYOUT.get() {
-        return Ok(*c);
-    }
-    let c = compute_kernel_config()?;
-    Ok(*LAYOUT.get_or_init(|| c))
-}
-
-fn compute_kernel_config() -> Result<KernelConfig> {
-    let btf = Btf::from_sys_fs()?;
-    let tracefs = tracefs::tracefs_root().context(
-        "tracefs is not mounted (tried /sys/kernel/tracing and /sys/kernel/debug/tracing); \
-         mount it with `mount -t tracefs tracefs /sys/kernel/tracing` or run `cargo xtask setup`",
-    )?;
-    let off = |s: &str, m: &str| btf.member_offset(s, m);
-    Ok(KernelConfig {
-        configured: 1,
-        task_exit_code: off("task_struct", "exit_code")?,
-        task_start_time: off("task_struct", "start_time")?,
-        task_real_parent: off("task_struct", "real_parent")?,
-        task_tgid: off("task_struct", "tgid")?,
-        task_pid: off("task_struct", "pid")?,
-        task_mm: off("task_struct", "mm")?,
-        mm_arg_start: off("mm_struct", "arg_start")?,
-        mm_arg_end: off("mm_struct", "arg_end")?,
-        tp_exec_filename: tracefs::field_offset(
-            &tracefs,
-            "sched",
-            "sched_process_exec",
-            "filename",
-        )?,
-        file_f_mode: off("file", "f_mode")?,
-        file_f_inode: off("file", "f_inode")?,
-        inode_i_ino: off("inode", "i_ino")?,
-        inode_i_sb: off("inode", "i_sb")?,
-        sb_s_dev: off("super_block", "s_dev")?,
-        _pad: 0,
-        // Protected files (issue 6).
-        task_files: off("task_struct", "files")?,
-        files_fdt: off("files_struct", "fdt")?,
-        fdtable_fd: off("fdtable", "fd")?,
-        fdtable_max_fds: off("fdtable", "max_fds")?,
-        task_fs: off("task_struct", "fs")?,
-        fs_pwd: off("fs_struct", "pwd")?,
-        path_dentry: off("path", "dentry")?,
-        dentry_d_inode: off("dentry", "d_inode")?,
-        dentry_d_parent: off("dentry", "d_parent")?,
-        dentry_d_name_ptr: off("dentry", "d_name")? + off("qstr", "name")?,
-        mm_exe_file: off("mm_struct", "exe_file")?,
-        file_f_path: off("file", "f_path")?,
-        // Soft: a kernel without syscall tracepoints still runs lifecycle;
-        // the protect loader refuses zeros with the reason.
-        tp_sys_nr: tracefs::field_offset(&tracefs, "syscalls", "sys_enter_openat", "__syscall_nr")
-            .unwrap_or(0),
-        tp_sys_args: tracefs::field_offset(&tracefs, "syscalls", "sys_enter_openat", "dfd")
-            .unwrap_or(0),
-        tp_sys_ret: tracefs::field_offset(&tracefs, "syscalls", "sys_exit_openat", "ret")
-            .unwrap_or(0),
-        tp_exit_group_dead: tracefs::field_offset(
-            &tracefs,
-            "sched",
-            "sched_process_exit",
-            "group_dead",
-        )
-        .unwrap_or(governor_common::NO_FIELD),
-        task_signal: off("task_struct", "signal")?,
-        signal_live: off("signal_struct", "live")?,
-        task_group_leader: off("task_struct", "group_leader")?,
-        lsm: crate::protect::kernel::lsm_args(&btf),
-        ..crate::protect::kernel::regs_layout(&btf)
-    })
-}
+pub use crate::layout::kernel_config;
+pub(crate) use crate::layout::EBPF_OBJECT;
 
 /// Options for [`Probes::load`].
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::{
     events::{rfc3339, Clock, Event},
     probes::{ProbeOptions, Probes},
-    proctable::{Matcher, ProcTable},
+    proctable::{Matcher, ProcFs, ProcTable},
 };
 
 /// One event as `governor watch --json` prints it.
@@ -124,7 +124,7 @@ pub fn track(table: &mut ProcTable, ev: &Event) -> String {
 
 pub async fn run(json_out: bool, matcher: Matcher) -> Result<()> {
     let mut probes = Probes::load(&ProbeOptions::default())?;
-    let mut table = ProcTable::new(matcher);
+    let mut table = crate::proctable::table(matcher);
     table.seed_from_proc()?;
     probes.sync_supervisors(&mut table);
     let clock = Clock::new();

@@ -3,11 +3,7 @@
 
 use std::time::Duration;
 
-use governor::{
-    config::Config,
-    proctable::{Matcher, ProcTable},
-    watch::track,
-};
+use governor::{config::Config, proctable::Matcher, watch::track};
 use governor_tests::{execs_of, pm2_runs_here, Collector, Pm2};
 
 #[test]
@@ -39,8 +35,8 @@ fn pm2_app_resolves_to_its_name() {
     .unwrap();
     // Replay what the kernel reported through the process table, as the
     // daemon does (seeded first, like at start).
-    let mut plain = ProcTable::new(Matcher::default());
-    let mut configured = ProcTable::new(Matcher::new(&cfg));
+    let mut plain = governor::proctable::table(Matcher::default());
+    let mut configured = governor::proctable::table(governor::proctable::matcher(&cfg));
     for ev in c.events() {
         track(&mut plain, &ev);
         track(&mut configured, &ev);

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::glob;
-use crate::config::{ByteSize, ConfigError, HumanDuration};
+use crate::units::{ByteSize, ConfigError, HumanDuration};
 
 /// How a human approves a write window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

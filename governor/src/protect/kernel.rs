@@ -23,16 +23,16 @@ use aya::{
 };
 use governor_common::{
     protect::{
-        AttemptEvent, LsmArgs, Op, ProtectRuntime, SyscallDesc, ARG_NONE, FEXIT_SLOTS,
-        FEXIT_WORKER_MAP, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP,
-        PROTECTED_NAMES_MAP, PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP, PROTECT_RUNTIME_SYMBOL,
-        SYSCALL_DESCS_MAP, SYSCALL_TABLE_SIZE,
+        AttemptEvent, Op, ProtectRuntime, SyscallDesc, ARG_NONE, FEXIT_SLOTS, FEXIT_WORKER_MAP,
+        KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP, PROTECTED_NAMES_MAP,
+        PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP, PROTECT_RUNTIME_SYMBOL, SYSCALL_DESCS_MAP,
+        SYSCALL_TABLE_SIZE,
     },
     InodeKey, KernelConfig, EVENTS_MAP, KERNEL_CONFIG_SYMBOL,
 };
 use tokio::io::unix::AsyncFd;
 
-use crate::{btf::Btf, tracefs};
+use crate::tracefs;
 
 /// One syscall governor watches: how to read its arguments (by tracefs
 /// field name) and what it does.
@@ -278,86 +278,6 @@ fn describe(root: &Path, s: &SyscallSpec, args_base: u32) -> Result<SyscallDesc>
     })
 }
 
-/// Positions of the LSM hook arguments that moved between kernels, from
-/// the BTF of `bpf_lsm_<hook>`. Missing hooks get `ARG_NONE`.
-pub fn lsm_args(btf: &Btf) -> LsmArgs {
-    let find = |hook: &str, param: &str| -> (u8, u8) {
-        match btf.func_params(&format!("bpf_lsm_{hook}")) {
-            Some(params) => match params.iter().position(|p| p == param) {
-                Some(i) => (i as u8, params.len() as u8),
-                None => (ARG_NONE, 0),
-            },
-            None => (ARG_NONE, 0),
-        }
-    };
-    let (setattr_dentry, setattr_nargs) = find("inode_setattr", "dentry");
-    let (setxattr_dentry, setxattr_nargs) = find("inode_setxattr", "dentry");
-    let (removexattr_dentry, removexattr_nargs) = find("inode_removexattr", "dentry");
-    let (set_acl_dentry, set_acl_nargs) = find("inode_set_acl", "dentry");
-    let (remove_acl_dentry, remove_acl_nargs) = find("inode_remove_acl", "dentry");
-    let (file_setattr_dentry, file_setattr_nargs) = find("inode_file_setattr", "dentry");
-    LsmArgs {
-        setattr_dentry,
-        setattr_nargs,
-        setxattr_dentry,
-        setxattr_nargs,
-        removexattr_dentry,
-        removexattr_nargs,
-        set_acl_dentry,
-        set_acl_nargs,
-        remove_acl_dentry,
-        remove_acl_nargs,
-        file_setattr_dentry,
-        file_setattr_nargs,
-    }
-}
-
-/// The syscall argument registers of the saved user `struct pt_regs`, from
-/// BTF: a `KernelConfig` with only the `regs_*` fields set (`regs_ok` = 0
-/// when this architecture or kernel doesn't fit).
-pub fn regs_layout(btf: &Btf) -> KernelConfig {
-    // The syscall calling convention (an ABI); the offsets come from BTF.
-    // The last entry is the syscall number as entered.
-    #[cfg(target_arch = "x86_64")]
-    const ARG_REGS: [&str; 7] = ["di", "si", "dx", "r10", "r8", "r9", "orig_ax"];
-    #[cfg(not(target_arch = "x86_64"))]
-    const ARG_REGS: [&str; 7] = ["", "", "", "", "", "", ""];
-    let offs: Option<Vec<u32>> = ARG_REGS
-        .iter()
-        .map(|r| btf.member_offset("pt_regs", r).ok())
-        .collect();
-    let mut c = KernelConfig::default();
-    let Some(offs) = offs else {
-        return c;
-    };
-    // The program reads 128 bytes from `window`; they must stay inside
-    // pt_regs (it sits at the very top of the kernel stack: a read past its
-    // end faults) and cover every argument register and the number.
-    let size = btf.struct_size("pt_regs").unwrap_or(0);
-    let (min, max) = match (offs.iter().min(), offs.iter().max()) {
-        (Some(a), Some(b)) => (*a, *b),
-        _ => return c,
-    };
-    let window = (max + 8).saturating_sub(128) / 8 * 8;
-    if size < window + 128 || min < window {
-        return c;
-    }
-    let rel: Vec<u32> = offs.iter().map(|o| o - window).collect();
-    if rel.iter().any(|r| *r >= 128 || r % 8 != 0) {
-        return c;
-    }
-    c.regs_window = window;
-    c.regs_arg0 = rel[0];
-    c.regs_arg1 = rel[1];
-    c.regs_arg2 = rel[2];
-    c.regs_arg3 = rel[3];
-    c.regs_arg4 = rel[4];
-    c.regs_arg5 = rel[5];
-    c.regs_nr = rel[6];
-    c.regs_ok = 1;
-    c
-}
-
 /// The LSM programs with a fixed signature: (program, hook).
 const LSM_PROGRAMS: &[(&str, &str)] = &[
     ("protect_file_open", "file_open"),
@@ -511,7 +431,7 @@ impl KernelLayer {
             timings.push((what, lap.elapsed().as_secs_f64() * 1e3));
             lap = std::time::Instant::now();
         };
-        let config = crate::probes::kernel_config()?;
+        let config = crate::layout::kernel_config()?;
         ensure!(
             config.regs_ok == 1,
             "the saved user registers (struct pt_regs) don't have the layout attempt logging \
@@ -888,7 +808,7 @@ fn load_object(config: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
         .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
         .map_max_entries(EVENTS_MAP, 4096)
         .map_max_entries(PROTECT_EVENTS_MAP, ring_bytes)
-        .load(crate::probes::EBPF_OBJECT)
+        .load(crate::layout::EBPF_OBJECT)
         .context("loading governor's eBPF object for the protect layer (needs root)")
 }
 
@@ -897,7 +817,7 @@ fn load_object(config: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
 /// detaches them again. For `governor doctor` and tests; `Ok` lists the hooks.
 pub fn probe_lsm() -> std::result::Result<Vec<String>, String> {
     lsm_precheck()?;
-    let config = crate::probes::kernel_config().map_err(|e| format!("{e:#}"))?;
+    let config = crate::layout::kernel_config().map_err(|e| format!("{e:#}"))?;
     let mut ebpf = load_object(&config, 4096).map_err(|e| format!("{e:#}"))?;
     let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
     KernelLayer::attach_lsm(&mut ebpf, &config, &btf)
@@ -907,7 +827,7 @@ pub fn probe_lsm() -> std::result::Result<Vec<String>, String> {
 /// (live, with nothing protected), attaches them to `openat` only, then
 /// unloads. For `doctor`.
 pub fn probe_logging() -> std::result::Result<String, String> {
-    let config = crate::probes::kernel_config().map_err(|e| format!("{e:#}"))?;
+    let config = crate::layout::kernel_config().map_err(|e| format!("{e:#}"))?;
     if config.regs_ok != 1 {
         return Err("no usable struct pt_regs layout (x86_64 only)".into());
     }

@@ -1271,7 +1271,7 @@ impl Protector {
 
     /// `governor approve PATH --for DUR --reason TEXT`. The daemon passes
     /// whether the caller is a human at a login terminal (`Ok(how)`, or
-    /// `Err(why not)`: see [`crate::daemon`]'s caller check) and, for
+    /// `Err(why not)`: the daemon's caller check) and, for
     /// UNTOUCHABLE files, the path the human typed back.
     pub async fn approve(
         &mut self,

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{CrashLoopAction, Limits};
+use crate::limits::{CrashLoopAction, Limits};
 
 /// How a service's instances are supervised: where `stop` and the
 /// supervisor's own view come from.
@@ -363,7 +363,11 @@ impl Velocity {
                     crashes_since: ep.crashes_since,
                     last: d,
                 });
+                // Actions only for what the operator declared: an
+                // unconfigured service (another user's pm2 app, a command
+                // line) gets alerts, never a stop.
                 if limits.action == CrashLoopAction::Stop
+                    && t.configured
                     && !ep.stop_issued
                     && ep.crashes_since >= limits.stop_after
                     && t.supervisor != Supervisor::None
@@ -801,6 +805,50 @@ mod tests {
             !d.iter().any(|x| matches!(x, Decision::Stop { .. })),
             "stop only once"
         );
+    }
+
+    #[test]
+    fn no_action_for_unconfigured_services() {
+        let mut v = Velocity::default();
+        let mut info = pm2("pm2:nobody/lily", 1);
+        info.configured = false;
+        info.limits.action = CrashLoopAction::Stop;
+        info.limits.stop_after = 1;
+        let all: Vec<Decision> = (1..10)
+            .flat_map(|s| v.on_death(&info, death(s, 1, 10)))
+            .collect();
+        assert!(all
+            .iter()
+            .any(|d| matches!(d, Decision::EnteredCrashLoop { .. })));
+        assert!(
+            !all.iter().any(|d| matches!(d, Decision::Stop { .. })),
+            "{all:?}"
+        );
+    }
+
+    #[test]
+    fn unconfigured_services_are_capped_least_recent_first() {
+        let mut v = Velocity {
+            cap: 3,
+            ..Velocity::default()
+        };
+        let cfg = pm2("lily", 5);
+        v.on_death(&cfg, death(1, 1, 10));
+        for (i, s) in (2..8).enumerate() {
+            let info = InstanceInfo {
+                service: format!("fp:x-{i}"),
+                configured: false,
+                supervisor: Supervisor::None,
+                limits: limits(5),
+            };
+            v.on_death(&info, death(s, 1, 10));
+        }
+        assert_eq!(v.unconfigured(), 3);
+        assert_eq!(v.evicted, 3);
+        // The configured one is never evicted; the newest three remain.
+        assert!(v.services.contains_key("lily"));
+        let kept: Vec<&String> = v.services.keys().filter(|k| k.starts_with("fp:")).collect();
+        assert_eq!(kept, ["fp:x-3", "fp:x-4", "fp:x-5"]);
     }
 
     #[test]

@@ -1,0 +1,173 @@
+//! The running kernel's layout, computed once per process: every struct
+//! offset and tracepoint field the eBPF programs need (Rust eBPF objects
+//! carry no CO-RE relocations, so nothing about layout is compiled in), and
+//! the object they are loaded from. Shared by every loader — lifecycle,
+//! attempt logging, LSM and doctor's probes — so the kernel's BTF is parsed
+//! here once.
+
+use anyhow::{Context, Result};
+use governor_common::{protect::LsmArgs, protect::ARG_NONE, KernelConfig};
+
+use crate::{btf::Btf, tracefs};
+
+/// The compiled eBPF object, embedded so the binary is self-contained (the
+/// test binaries that run inside the qemu guest carry it too).
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/governor-ebpf"));
+
+/// The programs' [`KernelConfig`] for the running kernel: computed once per
+/// process (the kernel's BTF is parsed once, however many loaders need the
+/// layout: lifecycle, attempt logging, LSM, doctor's probes).
+pub fn kernel_config() -> Result<KernelConfig> {
+    static LAYOUT: std::sync::OnceLock<KernelConfig> = std::sync::OnceLock::new();
+    if let Some(c) = LAYOUT.get() {
+        return Ok(*c);
+    }
+    let c = compute_kernel_config()?;
+    Ok(*LAYOUT.get_or_init(|| c))
+}
+
+fn compute_kernel_config() -> Result<KernelConfig> {
+    let btf = Btf::from_sys_fs()?;
+    let tracefs = tracefs::tracefs_root().context(
+        "tracefs is not mounted (tried /sys/kernel/tracing and /sys/kernel/debug/tracing); \
+         mount it with `mount -t tracefs tracefs /sys/kernel/tracing` or run `cargo xtask setup`",
+    )?;
+    let off = |s: &str, m: &str| btf.member_offset(s, m);
+    Ok(KernelConfig {
+        configured: 1,
+        task_exit_code: off("task_struct", "exit_code")?,
+        task_start_time: off("task_struct", "start_time")?,
+        task_real_parent: off("task_struct", "real_parent")?,
+        task_tgid: off("task_struct", "tgid")?,
+        task_pid: off("task_struct", "pid")?,
+        task_mm: off("task_struct", "mm")?,
+        mm_arg_start: off("mm_struct", "arg_start")?,
+        mm_arg_end: off("mm_struct", "arg_end")?,
+        tp_exec_filename: tracefs::field_offset(
+            &tracefs,
+            "sched",
+            "sched_process_exec",
+            "filename",
+        )?,
+        file_f_mode: off("file", "f_mode")?,
+        file_f_inode: off("file", "f_inode")?,
+        inode_i_ino: off("inode", "i_ino")?,
+        inode_i_sb: off("inode", "i_sb")?,
+        sb_s_dev: off("super_block", "s_dev")?,
+        _pad: 0,
+        // Protected files (issue 6).
+        task_files: off("task_struct", "files")?,
+        files_fdt: off("files_struct", "fdt")?,
+        fdtable_fd: off("fdtable", "fd")?,
+        fdtable_max_fds: off("fdtable", "max_fds")?,
+        task_fs: off("task_struct", "fs")?,
+        fs_pwd: off("fs_struct", "pwd")?,
+        path_dentry: off("path", "dentry")?,
+        dentry_d_inode: off("dentry", "d_inode")?,
+        dentry_d_parent: off("dentry", "d_parent")?,
+        dentry_d_name_ptr: off("dentry", "d_name")? + off("qstr", "name")?,
+        mm_exe_file: off("mm_struct", "exe_file")?,
+        file_f_path: off("file", "f_path")?,
+        // Soft: a kernel without syscall tracepoints still runs lifecycle;
+        // the protect loader refuses zeros with the reason.
+        tp_sys_nr: tracefs::field_offset(&tracefs, "syscalls", "sys_enter_openat", "__syscall_nr")
+            .unwrap_or(0),
+        tp_sys_args: tracefs::field_offset(&tracefs, "syscalls", "sys_enter_openat", "dfd")
+            .unwrap_or(0),
+        tp_sys_ret: tracefs::field_offset(&tracefs, "syscalls", "sys_exit_openat", "ret")
+            .unwrap_or(0),
+        tp_exit_group_dead: tracefs::field_offset(
+            &tracefs,
+            "sched",
+            "sched_process_exit",
+            "group_dead",
+        )
+        .unwrap_or(governor_common::NO_FIELD),
+        task_signal: off("task_struct", "signal")?,
+        signal_live: off("signal_struct", "live")?,
+        task_group_leader: off("task_struct", "group_leader")?,
+        lsm: lsm_args(&btf),
+        ..regs_layout(&btf)
+    })
+}
+
+/// Positions of the LSM hook arguments that moved between kernels, from
+/// the BTF of `bpf_lsm_<hook>`. Missing hooks get `ARG_NONE`.
+pub fn lsm_args(btf: &Btf) -> LsmArgs {
+    let find = |hook: &str, param: &str| -> (u8, u8) {
+        match btf.func_params(&format!("bpf_lsm_{hook}")) {
+            Some(params) => match params.iter().position(|p| p == param) {
+                Some(i) => (i as u8, params.len() as u8),
+                None => (ARG_NONE, 0),
+            },
+            None => (ARG_NONE, 0),
+        }
+    };
+    let (setattr_dentry, setattr_nargs) = find("inode_setattr", "dentry");
+    let (setxattr_dentry, setxattr_nargs) = find("inode_setxattr", "dentry");
+    let (removexattr_dentry, removexattr_nargs) = find("inode_removexattr", "dentry");
+    let (set_acl_dentry, set_acl_nargs) = find("inode_set_acl", "dentry");
+    let (remove_acl_dentry, remove_acl_nargs) = find("inode_remove_acl", "dentry");
+    let (file_setattr_dentry, file_setattr_nargs) = find("inode_file_setattr", "dentry");
+    LsmArgs {
+        setattr_dentry,
+        setattr_nargs,
+        setxattr_dentry,
+        setxattr_nargs,
+        removexattr_dentry,
+        removexattr_nargs,
+        set_acl_dentry,
+        set_acl_nargs,
+        remove_acl_dentry,
+        remove_acl_nargs,
+        file_setattr_dentry,
+        file_setattr_nargs,
+    }
+}
+
+/// The syscall argument registers of the saved user `struct pt_regs`, from
+/// BTF: a `KernelConfig` with only the `regs_*` fields set (`regs_ok` = 0
+/// when this architecture or kernel doesn't fit).
+pub fn regs_layout(btf: &Btf) -> KernelConfig {
+    // The syscall calling convention (an ABI); the offsets come from BTF.
+    // The last entry is the syscall number as entered.
+    #[cfg(target_arch = "x86_64")]
+    const ARG_REGS: [&str; 7] = ["di", "si", "dx", "r10", "r8", "r9", "orig_ax"];
+    #[cfg(not(target_arch = "x86_64"))]
+    const ARG_REGS: [&str; 7] = ["", "", "", "", "", "", ""];
+    let offs: Option<Vec<u32>> = ARG_REGS
+        .iter()
+        .map(|r| btf.member_offset("pt_regs", r).ok())
+        .collect();
+    let mut c = KernelConfig::default();
+    let Some(offs) = offs else {
+        return c;
+    };
+    // The program reads 128 bytes from `window`; they must stay inside
+    // pt_regs (it sits at the very top of the kernel stack: a read past its
+    // end faults) and cover every argument register and the number.
+    let size = btf.struct_size("pt_regs").unwrap_or(0);
+    let (min, max) = match (offs.iter().min(), offs.iter().max()) {
+        (Some(a), Some(b)) => (*a, *b),
+        _ => return c,
+    };
+    let window = (max + 8).saturating_sub(128) / 8 * 8;
+    if size < window + 128 || min < window {
+        return c;
+    }
+    let rel: Vec<u32> = offs.iter().map(|o| o - window).collect();
+    if rel.iter().any(|r| *r >= 128 || r % 8 != 0) {
+        return c;
+    }
+    c.regs_window = window;
+    c.regs_arg0 = rel[0];
+    c.regs_arg1 = rel[1];
+    c.regs_arg2 = rel[2];
+    c.regs_arg3 = rel[3];
+    c.regs_arg4 = rel[4];
+    c.regs_arg5 = rel[5];
+    c.regs_nr = rel[6];
+    c.regs_ok = 1;
+    c
+}
