@@ -58,6 +58,9 @@ impl std::fmt::Debug for Cmd {
     }
 }
 
+/// Most appends committed with one fdatasync.
+const MAX_GROUP: usize = 256;
+
 fn stopped() -> anyhow::Error {
     anyhow!("the audit writer thread has stopped")
 }
@@ -81,7 +84,8 @@ fn run(mut log: AuditLog, mut rx: mpsc::Receiver<Cmd>, shared: Arc<Mutex<Option<
         *shared.lock().unwrap_or_else(PoisonError::into_inner) = log.head();
     };
     let mut shutdown_reply = None;
-    while let Some(cmd) = rx.blocking_recv() {
+    let mut pending: Option<Cmd> = None;
+    while let Some(cmd) = pending.take().or_else(|| rx.blocking_recv()) {
         match cmd {
             Cmd::Append {
                 kind,
@@ -89,31 +93,60 @@ fn run(mut log: AuditLog, mut rx: mpsc::Receiver<Cmd>, shared: Arc<Mutex<Option<
                 detail,
                 reply,
             } => {
-                let r = log.append(&kind, service.as_deref(), detail);
-                publish(&log);
-                // The requester may have given up (dropped its future); the
-                // entry is logged regardless.
-                let _ = reply.send(r);
-            }
-            Cmd::Batch { items, reply } => {
-                let total = items.len();
-                let mut heads = Vec::with_capacity(total);
-                let mut result = Ok(());
-                for (i, (kind, service, detail)) in items.into_iter().enumerate() {
-                    match log.append(&kind, service.as_deref(), detail) {
-                        Ok(h) => heads.push(h),
-                        Err(e) => {
-                            result = Err(e.context(format!(
-                                "batch entry {} of {total} ({kind:?}) failed; the {i} before it \
-                                 were appended",
-                                i + 1
-                            )));
+                // Group commit: every append already queued joins this one,
+                // one write and one fdatasync for all of them; each requester
+                // hears back once the group is durable.
+                let mut items = vec![(kind, service, detail)];
+                let mut replies = vec![reply];
+                let mut next = None;
+                while items.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(Cmd::Append {
+                            kind,
+                            service,
+                            detail,
+                            reply,
+                        }) => {
+                            items.push((kind, service, detail));
+                            replies.push(reply);
+                        }
+                        Ok(other) => {
+                            next = Some(other);
                             break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                match log.append_group(items) {
+                    Ok(heads) => {
+                        publish(&log);
+                        for (reply, h) in replies.into_iter().zip(heads) {
+                            // The requester may have given up (dropped its
+                            // future); the entry is logged regardless.
+                            let _ = reply.send(Ok(h));
+                        }
+                    }
+                    Err(e) => {
+                        publish(&log);
+                        let msg = format!("{e:#}");
+                        for reply in replies {
+                            let _ = reply.send(Err(anyhow!("{msg}")));
                         }
                     }
                 }
+                if let Some(cmd) = next {
+                    // Not an append: handled after the group, in order.
+                    pending = Some(cmd);
+                }
+            }
+            Cmd::Batch { items, reply } => {
+                // One write and one fdatasync for the whole batch.
+                let total = items.len();
+                let r = log
+                    .append_group(items)
+                    .with_context(|| format!("appending a batch of {total} audit entries"));
                 publish(&log);
-                let _ = reply.send(result.map(|()| heads));
+                let _ = reply.send(r);
             }
             Cmd::Shutdown { reply } => {
                 shutdown_reply = Some(reply);
@@ -175,9 +208,9 @@ impl AuditHandle {
         rx.blocking_recv().map_err(|_| stopped())?
     }
 
-    /// Appends many entries in order with one round trip to the writer (each
-    /// still fsynced); resolves to their heads. On the first failure it stops
-    /// and the error says how many were appended.
+    /// Appends many entries in order with one round trip to the writer and
+    /// one fdatasync (group commit); resolves to their heads once all are
+    /// durable. On failure none is known durable.
     pub fn append_batch(
         &self,
         items: Vec<BatchItem>,

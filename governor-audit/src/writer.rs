@@ -306,6 +306,89 @@ impl AuditLog {
         self.append_checked(kind, service, detail)
     }
 
+    /// Appends entries in order with one write and one fdatasync for the
+    /// lot (group commit), and the head file once; returns each head. All
+    /// are durable when this returns `Ok`. A rotation due inside the group
+    /// commits what came before it first. On `Err` none is known durable
+    /// (some may have reached the file); as with [`append`](Self::append),
+    /// the next append repairs the tail.
+    pub fn append_group(
+        &mut self,
+        items: Vec<(String, Option<String>, Detail)>,
+    ) -> Result<Vec<Head>> {
+        if items.len() <= 1 {
+            return items
+                .into_iter()
+                .map(|(k, s, d)| self.append(&k, s.as_deref(), d))
+                .collect();
+        }
+        for (k, _, _) in &items {
+            validate_kind(k)?;
+        }
+        if self.needs_recovery {
+            self.recover()
+                .context("recovering the audit log after an earlier failed append")?;
+        }
+        self.check_file_size()?;
+        while !self.unrecorded.is_empty() {
+            let (k, s) = self.unrecorded.remove(0);
+            self.record_set_aside(k, s)?;
+        }
+        let mut heads = Vec::with_capacity(items.len());
+        let mut buf: Vec<u8> = Vec::new();
+        let mut head = self.head.clone();
+        let now = format_rfc3339_millis(SystemTime::now());
+        for (kind, service, detail) in items {
+            let entry = Entry::chained(&head, now.clone(), &kind, service.as_deref(), detail)?;
+            let mut line = entry.to_line().into_bytes();
+            line.push(b'\n');
+            if line.len() > MAX_LINE_BYTES {
+                bail!(
+                    "audit entry {kind:?} is {} bytes, at most {MAX_LINE_BYTES} allowed",
+                    line.len()
+                );
+            }
+            if let Some(limit) = self.opts.rotate_bytes {
+                let pending = self.len + buf.len() as u64;
+                if pending > 0 && pending + line.len() as u64 > limit {
+                    self.commit(&buf, head.clone())?;
+                    buf.clear();
+                    if let Err(e) = self.rotate() {
+                        self.needs_recovery = true;
+                        return Err(e);
+                    }
+                }
+            }
+            buf.extend_from_slice(&line);
+            head = entry.head();
+            heads.push(head.clone());
+        }
+        self.commit(&buf, head)?;
+        Ok(heads)
+    }
+
+    /// Writes `buf` (whole lines) and fdatasyncs; `head` is the chain's head
+    /// after them.
+    fn commit(&mut self, buf: &[u8], head: Head) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.file.write_all(buf) {
+            self.needs_recovery = true;
+            return Err(e).with_context(|| format!("appending to {}", self.log_path.display()));
+        }
+        if let Err(e) = self.file.sync_data() {
+            self.needs_recovery = true;
+            return Err(e).with_context(|| format!("fsync of {}", self.log_path.display()));
+        }
+        self.len += buf.len() as u64;
+        self.head = head;
+        if !self.defer_head_file && self.write_head_file().is_err() {
+            self.head_file_errors += 1;
+        }
+        Ok(())
+    }
+
     /// [`append`](Self::append) after the recovery and size checks.
     fn append_checked(
         &mut self,

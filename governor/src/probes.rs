@@ -24,6 +24,10 @@ pub use governor_common::DEFAULT_RING_BYTES;
 pub use crate::layout::kernel_config;
 pub(crate) use crate::layout::EBPF_OBJECT;
 
+/// Most records handled per wakeup before the event loop serves its other
+/// sources again (the rest wait in the ring, which stays readable).
+pub const MAX_BATCH: usize = 1024;
+
 /// Options for [`Probes::load`].
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {
@@ -165,23 +169,30 @@ impl Probes {
         let mut guard = self.ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
         let mut n = 0;
-        while let Some(item) = ring.next() {
+        while n < MAX_BATCH {
+            let Some(item) = ring.next() else {
+                guard.clear_ready();
+                return Ok(n);
+            };
             n += 1;
             match events::decode(&item) {
                 Ok(ev) => f(ev),
                 Err(e) => bad(e),
             }
         }
-        guard.clear_ready();
+        // More is queued: the ring stays ready, so the loop comes straight
+        // back, after it served whatever else is due (signals, timers, the
+        // socket) — a fork storm can't starve them.
         Ok(n)
     }
 
-    /// Drains queued events without waiting: on the daemon's timer (for
+    /// Drains queued events without waiting (at most [`MAX_BATCH`]): on the daemon's timer (for
     /// records queued without a wakeup), at shutdown, in tests.
     pub fn drain(&mut self, mut f: impl FnMut(events::Event)) -> usize {
         let ring = self.ring.get_mut();
         let mut n = 0;
-        while let Some(item) = ring.next() {
+        while n < MAX_BATCH {
+            let Some(item) = ring.next() else { break };
             n += 1;
             match events::decode(&item) {
                 Ok(ev) => f(ev),

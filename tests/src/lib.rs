@@ -163,7 +163,7 @@ impl Collector {
                     }
                     if st.load(Ordering::SeqCst) {
                         let mut batch = Vec::new();
-                        probes.drain(|e| batch.push(e));
+                        while probes.drain(|e| batch.push(e)) > 0 {}
                         ev.lock().unwrap().extend(batch);
                         *sts.lock().unwrap() = probes.program_stats();
                         return probes.dropped();

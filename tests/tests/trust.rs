@@ -122,21 +122,26 @@ fn forged_identities_are_not_configured_services() {
     std::fs::write(cg.join("cgroup.procs"), looped.0.id().to_string())
         .expect("move the loop into the user's cgroup");
 
-    let user = nobody();
-    let fp_env = format!("fp:{user}/sh-");
-    let fp_copy = format!("fp:{user}/worker-");
+    // Each forger is a service of nobody's own: the forged environment, the
+    // real binary run by nobody, the copy (3 fingerprints with the user in
+    // them; busybox in the guest names the first `exe`).
+    let mine = format!("fp:{}/", nobody());
     let unit = format!("user-unit:{NOBODY}:ssh.service");
     let mut seen_unit = false;
     let mut s = Value::Null;
-    let looping = |all: &Value, prefix: &str| {
-        rows(all).iter().any(|r| {
-            r["name"].as_str().is_some_and(|n| n.starts_with(prefix)) && r["state"] == "crash-loop"
-        })
+    let looping = |all: &Value| {
+        rows(all)
+            .iter()
+            .filter(|r| {
+                r["name"].as_str().is_some_and(|n| n.starts_with(&mine))
+                    && r["state"] == "crash-loop"
+            })
+            .count()
     };
     let done = wait_until(Duration::from_secs(40), || {
         s = d.status_all();
         seen_unit |= rows(&s).iter().any(|r| r["name"] == unit.as_str());
-        seen_unit && looping(&s, &fp_env) && looping(&s, &fp_copy)
+        seen_unit && looping(&s) >= 3
     });
     assert!(
         done,
@@ -158,15 +163,6 @@ fn forged_identities_are_not_configured_services() {
         d.entries_of("crash_loop.action").is_empty(),
         "an action ran on a forged identity: {:#?}",
         d.entries_of("crash_loop.action")
-    );
-    // Each forger is a service of its own, named with the user.
-    let names: Vec<String> = rows(&all)
-        .iter()
-        .filter_map(|r| r["name"].as_str().map(str::to_string))
-        .collect();
-    assert!(
-        names.iter().any(|n| n.starts_with(&fp_env)) && names.iter().any(|n| n == &unit),
-        "{names:?}"
     );
     drop(looped);
     std::fs::remove_dir(&cg).ok();

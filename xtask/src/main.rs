@@ -272,7 +272,7 @@ fn guest_plan(binary: &str) -> Option<(&'static [&'static str], u64)> {
         // Identity from the kernel's uids and the guest's cgroup v2.
         "trust" => Some((
             &["--exact", "forged_identities_are_not_configured_services"],
-            120,
+            150,
         )),
         _ => None,
     }

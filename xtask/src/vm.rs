@@ -1217,12 +1217,18 @@ fn run_on_kernel(
                 }
             }
         } else if let Some(t) = line.trim().strip_prefix("test ") {
-            // `test NAME ... ok` ends one; a bare `test NAME ...` starts one.
-            let t = t.trim();
-            running_test = if t.ends_with("...") {
-                Some(t.trim_end_matches("...").trim().to_string())
-            } else {
+            // `test NAME ... ok` ends one; `test NAME ...` (or `... Killed`,
+            // the shell's word for the budget's SIGKILL) is still running.
+            let (name, rest) = t.split_once(" ...").unwrap_or((t, ""));
+            let rest = rest.trim();
+            running_test = if name.starts_with("result:")
+                || rest == "ok"
+                || rest == "FAILED"
+                || rest.starts_with("ignored")
+            {
                 None
+            } else {
+                Some(name.trim().to_string())
             };
         } else if line.contains(MARK_DONE) {
             if !done {
