@@ -198,6 +198,26 @@ struct SetAside {
     tail: TornTail,
 }
 
+/// The chained entry after `prev` as one JSON line, and the head it makes.
+fn line_of(
+    prev: &Head,
+    ts: String,
+    kind: &str,
+    service: Option<&str>,
+    detail: Detail,
+) -> Result<(Vec<u8>, Head)> {
+    let entry = Entry::chained(prev, ts, kind, service, detail)?;
+    let mut line = entry.to_line().into_bytes();
+    line.push(b'\n');
+    if line.len() > MAX_LINE_BYTES {
+        bail!(
+            "audit entry {kind:?} is {} bytes, at most {MAX_LINE_BYTES} allowed",
+            line.len()
+        );
+    }
+    Ok((line, entry.head()))
+}
+
 impl AuditLog {
     /// Opens (creating if needed) the log in `state_dir`: takes the writer
     /// lock, sets a torn tail aside, sets FS_APPEND_FL if asked, and compares
@@ -294,15 +314,7 @@ impl AuditLog {
     /// append first repairs the tail, setting any partial line aside.
     pub fn append(&mut self, kind: &str, service: Option<&str>, detail: Detail) -> Result<Head> {
         validate_kind(kind)?;
-        if self.needs_recovery {
-            self.recover()
-                .context("recovering the audit log after an earlier failed append")?;
-        }
-        self.check_file_size()?;
-        while !self.unrecorded.is_empty() {
-            let (k, s) = self.unrecorded.remove(0);
-            self.record_set_aside(k, s)?;
-        }
+        self.prepare()?;
         self.append_checked(kind, service, detail)
     }
 
@@ -316,15 +328,32 @@ impl AuditLog {
         &mut self,
         items: Vec<(String, Option<String>, Detail)>,
     ) -> Result<Vec<Head>> {
-        if items.len() <= 1 {
-            return items
-                .into_iter()
-                .map(|(k, s, d)| self.append(&k, s.as_deref(), d))
-                .collect();
-        }
         for (k, _, _) in &items {
             validate_kind(k)?;
         }
+        self.prepare()?;
+        let mut heads = Vec::with_capacity(items.len());
+        let mut buf: Vec<u8> = Vec::new();
+        let mut head = self.head.clone();
+        let now = format_rfc3339_millis(SystemTime::now());
+        for (kind, service, detail) in items {
+            let (line, next) = line_of(&head, now.clone(), &kind, service.as_deref(), detail)?;
+            if self.rotation_due(buf.len(), line.len()) {
+                self.commit(&buf, head.clone())?;
+                buf.clear();
+                self.rotate_now()?;
+            }
+            buf.extend_from_slice(&line);
+            head = next;
+            heads.push(head.clone());
+        }
+        self.commit(&buf, head)?;
+        Ok(heads)
+    }
+
+    /// Before any append: repair a tail an earlier failure left, check the
+    /// file, and record what was set aside.
+    fn prepare(&mut self) -> Result<()> {
         if self.needs_recovery {
             self.recover()
                 .context("recovering the audit log after an earlier failed append")?;
@@ -334,37 +363,21 @@ impl AuditLog {
             let (k, s) = self.unrecorded.remove(0);
             self.record_set_aside(k, s)?;
         }
-        let mut heads = Vec::with_capacity(items.len());
-        let mut buf: Vec<u8> = Vec::new();
-        let mut head = self.head.clone();
-        let now = format_rfc3339_millis(SystemTime::now());
-        for (kind, service, detail) in items {
-            let entry = Entry::chained(&head, now.clone(), &kind, service.as_deref(), detail)?;
-            let mut line = entry.to_line().into_bytes();
-            line.push(b'\n');
-            if line.len() > MAX_LINE_BYTES {
-                bail!(
-                    "audit entry {kind:?} is {} bytes, at most {MAX_LINE_BYTES} allowed",
-                    line.len()
-                );
-            }
-            if let Some(limit) = self.opts.rotate_bytes {
-                let pending = self.len + buf.len() as u64;
-                if pending > 0 && pending + line.len() as u64 > limit {
-                    self.commit(&buf, head.clone())?;
-                    buf.clear();
-                    if let Err(e) = self.rotate() {
-                        self.needs_recovery = true;
-                        return Err(e);
-                    }
-                }
-            }
-            buf.extend_from_slice(&line);
-            head = entry.head();
-            heads.push(head.clone());
-        }
-        self.commit(&buf, head)?;
-        Ok(heads)
+        Ok(())
+    }
+
+    /// Whether a `line` more, after `buffered` bytes not yet written, would
+    /// take the live file past the rotation size (a file never rotates
+    /// empty: a line longer than the limit still gets a file).
+    fn rotation_due(&self, buffered: usize, line: usize) -> bool {
+        let before = self.len + buffered as u64;
+        self.opts
+            .rotate_bytes
+            .is_some_and(|limit| before > 0 && before + line as u64 > limit)
+    }
+
+    fn rotate_now(&mut self) -> Result<()> {
+        self.rotate().inspect_err(|_| self.needs_recovery = true)
     }
 
     /// Writes `buf` (whole lines) and fdatasyncs; `head` is the chain's head
@@ -383,6 +396,10 @@ impl AuditLog {
         }
         self.len += buf.len() as u64;
         self.head = head;
+        // The entries are durable; a stale head file only weakens
+        // truncation detection (open tolerates a head file that lags), so
+        // this is counted rather than reported as a failed append that a
+        // caller might retry into a duplicate.
         if !self.defer_head_file && self.write_head_file().is_err() {
             self.head_file_errors += 1;
         }
@@ -396,46 +413,17 @@ impl AuditLog {
         service: Option<&str>,
         detail: Detail,
     ) -> Result<Head> {
-        let entry = Entry::chained(
+        let (line, head) = line_of(
             &self.head,
             format_rfc3339_millis(SystemTime::now()),
             kind,
             service,
             detail,
         )?;
-        let mut line = entry.to_line().into_bytes();
-        line.push(b'\n');
-        if line.len() > MAX_LINE_BYTES {
-            bail!(
-                "audit entry {kind:?} is {} bytes, at most {MAX_LINE_BYTES} allowed",
-                line.len()
-            );
+        if self.rotation_due(0, line.len()) {
+            self.rotate_now()?;
         }
-        if let Some(limit) = self.opts.rotate_bytes {
-            if self.len > 0 && self.len + line.len() as u64 > limit {
-                if let Err(e) = self.rotate() {
-                    self.needs_recovery = true;
-                    return Err(e);
-                }
-            }
-        }
-        if let Err(e) = self.file.write_all(&line) {
-            self.needs_recovery = true;
-            return Err(e).with_context(|| format!("appending to {}", self.log_path.display()));
-        }
-        if let Err(e) = self.file.sync_data() {
-            self.needs_recovery = true;
-            return Err(e).with_context(|| format!("fsync of {}", self.log_path.display()));
-        }
-        self.len += line.len() as u64;
-        self.head = entry.head();
-        // The entry is durable; a stale head file only weakens truncation
-        // detection (open tolerates a head file that lags), so this is
-        // counted rather than reported as a failed append that a caller
-        // might retry into a duplicate.
-        if !self.defer_head_file && self.write_head_file().is_err() {
-            self.head_file_errors += 1;
-        }
+        self.commit(&line, head)?;
         Ok(self.head.clone())
     }
 

@@ -235,9 +235,8 @@ impl StateWriter {
     fn save(&mut self, v: &Velocity) -> bool {
         use sha2::Digest;
         // The history itself decides (the persisted header's clock pair
-        // changes on every call).
-        // Streamed into the hash: no copy of the history is made to
-        // find out that nothing changed.
+        // changes on every call), streamed into the hash: no copy of it is
+        // made to find out that nothing changed.
         let view = crate::velocity::VelocityView::of(v);
         let mut h = sha2::Sha256::new();
         if let Err(e) = serde_json::to_writer(&mut h, &view) {

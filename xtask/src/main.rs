@@ -186,43 +186,74 @@ fn main() -> Result<()> {
 
 /// Runs `cargo test`, passing its output through, and prints how long each
 /// test binary took (libtest's own `finished in`), longest first, so what
-/// grows is seen.
+/// grows is seen. Cargo names each binary on stderr (`Running …`,
+/// `Doc-tests …`) and libtest reports on stdout, both in run order: the
+/// k-th result belongs to the k-th name.
 fn run_timed_tests(cmd: &mut Command) -> Result<()> {
     use std::io::{BufRead, BufReader};
     let t0 = std::time::Instant::now();
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("failed to start {cmd:?}"))?;
     let out = child.stdout.take().context("cargo test stdout")?;
-    let mut current = String::new();
-    let mut table: Vec<(String, f64, bool)> = Vec::new();
+    let err = child.stderr.take().context("cargo test stderr")?;
+    let names = std::thread::spawn(move || {
+        let mut names = Vec::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            let t = line.trim();
+            if let Some(rest) = t.strip_prefix("Running ") {
+                // `Running tests/x.rs (target/debug/deps/x-hash)`
+                let bin = rest
+                    .rsplit_once("/deps/")
+                    .map(|(_, b)| b.trim_end_matches(')'))
+                    .and_then(|b| b.rsplit_once('-').map(|(n, _)| n))
+                    .unwrap_or("");
+                let src = rest.split(" (").next().unwrap_or(rest);
+                names.push(format!("{bin} ({src})"));
+            } else if let Some(rest) = t.strip_prefix("Doc-tests ") {
+                names.push(format!("doc-tests {rest}"));
+            }
+        }
+        names
+    });
+    let mut results: Vec<(f64, bool)> = Vec::new();
     for line in BufReader::new(out).lines() {
         let line = line.context("reading cargo test output")?;
         println!("{line}");
-        let t = line.trim();
-        if let Some(rest) = t.strip_prefix("Running ") {
-            // `Running tests/x.rs (target/debug/deps/x-hash)`
-            current = rest.split(" (").next().unwrap_or(rest).to_string();
-        } else if let Some(rest) = t.strip_prefix("test result: ") {
+        if let Some(rest) = line.trim().strip_prefix("test result: ") {
             let secs = rest
                 .rsplit_once("finished in ")
                 .and_then(|(_, s)| s.trim_end_matches('s').parse::<f64>().ok())
                 .unwrap_or(0.0);
-            table.push((current.clone(), secs, rest.starts_with("ok")));
+            results.push((secs, rest.starts_with("ok")));
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
+    let names = names.join().unwrap_or_default();
+    let mut table: Vec<(String, f64, bool)> = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, (secs, ok))| {
+            (
+                names.get(i).cloned().unwrap_or_else(|| "?".into()),
+                secs,
+                ok,
+            )
+        })
+        .collect();
     table.sort_by(|a, b| b.1.total_cmp(&a.1));
     println!("xtask: host test binaries, longest first");
     for (name, secs, ok) in table.iter().filter(|r| r.1 >= 0.05) {
         println!(
-            "  {name:<44} {secs:>7.1} s{}",
+            "  {name:<52} {secs:>7.1} s{}",
             if *ok { "" } else { "  FAILED" }
         );
     }
     println!(
-        "  {:<44} {:>7.1} s (build and doctests included)",
+        "  {:<52} {:>7.1} s (build and doctests included)",
         "cargo test",
         t0.elapsed().as_secs_f64()
     );
