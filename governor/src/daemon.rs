@@ -1009,10 +1009,12 @@ fn report_protection(r: &crate::protect::StartReport, alerts: &dyn AlertSink) {
     }
 }
 
-/// Loading parses the kernel's BTF (several MiB, twice: ours and aya's);
+/// Loading parses the kernel's BTF (several MiB: ours once, aya's per loader)
+/// and reads the whole eBPF object;
 /// glibc keeps the freed heap unless asked to give it back, and a daemon
 /// that stays resident should not carry its start-up peak forever.
 fn release_startup_memory() {
+    crate::layout::release_object_pages();
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe { libc::malloc_trim(0) };
 }
@@ -1215,6 +1217,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                         log::info!("config reloaded from {}", d.config_path.display());
                         let protect = if std::mem::take(&mut d.reload_protect) {
                             let r = protector.reload(&d.config.protect).await;
+                            crate::layout::release_object_pages();
                             // Its entries precede the reload's own.
                             protector.flush_audit().await;
                             report_protection(&r, d.alerts.as_ref());

@@ -15,6 +15,42 @@ use crate::{btf::Btf, tracefs};
 pub(crate) static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/governor-ebpf"));
 
+/// Drops the resident pages of [`EBPF_OBJECT`] once the programs are
+/// loaded: the loader reads all ~770 KB of it, and those file-backed pages
+/// would otherwise stay in the daemon's RSS for ever. A later load (a
+/// reload of `[protect]`) faults them back in from the executable.
+pub fn release_object_pages() {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as usize,
+        _ => return,
+    };
+    let start = EBPF_OBJECT.as_ptr() as usize;
+    let end = start + EBPF_OBJECT.len();
+    // Whole pages inside the object only: its neighbours stay untouched.
+    let first = start.div_ceil(page) * page;
+    let last = end / page * page;
+    if last <= first {
+        return;
+    }
+    // SAFETY: [first, last) lies inside EBPF_OBJECT, a read-only static in
+    // the executable's private file mapping that nothing writes; dropping
+    // its pages only means the next read faults them in again from the file.
+    let r = unsafe {
+        libc::madvise(
+            first as *mut libc::c_void,
+            last - first,
+            libc::MADV_DONTNEED,
+        )
+    };
+    if r != 0 {
+        log::debug!(
+            "madvise(DONTNEED) on the eBPF object: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The programs' [`KernelConfig`] for the running kernel: computed once per
 /// process (the kernel's BTF is parsed once, however many loaders need the
 /// layout: lifecycle, attempt logging, LSM, doctor's probes).
