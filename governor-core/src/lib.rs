@@ -7,7 +7,8 @@
 //! - [`identity`]: which service a process is, and who may approve;
 //! - [`table`]: the process table those identities live in;
 //! - [`velocity`]: restart velocity (crash loops);
-//! - [`limits`]: a service's effective limits.
+//! - [`limits`]: a service's effective limits;
+//! - [`status`]: the one status snapshot every reader is fed.
 //!
 //! The coming policies (memory budgets, kill switch, drift) are modules
 //! beside these, fed by the same events and ticks.
@@ -15,5 +16,6 @@
 pub mod events;
 pub mod identity;
 pub mod limits;
+pub mod status;
 pub mod table;
 pub mod velocity;

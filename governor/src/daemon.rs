@@ -1,6 +1,9 @@
-//! `governor run`: the daemon. This module is the event loop and its I/O —
-//! the ring, signals, timers, the control channel, the audit writer and the
-//! alert sink. Decisions come from the pure policy in [`crate::velocity`].
+//! `governor run`: the daemon. This module is the event loop: it routes the
+//! ring, signals, timers and the control channel to the pure policies of
+//! `governor-core` ([`crate::velocity`], the process table) and hands what
+//! they decide to the one ordered effect pipeline ([`crate::effects`]):
+//! audit entry durable, then alert, then act. Blocking work — the pm2 and
+//! systemctl CLIs, hashing, state files — runs off this thread.
 
 use std::{
     collections::HashMap,
@@ -12,7 +15,12 @@ use std::{
 use anyhow::{Context, Result};
 use governor_alerts::{Alert, AlertSink, DeliveryOutcome, Severity, TelegramSender, Tuning};
 use governor_audit::{AuditHandle, AuditLog, Head};
-use serde_json::{json, Map, Value};
+
+use crate::{
+    effects::{Effect, Effects},
+    statefile::StateFile,
+};
+use serde_json::{json, Value};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -24,7 +32,7 @@ use crate::{
     events::{monotonic_ns, Event},
     probes::{ProbeOptions, Probes},
     proctable::{ProcFs, ProcTable, Process},
-    protect::{Handled, Implicit, Protector},
+    protect::{Implicit, Protector},
     supervisor::{describe_view, supervisor_of, RealSupervisors, SupervisorOps},
     velocity::{Death, Decision, InstanceInfo, Live, Persisted, Supervisor, Velocity},
     watch,
@@ -113,7 +121,7 @@ pub struct Daemon {
     velocity: Velocity,
     velocity_dirty: bool,
     audit: AuditHandle,
-    alerts: Arc<dyn AlertSink>,
+    effects: Effects,
     telegram: Option<Arc<TelegramSender>>,
     supervisors: Arc<dyn SupervisorOps>,
     side_tx: mpsc::UnboundedSender<Side>,
@@ -138,17 +146,6 @@ fn wall_ns() -> i128 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i128)
         .unwrap_or(0)
-}
-
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        other => {
-            let mut m = Map::new();
-            m.insert("value".into(), other);
-            m
-        }
-    }
 }
 
 fn velocity_path(state_dir: &Path) -> PathBuf {
@@ -186,18 +183,10 @@ fn load_velocity(state_dir: &Path) -> (Velocity, Option<String>) {
     }
 }
 
-fn save_velocity(state_dir: &Path, v: &Velocity) -> Result<()> {
-    let data = serde_json::to_vec(&Persisted::view(v, wall_ns(), monotonic_ns()))?;
-    write_velocity(state_dir, &data)
-}
-
-/// Writes the restart history off the event loop: the loop hands over the
-/// serialised bytes, a thread writes and fsyncs them, always the newest
-/// (a slow disk merges saves instead of queueing them), and nothing when
-/// they didn't change.
+/// Writes the restart history off the event loop ([`StateFile`]), and
+/// nothing when it didn't change.
 struct StateWriter {
-    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    file: StateFile,
     /// SHA-256 of the history last handed over (not the bytes: they can
     /// be hundreds of KiB with many services).
     last: [u8; 32],
@@ -206,33 +195,23 @@ struct StateWriter {
 }
 
 impl StateWriter {
-    fn spawn(state_dir: PathBuf) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
-        let thread = std::thread::Builder::new()
-            .name("state-writer".into())
-            .spawn(move || {
-                while let Ok(mut data) = rx.recv() {
-                    // Newer bytes queued meanwhile supersede these.
-                    while let Ok(newer) = rx.try_recv() {
-                        data = newer;
-                    }
-                    if let Err(e) = write_velocity(&state_dir, &data) {
-                        log::error!("saving restart history: {e:#}");
-                    }
-                }
-            })
-            .context("starting the state writer thread")?;
+    fn spawn(state_dir: &Path, effects: Effects) -> Result<Self> {
+        let file = StateFile::spawn(velocity_path(state_dir), move |p, e| {
+            effects.submit(Effect::alert_only(Alert::new(
+                Severity::Critical,
+                "state",
+                format!("cannot save the restart history to {}: {e:#}", p.display()),
+            )));
+        })?;
         Ok(StateWriter {
-            tx: Some(tx),
-            thread: Some(thread),
+            file,
             last: [0; 32],
             last_len: 0,
         })
     }
 
     /// Queues `v` to be written, unless it is what was written last.
-    /// False when it must be tried again (a save is still pending).
-    fn save(&mut self, v: &Velocity) -> bool {
+    fn save(&mut self, v: &Velocity) {
         use sha2::Digest;
         // The history itself decides (the persisted header's clock pair
         // changes on every call), streamed into the hash: no copy of it is
@@ -241,11 +220,11 @@ impl StateWriter {
         let mut h = sha2::Sha256::new();
         if let Err(e) = serde_json::to_writer(&mut h, &view) {
             log::error!("serialising restart history: {e}");
-            return true;
+            return;
         }
         let digest: [u8; 32] = h.finalize().into();
         if digest == self.last {
-            return true;
+            return;
         }
         // Sized from the last save: one buffer, not a doubling chain of
         // them that the allocator then keeps.
@@ -254,47 +233,18 @@ impl StateWriter {
             serde_json::to_writer(&mut data, &Persisted::view(v, wall_ns(), monotonic_ns()))
         {
             log::error!("serialising restart history: {e}");
-            return true;
+            return;
         }
         self.last_len = data.len();
-        let Some(tx) = &self.tx else { return true };
-        match tx.try_send(data) {
-            Ok(()) => {
-                self.last = digest;
-                true
-            }
-            // One save pending already: the next tick sends newer bytes.
-            Err(std::sync::mpsc::TrySendError::Full(_)) => false,
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                log::error!("the state writer thread is gone; restart history not saved");
-                true
-            }
-        }
+        self.last = digest;
+        self.file.save(data);
     }
 
-    /// Writes `v` now and stops the thread (daemon stop).
-    fn finish(mut self, state_dir: &Path, v: &Velocity) {
-        drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        if let Err(e) = save_velocity(state_dir, v) {
-            log::error!("saving restart history: {e:#}");
-        }
+    /// Writes `v` (if changed) and stops the thread (daemon stop).
+    fn finish(mut self, v: &Velocity) {
+        self.save(v);
+        self.file.finish();
     }
-}
-
-fn write_velocity(state_dir: &Path, data: &[u8]) -> Result<()> {
-    let path = velocity_path(state_dir);
-    let tmp = path.with_extension("json.tmp");
-    {
-        use std::io::Write;
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(data)?;
-        f.sync_data()?;
-    }
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} into place", tmp.display()))
 }
 
 fn state_dir_secure(p: &Path) -> Result<()> {
@@ -351,13 +301,7 @@ impl Daemon {
     }
 
     fn live(&self, service: &str) -> Vec<Live> {
-        self.table
-            .instances_of(service)
-            .map(|p| Live {
-                pid: p.pid,
-                start_ns: p.start_ns,
-            })
-            .collect()
+        governor_core::status::live(&self.table, service)
     }
 
     fn head_str(&self) -> String {
@@ -378,7 +322,7 @@ impl Daemon {
         })
     }
 
-    /// Every alert also goes to the daemon's log.
+    /// Queues an alert (after everything queued before it).
     fn alert(
         &self,
         severity: Severity,
@@ -387,34 +331,24 @@ impl Daemon {
         title: String,
         body: String,
     ) {
-        let level = match severity {
-            Severity::Info => log::Level::Info,
-            Severity::Warning => log::Level::Warn,
-            Severity::Critical => log::Level::Error,
-        };
-        log::log!(
-            level,
-            "alert [{kind}] {title}{}{body}",
-            if body.is_empty() { "" } else { " — " }
-        );
-        let mut a = Alert::new(severity, kind, title)
-            .with_body(body)
-            .with_audit_head(self.head_str());
-        if let Some(s) = service {
-            a = a.with_service(s);
+        self.effects.submit(Effect::alert_only(alert_of(
+            severity, kind, service, title, body,
+        )));
+    }
+
+    /// Queues an entry and its alert: the alert goes out once the entry is
+    /// durable.
+    fn record(&self, kind: &str, service: Option<&str>, detail: Value, alert: Option<Alert>) {
+        let mut e = Effect::audit(kind, service, detail);
+        if let Some(a) = alert {
+            e = e.with_alert(a);
         }
-        self.alerts.send(a);
+        self.effects.submit(e);
     }
 
     /// Appends to the audit chain and waits until it is durable.
     async fn audit(&self, kind: &str, service: Option<&str>, detail: Value) -> Option<Head> {
-        match self.audit.append(kind, service, obj(detail)).await {
-            Ok(h) => Some(h),
-            Err(e) => {
-                log::error!("audit append of {kind} failed: {e:#}");
-                None
-            }
-        }
+        self.effects.audit(kind, service, detail).await
     }
 
     /// Applies one kernel event; decisions are collected and carried out
@@ -487,15 +421,6 @@ impl Daemon {
                     "supervisor": supervisor,
                     "action": self.limits_of(&service).action,
                 });
-                if self
-                    .audit("crash_loop.entered", Some(&service), detail)
-                    .await
-                    .is_some()
-                {
-                    let us = monotonic_ns().saturating_sub(exit_ns) / 1000;
-                    self.latency.record(us);
-                    log::debug!("crash loop of {service} durable {us} µs after the exit");
-                }
                 let sup = match &supervisor {
                     Supervisor::Pm2 { name, pm_id, .. } => format!(
                         "pm2 app {name} (id {})",
@@ -513,7 +438,7 @@ impl Daemon {
                 } else {
                     Severity::Warning
                 };
-                self.alert(
+                let alert = alert_of(
                     severity,
                     "crash loop",
                     Some(&service),
@@ -524,6 +449,20 @@ impl Daemon {
                         last.pid
                     ),
                 );
+                // Waited for: the detection latency is measured to the
+                // entry being durable.
+                let out = self
+                    .effects
+                    .commit(
+                        Effect::audit("crash_loop.entered", Some(&service), detail)
+                            .with_alert(alert),
+                    )
+                    .await;
+                if let Ok(Some(_)) = out.head {
+                    let us = monotonic_ns().saturating_sub(exit_ns) / 1000;
+                    self.latency.record(us);
+                    log::debug!("crash loop of {service} durable {us} µs after the exit");
+                }
                 self.fetch_view(&service, supervisor, true);
             }
             Decision::StillCrashing {
@@ -555,37 +494,42 @@ impl Daemon {
                 // table now, not trusted from when it was first seen.
                 if let Err(e) = crate::supervisor::verify(&supervisor, &self.table) {
                     let why = format!("{e:#}");
-                    self.audit(
-                        "crash_loop.action",
-                        Some(&service),
-                        json!({"action": "stop", "supervisor": supervisor, "crashes_since": crashes_since, "state": "refused", "why": why}),
-                    )
-                    .await;
-                    self.alert(
+                    let alert = alert_of(
                         Severity::Critical,
                         "crash loop action",
                         Some(&service),
                         format!("stop {service}: refused"),
-                        why,
+                        why.clone(),
+                    );
+                    self.record(
+                        "crash_loop.action",
+                        Some(&service),
+                        json!({"action": "stop", "supervisor": supervisor, "crashes_since": crashes_since, "state": "refused", "why": why}),
+                        Some(alert),
                     );
                     return;
                 }
-                self.audit(
-                    "crash_loop.action",
-                    Some(&service),
-                    json!({"action": "stop", "supervisor": supervisor, "crashes_since": crashes_since, "state": "requested"}),
-                )
-                .await;
+                // The stop runs on the pipeline's act thread once this
+                // entry is durable; its outcome comes back as Side::Stopped.
                 let ops = self.supervisors.clone();
                 let tx = self.side_tx.clone();
-                tokio::task::spawn_blocking(move || {
-                    let result = ops.stop(&supervisor).map_err(|e| format!("{e:#}"));
-                    let _ = tx.send(Side::Stopped {
-                        service,
-                        supervisor,
-                        result,
-                    });
-                });
+                let sv = supervisor.clone();
+                let name = service.clone();
+                self.effects.submit(
+                    Effect::audit(
+                        "crash_loop.action",
+                        Some(&service),
+                        json!({"action": "stop", "supervisor": supervisor, "crashes_since": crashes_since, "state": "requested"}),
+                    )
+                    .then(move |_| {
+                        let result = ops.stop(&sv).map_err(|e| format!("{e:#}"));
+                        let _ = tx.send(Side::Stopped {
+                            service: name,
+                            supervisor: sv,
+                            result,
+                        });
+                    }),
+                );
             }
             Decision::Recovered {
                 service,
@@ -594,18 +538,12 @@ impl Daemon {
                 quiet,
             } => {
                 self.velocity_dirty = true;
-                self.audit(
-                    "crash_loop.recovered",
-                    Some(&service),
-                    json!({"clean_uptime_ms": clean_uptime_ns / 1_000_000, "episode_ms": episode_ns / 1_000_000, "quiet": quiet}),
-                )
-                .await;
                 let why = if quiet {
                     "no deaths and nothing running since".to_string()
                 } else {
                     format!("clean for {}", human_secs(clean_uptime_ns / 1_000_000_000))
                 };
-                self.alert(
+                let alert = alert_of(
                     Severity::Warning,
                     "crash loop recovered",
                     Some(&service),
@@ -614,6 +552,12 @@ impl Daemon {
                         "the crash loop lasted {}",
                         human_secs(episode_ns / 1_000_000_000)
                     ),
+                );
+                self.record(
+                    "crash_loop.recovered",
+                    Some(&service),
+                    json!({"clean_uptime_ms": clean_uptime_ns / 1_000_000, "episode_ms": episode_ns / 1_000_000, "quiet": quiet}),
+                    Some(alert),
                 );
             }
         }
@@ -637,7 +581,7 @@ impl Daemon {
         });
     }
 
-    async fn on_side(&mut self, s: Side) {
+    fn on_side(&mut self, s: Side) {
         match s {
             Side::Delivery(o) => {
                 let kind = if o.delivered {
@@ -653,12 +597,12 @@ impl Daemon {
                         o.error
                     );
                 }
-                self.audit(
+                self.record(
                     kind,
                     o.service.as_deref(),
                     json!({"alert_kind": o.kind, "attempts": o.attempts, "grouped_count": o.grouped_count, "follow_up": o.follow_up, "error": o.error}),
-                )
-                .await;
+                    None,
+                );
             }
             Side::SupervisorView {
                 service,
@@ -667,15 +611,19 @@ impl Daemon {
             } => match view {
                 Ok(v) => {
                     if for_crash_loop {
-                        self.audit("crash_loop.supervisor_view", Some(&service), v.clone())
-                            .await;
-                        self.alert(
+                        let alert = alert_of(
                             Severity::Warning,
                             "supervisor view",
                             Some(&service),
                             format!("{service}: {}", describe_view(&v)),
                             "while governor counts a crash loop from the kernel's exit events"
                                 .into(),
+                        );
+                        self.record(
+                            "crash_loop.supervisor_view",
+                            Some(&service),
+                            v.clone(),
+                            Some(alert),
                         );
                     }
                     self.views.insert(service, v);
@@ -691,23 +639,23 @@ impl Daemon {
                     Ok(out) => ("done", out.trim().chars().take(500).collect::<String>()),
                     Err(e) => ("failed", e.clone()),
                 };
-                self.audit(
-                    "crash_loop.action",
-                    Some(&service),
-                    json!({"action": "stop", "supervisor": supervisor, "state": state, "output": msg}),
-                )
-                .await;
                 let sev = if result.is_ok() {
                     Severity::Warning
                 } else {
                     Severity::Critical
                 };
-                self.alert(
+                let alert = alert_of(
                     sev,
                     "crash loop action",
                     Some(&service),
                     format!("stop {service}: {state}"),
-                    msg,
+                    msg.clone(),
+                );
+                self.record(
+                    "crash_loop.action",
+                    Some(&service),
+                    json!({"action": "stop", "supervisor": supervisor, "state": state, "output": msg}),
+                    Some(alert),
                 );
             }
         }
@@ -733,43 +681,18 @@ impl Daemon {
         }
     }
 
-    /// Status rows: configured services, anything with history, pm2 apps.
-    fn status(&self, all: bool) -> Vec<crate::velocity::ServiceStatus> {
-        let now = monotonic_ns();
-        let mut names: std::collections::BTreeSet<String> =
-            self.service_index.keys().cloned().collect();
-        names.extend(self.velocity.services.keys().cloned());
-        for p in self.table.iter() {
-            if p.instance && (all || p.pm2.is_some()) {
-                names.insert(p.service.clone());
-            }
-        }
-        let rows = names.into_iter().map(|name| {
-            let live = self.live(&name);
-            let sup = self
-                .table
-                .instances_of(&name)
-                .next()
-                .map(|p| supervisor_of(p, &self.table))
-                .unwrap_or_default();
-            self.velocity.status(
-                &name,
-                &self.limits_of(&name),
-                self.service_index.contains_key(&name),
-                &sup,
-                &live,
-                now,
-            )
-        });
-        // One failed `grep` is not news: unmanaged command lines are listed
-        // once they repeat or loop (all of them with --all).
-        rows.filter(|r| {
-            all || r.configured
-                || r.supervisor != Supervisor::None
-                || r.state == crate::velocity::State::CrashLoop
-                || r.restarts_in_window >= 2
-        })
-        .collect()
+    /// The core's status snapshot, on the current table.
+    fn snapshot(&self, all: bool) -> governor_core::status::Snapshot {
+        governor_core::status::snapshot(
+            &self.table,
+            &self.velocity,
+            &ConfiguredServices {
+                config: &self.config,
+                index: &self.service_index,
+            },
+            all,
+            monotonic_ns(),
+        )
     }
 
     async fn on_request(&mut self, inc: Incoming, protector: &mut Protector) {
@@ -781,14 +704,8 @@ impl Daemon {
         } = inc;
         match req {
             Request::Status { all } => {
-                let rows = self.status(all);
+                let snap = self.snapshot(all);
                 let latency = self.latency.summary();
-                let bounds = json!({
-                    "unconfigured_services": self.velocity.unconfigured(),
-                    "max_unconfigured_services": self.velocity.cap,
-                    "unconfigured_evicted": self.velocity.evicted,
-                    "processes": self.table.len(),
-                });
                 let head = self.audit.head().map(|h| h.to_string());
                 let layers = self.layers.clone();
                 let ops = self.supervisors.clone();
@@ -796,7 +713,7 @@ impl Daemon {
                 // Supervisor views take a pm2/systemctl round trip: off the loop.
                 tokio::task::spawn_blocking(move || {
                     let mut services = Vec::new();
-                    for r in rows {
+                    for r in snap.services {
                         let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
                         let view = match &r.supervisor {
                             Supervisor::None => None,
@@ -813,7 +730,7 @@ impl Daemon {
                         "audit_head": head,
                         "layers": layers,
                         "detection_latency": latency,
-                        "bounds": bounds,
+                        "bounds": snap.bounds,
                     })));
                 });
             }
@@ -852,19 +769,9 @@ impl Daemon {
                         .unwrap_or_default(),
                     limits: self.limits_of(&service),
                 };
-                self.velocity
-                    .deploy(&info, monotonic_ns(), grace_s.saturating_mul(1_000_000_000));
-                self.velocity_dirty = true;
                 let caller = self.caller(peer.pid, peer.uid);
-                let head = self
-                    .audit(
-                        "service.deploy",
-                        Some(&service),
-                        json!({"grace_s": grace_s, "reason": reason, "by_uid": peer.uid, "by_pid": peer.pid, "caller": caller}),
-                    )
-                    .await;
                 // Crash-loop detection is off for the grace: worth a look.
-                self.alert(
+                let alert = alert_of(
                     Severity::Warning,
                     "deploy",
                     Some(&service),
@@ -881,6 +788,30 @@ impl Daemon {
                             .unwrap_or_default()
                     ),
                 );
+                // The entry first; the grace takes effect once it is durable.
+                let out = self
+                    .effects
+                    .commit(
+                        Effect::audit(
+                            "service.deploy",
+                            Some(&service),
+                            json!({"grace_s": grace_s, "reason": reason, "by_uid": peer.uid, "by_pid": peer.pid, "caller": caller}),
+                        )
+                        .with_alert(alert),
+                    )
+                    .await;
+                let head = match out.head {
+                    Ok(h) => h,
+                    Err(e) => {
+                        let _ = reply.send(Response::err(format!(
+                            "deploy not recorded: the audit entry could not be written ({e}); nothing changed"
+                        )));
+                        return;
+                    }
+                };
+                self.velocity
+                    .deploy(&info, monotonic_ns(), grace_s.saturating_mul(1_000_000_000));
+                self.velocity_dirty = true;
                 let _ = reply.send(Response::ok(json!({"service": service, "grace_s": grace_s, "audit": head.map(|h| h.to_string())})));
             }
             Request::ProtectList => {
@@ -920,6 +851,53 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The config as the core's snapshot sees it.
+struct ConfiguredServices<'a> {
+    config: &'a Config,
+    index: &'a HashMap<String, usize>,
+}
+
+impl governor_core::status::ServiceConfig for ConfiguredServices<'_> {
+    fn configured(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        Box::new(self.index.keys().map(String::as_str))
+    }
+
+    fn is_configured(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    fn limits(&self, name: &str) -> Limits {
+        self.config
+            .limits_for(self.index.get(name).map(|&i| &self.config.services[i]))
+    }
+}
+
+/// An alert, also written to the daemon's log. The effect pipeline adds
+/// the audit head when it sends it.
+fn alert_of(
+    severity: Severity,
+    kind: &str,
+    service: Option<&str>,
+    title: String,
+    body: String,
+) -> Alert {
+    let level = match severity {
+        Severity::Info => log::Level::Info,
+        Severity::Warning => log::Level::Warn,
+        Severity::Critical => log::Level::Error,
+    };
+    log::log!(
+        level,
+        "alert [{kind}] {title}{}{body}",
+        if body.is_empty() { "" } else { " — " }
+    );
+    let mut a = Alert::new(severity, kind, title).with_body(body);
+    if let Some(s) = service {
+        a = a.with_service(s);
+    }
+    a
 }
 
 /// Whether an approval comes from a human at a login terminal: the
@@ -965,7 +943,7 @@ fn implicit_protection(config_path: &Path, cfg: &Config) -> Implicit {
 }
 
 /// Logs what protection found, and alerts loudly about what it couldn't do.
-fn report_protection(r: &crate::protect::StartReport, alerts: &dyn AlertSink) {
+fn report_protection(r: &crate::protect::StartReport, effects: &Effects) {
     log::info!(
         "protection: {} files ({} untouchable, {} protected), {} flagged in {:.1} ms; layers {}",
         r.files,
@@ -998,14 +976,14 @@ fn report_protection(r: &crate::protect::StartReport, alerts: &dyn AlertSink) {
     }
     if !loud.is_empty() {
         log::warn!("protection problems: {}", loud.len());
-        alerts.send(
+        effects.submit(Effect::alert_only(
             Alert::new(
                 Severity::Critical,
                 "protection",
                 "protected files need attention",
             )
             .with_body(loud.join("\n")),
-        );
+        ));
     }
 }
 
@@ -1076,6 +1054,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             None => (Arc::new(LogOnly), None),
         };
 
+    // One ordered pipeline for every entry, alert and act from here on.
+    let effects = Effects::spawn(audit.clone(), alerts)?;
+
     // Protected files: flags first, then the kernel layers, reconciled
     // against the declared state.
     let services_by_pid: Arc<std::sync::RwLock<HashMap<u32, String>>> = Arc::new(
@@ -1085,15 +1066,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let (mut protector, protect_report) = Protector::start(
         &config.protect,
         implicit_protection(&config_path, &config),
-        audit.clone(),
-        alerts.clone(),
+        effects.clone(),
         Arc::new(move |pid| lookup.read().ok().and_then(|m| m.get(&pid).cloned())),
     )
     .await
     .context("starting file protection")?;
-    // Reconciliation's entries are on disk before the socket answers.
-    protector.flush_audit().await;
-    report_protection(&protect_report, alerts.as_ref());
+    report_protection(&protect_report, &effects);
     release_startup_memory();
     let mut layers = vec!["ebpf-lifecycle".to_string()];
     layers.extend(protector.layers());
@@ -1106,7 +1084,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         velocity,
         velocity_dirty: false,
         audit,
-        alerts,
+        effects,
         telegram,
         supervisors: Arc::new(RealSupervisors),
         side_tx,
@@ -1182,7 +1160,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_drops = 0;
-    let mut state_writer = StateWriter::spawn(state_dir.clone())?;
+    let mut state_writer = StateWriter::spawn(&state_dir, d.effects.clone())?;
     let stop_reason;
     loop {
         tokio::select! {
@@ -1192,17 +1170,13 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 d.carry_out().await;
             }
             _ = logs.forward() => {}
-            h = protector.next_event() => {
-                if h == Handled::NeedsFlush {
-                    protector.flush_audit().await;
-                }
-            }
+            w = protector.wait() => protector.handle(w).await,
             _ = drain.tick() => {
                 probes.drain(|ev| d.on_event(ev));
                 probes.sync_supervisors(&mut d.table);
                 d.carry_out().await;
             }
-            Some(s) = side_rx.recv() => d.on_side(s).await,
+            Some(s) = side_rx.recv() => d.on_side(s),
             Some(inc) = ctl_rx.recv() => {
                 // The caller's own exec may still be queued in the ring:
                 // requests are judged on a current table.
@@ -1218,9 +1192,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                         let protect = if std::mem::take(&mut d.reload_protect) {
                             let r = protector.reload(&d.config.protect).await;
                             crate::layout::release_object_pages();
-                            // Its entries precede the reload's own.
-                            protector.flush_audit().await;
-                            report_protection(&r, d.alerts.as_ref());
+                            report_protection(&r, &d.effects);
                             Some(r)
                         } else {
                             None
@@ -1249,8 +1221,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     d.decisions.push((dec, now));
                 }
                 d.carry_out().await;
-                if d.velocity_dirty && state_writer.save(&d.velocity) {
-                    d.velocity_dirty = false;
+                if std::mem::take(&mut d.velocity_dirty) {
+                    state_writer.save(&d.velocity);
                 }
                 let drops = probes.dropped()?;
                 if drops > last_drops {
@@ -1283,9 +1255,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         }
     }
     log::info!("governor stopping ({stop_reason})");
-    state_writer.finish(&state_dir, &d.velocity);
-    // Attempts and window closes still queued are written before the end.
-    protector.flush_audit().await;
+    state_writer.finish(&d.velocity);
     d.audit("daemon.stopped", None, json!({"reason": stop_reason}))
         .await;
     if let Some(t) = &d.telegram {
@@ -1294,9 +1264,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     while let Ok(s) = side_rx.try_recv() {
         if let Side::Delivery(_) = s {
-            d.on_side(s).await;
+            d.on_side(s);
         }
     }
+    // Delivery entries queued just now are durable before the log closes.
+    d.effects.flush().await;
     d.audit.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())

@@ -15,32 +15,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{
-    proctable::{ProcTable, Process, Unit},
-    velocity::Supervisor,
-};
+use crate::{proctable::ProcTable, velocity::Supervisor};
 
-/// Derives how a process is supervised from what the table knows of it:
-/// pm2 only for a child of a verified God (see [`crate::proctable`]),
-/// systemd only for PID 1's units. A user manager's units and anything
-/// else have no supervisor governor acts through.
-pub fn supervisor_of(p: &Process, table: &ProcTable) -> Supervisor {
-    if let Some(app) = &p.pm2 {
-        if let Some(god) = table.god(app.god_pid) {
-            return Supervisor::Pm2 {
-                name: app.name.clone(),
-                pm_id: app.pm_id,
-                god_pid: app.god_pid,
-                god_uid: god.uid,
-                daemon_js: god.daemon_js.clone(),
-            };
-        }
-    }
-    if let Some(Unit::System(unit)) = &p.unit {
-        return Supervisor::Systemd { unit: unit.clone() };
-    }
-    Supervisor::None
-}
+pub use governor_core::status::supervisor_of;
 
 /// Re-verifies, at action time, that a supervisor still is what the
 /// decision was made against: the pm2 God is still a verified God in the

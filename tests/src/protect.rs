@@ -88,22 +88,28 @@ impl Running {
                 };
                 let services: Arc<dyn Fn(u32) -> Option<String> + Send + Sync> =
                     Arc::new(|_| None);
+                let effects = match governor::effects::Effects::spawn(audit.clone(), al) {
+                    Ok(fx) => fx,
+                    Err(e) => {
+                        ready_tx.send(Err(format!("{e:#}"))).ok();
+                        return;
+                    }
+                };
                 let (mut p, report) =
-                    match Protector::start(&cfg, implicit, audit.clone(), al, services).await {
+                    match Protector::start(&cfg, implicit, effects, services).await {
                         Ok(x) => x,
                         Err(e) => {
                             ready_tx.send(Err(format!("{e:#}"))).ok();
                             return;
                         }
                     };
+                // Start's entries and alerts carried out, as the daemon's
+                // own daemon.started entry waits for them.
+                p.flush().await;
                 ready_tx.send(Ok((report, p.layers()))).ok();
                 loop {
                     tokio::select! {
-                        h = p.next_event() => {
-                            if h == governor::protect::Handled::NeedsFlush {
-                                p.flush_audit().await;
-                            }
-                        }
+                        w = p.wait() => p.handle(w).await,
                         cmd = rx.recv() => match cmd {
                             Some(Cmd::Approve { path, dur, reason, tty, confirm, reply }) => {
                                 // The daemon's caller check (login ancestry and
@@ -124,11 +130,11 @@ impl Running {
                             Some(Cmd::List(reply)) => { reply.send(p.list()).ok(); }
                             Some(Cmd::Reload(cfg, reply)) => { reply.send(p.reload(&cfg).await).ok(); }
                             Some(Cmd::Flush(reply)) => {
-                                p.flush_audit().await;
+                                p.flush().await;
                                 reply.send(()).ok();
                             }
                             Some(Cmd::Stop(reply)) => {
-                                p.flush_audit().await;
+                                p.flush().await;
                                 drop(p);
                                 audit.shutdown().await;
                                 reply.send(()).ok();

@@ -16,9 +16,15 @@
 //! end the flag returns and the new SHA-256 becomes the declared state,
 //! persisted in `<state_dir>/protect.json` (see [`state`]).
 //!
-//! The event loop polls [`Protector::next_event`], which is cancel-safe: it
-//! only awaits the kernel ring, timers and approval answers; everything it
-//! then does is synchronous, and audit entries go through an ordered queue.
+//! The event loop polls [`Protector::wait`], which is cancel-safe (it only
+//! awaits the kernel ring, timers, approval answers and hashes computed off
+//! the loop), and hands what it returns to [`Protector::handle`] in code a
+//! `select!` can't drop. Audit entries, alerts and acts (a flag lifted for a
+//! window) go through the daemon's one effect pipeline
+//! ([`crate::effects`]), so they keep their order with everything else the
+//! daemon does, and a window's flag is lifted only once its entry is
+//! durable. Hashing runs on the blocking pool, the state file on a thread
+//! of its own.
 
 pub mod attempt;
 pub mod config;
@@ -38,9 +44,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use governor_alerts::{
     approval::{request_approval, ApprovalOutcome, ApprovalRequest},
-    Alert, AlertSink, Severity, ValidatedTelegram,
+    Alert, Severity, ValidatedTelegram,
 };
-use governor_audit::{AuditHandle, Detail};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::Digest;
@@ -52,7 +57,11 @@ use self::{
     kernel::KernelLayer,
     state::{Declared, State, WindowRecord, STATE_FILE},
 };
-use crate::fsflags::{self, FS_IMMUTABLE_FL};
+use crate::{
+    effects::{Effect, Effects},
+    fsflags::{self, FS_IMMUTABLE_FL},
+    statefile::StateFile,
+};
 use governor_common::protect::{name_hash, Op, INODE_DENY, INODE_DIR_GUARD, INODE_PROTECTED};
 /// The kernel ABI types (shared with the eBPF programs).
 pub use governor_common::{protect as abi, InodeKey};
@@ -173,25 +182,36 @@ struct ApprovalAnswer {
     outcome: ApprovalOutcome,
 }
 
-enum AuditItem {
-    Entry(String, Option<String>, Detail),
-    Flush(oneshot::Sender<()>),
+/// Why a file is being hashed off the loop.
+enum HashFor {
+    /// A scheduled re-check (after an unrefused write).
+    Check(&'static str),
+    /// The flag was cleared outside a window and put back: the tamper
+    /// entry waits for the content's hash.
+    Tamper(Box<TamperReport>),
 }
 
-enum Wake {
+struct TamperReport {
+    path: PathBuf,
+    detail: Value,
+    alert: Alert,
+    service: Option<String>,
+}
+
+struct Hashed {
+    path: PathBuf,
+    why: HashFor,
+    sha256: Option<String>,
+}
+
+/// What [`Protector::wait`] woke up for; hand it to [`Protector::handle`].
+pub struct Wake(WakeKind);
+
+enum WakeKind {
     Events(Result<Vec<abi::AttemptEvent>>),
     Approval(ApprovalAnswer),
+    Hashed(Hashed),
     Timer,
-}
-
-/// What the caller of [`Protector::next_event`] owes once it returns.
-#[must_use = "an approved window must be flushed to the audit log"]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handled {
-    Done,
-    /// A governance action (an approved window) was taken: await
-    /// [`Protector::flush_audit`] before taking anything else.
-    NeedsFlush,
 }
 
 /// The protected-files engine the daemon owns.
@@ -216,14 +236,16 @@ pub struct Protector {
     approvals_tx: mpsc::UnboundedSender<ApprovalAnswer>,
     approvals_rx: mpsc::UnboundedReceiver<ApprovalAnswer>,
     telegram: Option<ValidatedTelegram>,
-    audit_q: mpsc::UnboundedSender<AuditItem>,
-    /// Entries queued and not yet durable.
-    backlog: Arc<std::sync::atomic::AtomicUsize>,
+    /// The daemon's effect pipeline: audit entries, alerts, acts.
+    effects: Effects,
+    /// Off-loop hashes coming back.
+    hashed_tx: mpsc::UnboundedSender<Hashed>,
+    hashed_rx: mpsc::UnboundedReceiver<Hashed>,
+    state_file: StateFile,
     /// Attempt entries not written because the backlog was full (a process
     /// hammering a protected file must not exhaust memory or disk); reported
     /// as one summary entry once the backlog drains.
     suppressed: u64,
-    alerts: Arc<dyn AlertSink>,
     services: Arc<dyn Fn(u32) -> Option<String> + Send + Sync>,
     next_drop_check: Instant,
     last_drops: u64,
@@ -275,13 +297,6 @@ fn is_immutable(path: &Path) -> std::io::Result<bool> {
     Ok(fsflags::get_flags(&f)? & FS_IMMUTABLE_FL != 0)
 }
 
-fn detail(v: Value) -> Detail {
-    match v {
-        Value::Object(m) => m,
-        _ => Detail::new(),
-    }
-}
-
 /// Directories from `p`'s parent up to `/`.
 fn ancestors(p: &Path) -> impl Iterator<Item = &Path> {
     p.ancestors().skip(1)
@@ -294,32 +309,20 @@ impl Protector {
     pub async fn start(
         cfg: &ProtectConfig,
         implicit: Implicit,
-        audit: AuditHandle,
-        alerts: Arc<dyn AlertSink>,
+        effects: Effects,
         services: Arc<dyn Fn(u32) -> Option<String> + Send + Sync>,
     ) -> Result<(Protector, StartReport)> {
         let t0 = Instant::now();
-        let (audit_q, mut audit_rx) = mpsc::unbounded_channel::<AuditItem>();
-        let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let bl = backlog.clone();
-        // One ordered writer for our entries: processing never awaits the
-        // disk, and entries keep their order.
-        tokio::spawn(async move {
-            while let Some(item) = audit_rx.recv().await {
-                match item {
-                    AuditItem::Entry(kind, service, d) => {
-                        if let Err(e) = audit.append(&kind, service.as_deref(), d).await {
-                            log::error!("protect: audit append ({kind}) failed: {e:#}");
-                        }
-                        bl.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    AuditItem::Flush(done) => {
-                        let _ = done.send(());
-                    }
-                }
-            }
-        });
         let (approvals_tx, approvals_rx) = mpsc::unbounded_channel();
+        let (hashed_tx, hashed_rx) = mpsc::unbounded_channel();
+        let fx = effects.clone();
+        let state_file = StateFile::spawn(implicit.state_dir.join(STATE_FILE), move |p, e| {
+            fx.submit(Effect::alert_only(Alert::new(
+                Severity::Critical,
+                "protected files",
+                format!("cannot save the declared state to {}: {e:#}", p.display()),
+            )));
+        })?;
         let telegram = implicit.telegram.as_ref().and_then(|t| t.validate().ok());
         let mut p = Protector {
             cfg: cfg.clone(),
@@ -337,10 +340,11 @@ impl Protector {
             approvals_tx,
             approvals_rx,
             telegram,
-            audit_q,
-            backlog,
+            effects,
+            hashed_tx,
+            hashed_rx,
+            state_file,
             suppressed: 0,
-            alerts,
             services,
             next_drop_check: Instant::now() + Duration::from_secs(5),
             last_drops: 0,
@@ -435,24 +439,23 @@ impl Protector {
                     report.changed.push(path.display().to_string());
                     e.declared = Some(d.clone());
                     e.reported = Some(c.clone());
-                    p.backlog.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    p.audit_q
-                        .send(AuditItem::Entry(
-                            "protect.changed_while_down".into(),
+                    p.effects.submit(
+                        Effect::audit(
+                            "protect.changed_while_down",
                             None,
-                            detail(json!({
+                            json!({
                                 "path": path, "tier": e.tier.name(),
                                 "declared_sha256": d, "actual_sha256": c,
-                            })),
-                        ))
-                        .ok();
-                    p.alerts.send(
-                        Alert::new(
-                            Severity::Critical,
-                            "protected file changed",
-                            format!("{} changed while governor was down", path.display()),
+                            }),
                         )
-                        .with_body(format!("declared sha256 {d}\nactual   sha256 {c}")),
+                        .with_alert(
+                            Alert::new(
+                                Severity::Critical,
+                                "protected file changed",
+                                format!("{} changed while governor was down", path.display()),
+                            )
+                            .with_body(format!("declared sha256 {d}\nactual   sha256 {c}")),
+                        ),
                     );
                 }
                 (Some(d), _) => e.declared = Some(d),
@@ -644,7 +647,7 @@ impl Protector {
 
     fn alert_report(&self, report: &StartReport) {
         if !report.unflaggable.is_empty() {
-            self.alerts.send(
+            self.alert(
                 Alert::new(
                     Severity::Critical,
                     "protected files",
@@ -665,7 +668,7 @@ impl Protector {
             );
         }
         if !report.problems.is_empty() || !report.missing.is_empty() {
-            self.alerts.send(
+            self.alert(
                 Alert::new(
                     Severity::Warning,
                     "protected files",
@@ -688,22 +691,25 @@ impl Protector {
         }
     }
 
-    /// Queues an audit entry (written in order by the audit task).
+    /// Queues an audit entry on the effect pipeline.
     fn audit(&self, kind: &str, service: Option<String>, d: Value) {
-        self.backlog
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if self
-            .audit_q
-            .send(AuditItem::Entry(kind.to_string(), service, detail(d)))
-            .is_err()
-        {
-            self.backlog
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        }
+        self.effects
+            .submit(Effect::audit(kind, service.as_deref(), d));
+    }
+
+    /// Queues an alert on the effect pipeline (after the entries queued
+    /// before it).
+    fn alert(&self, a: Alert) {
+        self.effects.submit(Effect::alert_only(a));
     }
 
     fn backlog(&self) -> usize {
-        self.backlog.load(std::sync::atomic::Ordering::SeqCst)
+        self.effects.backlog()
+    }
+
+    /// Waits until everything queued so far is carried out.
+    pub async fn flush(&self) {
+        self.effects.flush().await;
     }
 
     /// Reports attempts suppressed under a full backlog, once it drained.
@@ -715,21 +721,11 @@ impl Protector {
                 None,
                 json!({"count": n, "why": "audit backlog full: a flood of attempts"}),
             );
-            self.alerts.send(Alert::new(
+            self.alert(Alert::new(
                 Severity::Critical,
                 "protected files",
                 format!("{n} protected-file attempts were not audited one by one (flood)"),
             ));
-        }
-    }
-
-    /// Resolves once every entry queued so far is durable in the audit log.
-    /// Await it from a `select!` branch body, never from the branch future:
-    /// a dropped flush is a promise silently broken.
-    pub async fn flush_audit(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.audit_q.send(AuditItem::Flush(tx)).is_ok() {
-            let _ = rx.await;
         }
     }
 
@@ -759,13 +755,9 @@ impl Protector {
                 via: w.via.clone(),
             });
         }
-        if let Err(e) = st.save(&self.state_path()) {
-            log::error!("protect: saving the declared state: {e:#}");
-            self.alerts.send(Alert::new(
-                Severity::Critical,
-                "protected files",
-                format!("cannot save the declared state: {e:#}"),
-            ));
+        match st.to_bytes() {
+            Ok(b) => self.state_file.save(b),
+            Err(e) => log::error!("protect: serialising the declared state: {e:#}"),
         }
     }
 
@@ -832,47 +824,59 @@ impl Protector {
         d
     }
 
-    /// Waits for attempt events, timers (window ends, re-hashes) and
-    /// approval answers, and handles them. Cancel-safe: the only await is
-    /// the wait itself, so what it asks for after handling (a flush) the
-    /// caller does in code that a `select!` can't drop.
-    pub async fn next_event(&mut self) -> Handled {
+    /// Waits for attempt events, timers (window ends, re-hashes), approval
+    /// answers and hashes computed off the loop. Cancel-safe: it only
+    /// waits; [`handle`](Self::handle) does the work.
+    pub async fn wait(&mut self) -> Wake {
         let deadline = tokio::time::Instant::from_std(self.next_deadline());
-        let wake = {
-            let ring = self.kernel.as_mut();
-            let rx = &mut self.approvals_rx;
-            tokio::select! {
-                r = async move {
-                    match ring {
-                        Some(k) => k.next_batch().await,
-                        None => std::future::pending().await,
-                    }
-                } => Wake::Events(r),
-                Some(a) = rx.recv() => Wake::Approval(a),
-                _ = tokio::time::sleep_until(deadline) => Wake::Timer,
-            }
-        };
-        match wake {
-            Wake::Events(Ok(evs)) => {
+        let ring = self.kernel.as_mut();
+        let rx = &mut self.approvals_rx;
+        let hashed = &mut self.hashed_rx;
+        Wake(tokio::select! {
+            r = async move {
+                match ring {
+                    Some(k) => k.next_batch().await,
+                    None => std::future::pending().await,
+                }
+            } => WakeKind::Events(r),
+            Some(a) = rx.recv() => WakeKind::Approval(a),
+            Some(h) = hashed.recv() => WakeKind::Hashed(h),
+            _ = tokio::time::sleep_until(deadline) => WakeKind::Timer,
+        })
+    }
+
+    /// Handles what [`wait`](Self::wait) returned. Await it in a `select!`
+    /// branch body, never in a branch future: an approved window is opened
+    /// (its entry durable, then its flag lifted) before it returns.
+    pub async fn handle(&mut self, w: Wake) {
+        match w.0 {
+            WakeKind::Events(Ok(evs)) => {
                 for ev in evs {
                     self.on_event(&ev);
                 }
                 self.report_suppressed();
             }
-            Wake::Events(Err(e)) => {
+            WakeKind::Events(Err(e)) => {
                 log::error!("protect: reading the attempt ring: {e:#}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Wake::Approval(a) => {
-                self.on_approval(a);
-                return Handled::NeedsFlush;
-            }
-            Wake::Timer => self.on_timers(),
+            WakeKind::Approval(a) => self.on_approval(a).await,
+            WakeKind::Hashed(h) => self.on_hashed(h),
+            WakeKind::Timer => self.on_timers().await,
         }
-        Handled::Done
     }
 
-    fn on_timers(&mut self) {
+    /// Hashes `path` on the blocking pool; the result comes back through
+    /// [`wait`](Self::wait).
+    fn hash_off_loop(&self, path: PathBuf, real: PathBuf, why: HashFor) {
+        let tx = self.hashed_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let sha256 = sha256_file(&real).ok();
+            let _ = tx.send(Hashed { path, why, sha256 });
+        });
+    }
+
+    async fn on_timers(&mut self) {
         self.report_suppressed();
         let now = Instant::now();
         let due: Vec<PathBuf> = self
@@ -882,14 +886,24 @@ impl Protector {
             .map(|(p, _)| p.clone())
             .collect();
         for p in due {
-            if let Err(e) = self.close_window(&p, "expired") {
+            if let Err(e) = self.close_window(&p, "expired").await {
                 log::error!("protect: closing the window on {}: {e:#}", p.display());
             }
         }
         let (due, later): (Vec<_>, Vec<_>) = self.rehash.drain(..).partition(|(t, _)| *t <= now);
         self.rehash = later;
         for (_, p) in due {
-            self.check_content(&p, "re-hash after an unrefused write");
+            if self.windows.contains_key(&p) {
+                continue;
+            }
+            if let Some(e) = self.files.get(&p) {
+                // Make sure the flag is on (it may have been cleared).
+                if e.flag == FlagState::Set && !is_immutable(&e.real).unwrap_or(true) {
+                    let _ = set_immutable(&e.real, true);
+                }
+                let real = e.real.clone();
+                self.hash_off_loop(p, real, HashFor::Check("re-hash after an unrefused write"));
+            }
         }
         if now >= self.next_drop_check {
             self.next_drop_check = now + Duration::from_secs(5);
@@ -904,7 +918,7 @@ impl Protector {
                             None,
                             json!({"lost": lost, "total": d}),
                         );
-                        self.alerts.send(Alert::new(
+                        self.alert(Alert::new(
                             Severity::Critical,
                             "protected files",
                             format!("{lost} protected-file attempt events lost (ring full)"),
@@ -1042,7 +1056,7 @@ impl Protector {
                 } else {
                     // Not refused and not approved: the flag is missing.
                     self.schedule_rehash(p);
-                    self.alerts.send(
+                    self.alert(
                         Alert::new(
                             Severity::Critical,
                             "protected file modified",
@@ -1075,7 +1089,7 @@ impl Protector {
                 if let Some(s) = &service {
                     alert = alert.with_service(s.clone());
                 }
-                self.alerts.send(alert);
+                self.alert(alert);
             }
         }
         if self.backlog() >= MAX_AUDIT_BACKLOG {
@@ -1103,10 +1117,11 @@ impl Protector {
                 return false;
             }
         }
+        // Protection first: the flag goes back now, on the loop (one
+        // ioctl); the content is hashed off it, and the entry and alert
+        // follow with the hash (see on_hashed).
         let restore = set_immutable(&e.real, true);
         let latency_us = crate::events::monotonic_ns().saturating_sub(a.ts_ns) / 1000;
-        let after = sha256_file(&e.real).ok();
-        let changed = after.is_some() && after != e.declared;
         if let Some(obj) = d.as_object_mut() {
             obj.insert("flag_restored".into(), json!(restore.is_ok()));
             if let Err(err) = &restore {
@@ -1114,17 +1129,10 @@ impl Protector {
             }
             obj.insert("restored_after_us".into(), json!(latency_us));
             obj.insert("declared_sha256".into(), json!(e.declared));
-            obj.insert("sha256".into(), json!(after));
-            obj.insert("content_changed".into(), json!(changed));
-        }
-        if changed {
-            if let Some(x) = self.files.get_mut(&e.path) {
-                x.reported = after.clone();
-            }
         }
         // Writes that slipped in before the restore show up later.
         self.schedule_rehash(&e.path.clone());
-        let mut alert = Alert::new(
+        let alert = Alert::new(
             Severity::Critical,
             "protected file tampering",
             format!(
@@ -1139,43 +1147,92 @@ impl Protector {
             ),
         )
         .with_body(format!(
-            "pid {} ppid {} ({}) {} uid {}{}",
-            a.pid,
-            a.ppid,
-            a.comm,
-            a.exe,
-            a.uid,
-            if changed {
-                format!(
-                    "\ncontent changed: declared {} now {}",
-                    e.declared.as_deref().unwrap_or("?"),
-                    after.as_deref().unwrap_or("?")
-                )
-            } else {
-                String::new()
-            }
+            "pid {} ppid {} ({}) {} uid {}",
+            a.pid, a.ppid, a.comm, a.exe, a.uid,
         ));
-        if let Some(s) = &service {
-            alert = alert.with_service(s.clone());
-        }
-        self.alerts.send(alert);
-        self.audit("protect.tamper", service, d.clone());
+        self.hash_off_loop(
+            e.path.clone(),
+            e.real.clone(),
+            HashFor::Tamper(Box::new(TamperReport {
+                path: e.path.clone(),
+                detail: d.clone(),
+                alert,
+                service,
+            })),
+        );
         true
     }
 
+    /// A hash computed off the loop is back.
+    fn on_hashed(&mut self, h: Hashed) {
+        match h.why {
+            HashFor::Check(why) => {
+                if let Some(sha) = h.sha256 {
+                    self.content_is(&h.path, sha, why);
+                }
+            }
+            HashFor::Tamper(t) => {
+                let TamperReport {
+                    path,
+                    mut detail,
+                    mut alert,
+                    service,
+                } = *t;
+                let declared = self.files.get(&path).and_then(|e| e.declared.clone());
+                let changed = h.sha256.is_some() && h.sha256 != declared;
+                if let Some(obj) = detail.as_object_mut() {
+                    obj.insert("sha256".into(), json!(h.sha256));
+                    obj.insert("content_changed".into(), json!(changed));
+                }
+                if changed {
+                    if let Some(x) = self.files.get_mut(&path) {
+                        x.reported = h.sha256.clone();
+                    }
+                    let body = std::mem::take(&mut alert.body);
+                    alert = alert.with_body(format!(
+                        "{body}\ncontent changed: declared {} now {}",
+                        declared.as_deref().unwrap_or("?"),
+                        h.sha256.as_deref().unwrap_or("?")
+                    ));
+                }
+                if let Some(s) = &service {
+                    alert = alert.with_service(s.clone());
+                }
+                self.effects.submit(
+                    Effect::audit("protect.tamper", service.as_deref(), detail).with_alert(alert),
+                );
+            }
+        }
+    }
+
     /// Re-hashes a file and reports a content change once.
-    fn check_content(&mut self, path: &Path, why: &str) {
+    /// Re-hashes a file (on the blocking pool) and reports a content
+    /// change once.
+    async fn check_content(&mut self, path: &Path, why: &str) {
         if self.windows.contains_key(path) {
             return;
         }
-        let Some(e) = self.files.get_mut(path) else {
+        let Some(e) = self.files.get(path) else {
             return;
         };
         // Make sure the flag is on (it may have been cleared).
         if e.flag == FlagState::Set && !is_immutable(&e.real).unwrap_or(true) {
             let _ = set_immutable(&e.real, true);
         }
-        let Ok(now) = sha256_file(&e.real) else {
+        let real = e.real.clone();
+        let Ok(Ok(now)) = tokio::task::spawn_blocking(move || sha256_file(&real)).await else {
+            return;
+        };
+        self.content_is(path, now, why);
+    }
+
+    /// Reports, once, that `path` now hashes to `now` when that is not its
+    /// declared content.
+    fn content_is(&mut self, path: &Path, now: String, why: &str) {
+        if self.windows.contains_key(path) {
+            return;
+        }
+        let Some(e) = self.files.get_mut(path) else {
             return;
         };
         if Some(&now) == e.declared.as_ref() || Some(&now) == e.reported.as_ref() {
@@ -1191,7 +1248,7 @@ impl Protector {
                 "declared_sha256": declared, "sha256": now,
             }),
         );
-        self.alerts.send(
+        self.alert(
             Alert::new(
                 Severity::Critical,
                 "protected file changed",
@@ -1341,9 +1398,10 @@ impl Protector {
                 }
             };
             self.open_window(&key, dur, reason, peer_uid, &format!("terminal via {how}"))
+                .await
         };
-        // The client hears back once the entry is durable.
-        self.flush_audit().await;
+        // The client hears back once its entries are durable.
+        self.effects.flush().await;
         r
     }
 
@@ -1406,14 +1464,17 @@ impl Protector {
                   "message": "approval requested on Telegram; the window opens when an approver taps Approve"}))
     }
 
-    fn on_approval(&mut self, a: ApprovalAnswer) {
+    async fn on_approval(&mut self, a: ApprovalAnswer) {
         let Some(p) = self.pending.remove(&a.id) else {
             return;
         };
         match a.outcome {
             ApprovalOutcome::Approved { by, name } => {
                 let via = format!("telegram:{by}:{name}");
-                if let Err(e) = self.open_window(&p.path, p.dur, &p.reason, p.uid, &via) {
+                if let Err(e) = self
+                    .open_window(&p.path, p.dur, &p.reason, p.uid, &via)
+                    .await
+                {
                     log::error!("protect: opening the approved window: {e:#}");
                 }
             }
@@ -1428,7 +1489,10 @@ impl Protector {
         }
     }
 
-    fn open_window(
+    /// Opens a write window: its entry durable first, then the alert,
+    /// then the flag lifted — the act runs on the effect pipeline, which
+    /// never runs it without the entry.
+    async fn open_window(
         &mut self,
         key: &Path,
         dur: Duration,
@@ -1441,10 +1505,6 @@ impl Protector {
             .get(key)
             .cloned()
             .with_context(|| format!("{} is not protected", key.display()))?;
-        if e.flag == FlagState::Set {
-            set_immutable(&e.real, false)
-                .with_context(|| format!("lifting the immutable flag of {}", e.real.display()))?;
-        }
         let opened_at = SystemTime::now();
         let w = Window {
             until: Instant::now() + dur,
@@ -1455,38 +1515,84 @@ impl Protector {
             via: via.to_string(),
             writes: 0,
         };
-        self.windows.insert(key.to_path_buf(), w.clone());
+        let until = crate::events::rfc3339(w.until_wall);
+        let alert = Alert::new(
+            if e.tier == Tier::Untouchable {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            },
+            "protected file window",
+            format!(
+                "write window opened on {} {} for {}s",
+                e.tier.name().to_uppercase(),
+                key.display(),
+                dur.as_secs()
+            ),
+        )
+        .with_body(format!("by uid {uid} via {via}: {reason}"));
+        // 1. The entry, durable (and the alert).
+        let out = self
+            .effects
+            .commit(
+                Effect::audit(
+                    "protect.window_open",
+                    None,
+                    json!({"path": key, "tier": e.tier.name(), "until": until, "duration_s": dur.as_secs(),
+                           "reason": reason, "by_uid": uid, "via": via, "sha256": e.declared}),
+                )
+                .with_alert(alert),
+            )
+            .await;
+        let head = match out.head {
+            Ok(Some(h)) => h,
+            Ok(None) => bail!("the window was not opened: no audit entry came back"),
+            Err(err) => {
+                bail!("the window was not opened: its audit entry could not be written ({err})")
+            }
+        };
+        // 2. The window on disk, so a daemon killed from here on closes it
+        //    (re-flags the file, records what changed) when it starts.
+        self.windows.insert(key.to_path_buf(), w);
+        self.save_state();
+        self.state_file.synced().await;
+        // 3. The flag lifted, by the pipeline.
+        let (lifted_tx, lifted_rx) = oneshot::channel();
+        let (lift, real) = (e.flag == FlagState::Set, e.real.clone());
+        self.effects.submit(Effect::after(head, move |_| {
+            let r = if lift {
+                set_immutable(&real, false).map_err(|err| {
+                    format!("lifting the immutable flag of {}: {err}", real.display())
+                })
+            } else {
+                Ok(())
+            };
+            let _ = lifted_tx.send(r);
+        }));
+        let lifted = lifted_rx
+            .await
+            .unwrap_or_else(|_| Err("the act was not run".into()));
+        if let Err(err) = lifted {
+            self.windows.remove(key);
+            self.save_state();
+            self.audit(
+                "protect.window_failed",
+                None,
+                json!({"path": key, "tier": e.tier.name(), "error": err, "by_uid": uid, "via": via}),
+            );
+            self.alert(Alert::new(
+                Severity::Critical,
+                "protected file window",
+                format!("window on {} not opened: {err}", key.display()),
+            ));
+            bail!("{err}");
+        }
         if let Some(x) = self.files.get_mut(key) {
             if x.flag == FlagState::Set {
                 x.flag = FlagState::Lifted;
             }
         }
         self.register(key);
-        self.save_state();
-        let until = crate::events::rfc3339(w.until_wall);
-        self.audit(
-            "protect.window_open",
-            None,
-            json!({"path": key, "tier": e.tier.name(), "until": until, "duration_s": dur.as_secs(),
-                   "reason": reason, "by_uid": uid, "via": via, "sha256": e.declared}),
-        );
-        self.alerts.send(
-            Alert::new(
-                if e.tier == Tier::Untouchable {
-                    Severity::Critical
-                } else {
-                    Severity::Warning
-                },
-                "protected file window",
-                format!(
-                    "write window opened on {} {} for {}s",
-                    e.tier.name().to_uppercase(),
-                    key.display(),
-                    dur.as_secs()
-                ),
-            )
-            .with_body(format!("by uid {uid} via {via}: {reason}")),
-        );
         Ok(
             json!({"status": "open", "path": key, "tier": e.tier.name(), "until": until,
                   "duration_s": dur.as_secs()}),
@@ -1501,8 +1607,9 @@ impl Protector {
         if !self.windows.contains_key(&key) {
             bail!("no window is open on {}", key.display());
         }
-        let r = self.close_window(&key, "ended");
-        self.flush_audit().await;
+        let r = self.close_window(&key, "ended").await;
+        // The client hears back once the entry is durable.
+        self.effects.flush().await;
         r
     }
 
@@ -1518,7 +1625,7 @@ impl Protector {
         }
     }
 
-    fn close_window(&mut self, key: &Path, why: &str) -> Result<Value> {
+    async fn close_window(&mut self, key: &Path, why: &str) -> Result<Value> {
         self.catch_up();
         let w = self
             .windows
@@ -1540,13 +1647,23 @@ impl Protector {
                 }
             }
         }
+        // Hashed once the flag is back (nothing can slip in after), on the
+        // blocking pool.
+        let real = e.real.clone();
+        let new = tokio::task::spawn_blocking(move || sha256_file(&real).ok())
+            .await
+            .ok()
+            .flatten();
+        let Some(e) = self.files.get_mut(key) else {
+            bail!("{} is no longer protected", key.display());
+        };
         let old = e.declared.clone();
-        let new = sha256_file(&e.real).ok();
         e.declared = new.clone();
         e.reported = None;
         let tier = e.tier;
         self.register(key);
         self.save_state();
+        self.state_file.synced().await;
         let d = json!({
             "path": key, "tier": tier.name(), "why": why,
             "opened_at": crate::events::rfc3339(w.opened_at), "reason": w.reason,
@@ -1573,7 +1690,7 @@ impl Protector {
                 continue;
             }
             if self.windows.contains_key(&p) {
-                let _ = self.close_window(&p, "file removed from [protect]");
+                let _ = self.close_window(&p, "file removed from [protect]").await;
             }
             if let Some(e) = self.files.remove(&p) {
                 if e.flag == FlagState::Set {
@@ -1621,7 +1738,7 @@ impl Protector {
                 }
             }
             let before = self.files.get(&p).and_then(|e| e.reported.clone());
-            self.check_content(&p, "reload");
+            self.check_content(&p, "reload").await;
             if self.files.get(&p).and_then(|e| e.reported.clone()) != before {
                 report.changed.push(p.display().to_string());
             }

@@ -3,11 +3,7 @@
 //! while the daemon was down and close a window the daemon's death
 //! interrupted.
 
-use std::{
-    collections::BTreeMap,
-    io::Write,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -60,26 +56,14 @@ impl State {
     }
 
     /// Writes atomically: temp file, fsync, rename, fsync of the directory.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    /// The file's bytes (version stamped).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut s = self.clone();
         s.version = 1;
-        let text = serde_json::to_vec_pretty(&s)?;
-        {
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        Ok(serde_json::to_vec_pretty(&s)?)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::statefile::write_atomic(path, &self.to_bytes()?)
     }
 }

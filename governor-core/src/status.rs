@@ -1,0 +1,280 @@
+//! The status snapshot: one view of every service, built here from the
+//! process table and the policies' state, and fed to every reader — the
+//! control socket's `status` today, metrics and MCP later — so they can't
+//! disagree about what is running and in what state.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::{
+    identity::{Process, Unit},
+    limits::Limits,
+    table::ProcTable,
+    velocity::{Live, ServiceStatus, State, Supervisor, Velocity},
+};
+
+/// Every bound on state that local users can grow, and what it cost.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Bounds {
+    pub unconfigured_services: usize,
+    pub max_unconfigured_services: usize,
+    pub unconfigured_evicted: u64,
+    pub processes: usize,
+}
+
+/// The services and the bounds, at one instant.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub services: Vec<ServiceStatus>,
+    pub bounds: Bounds,
+}
+
+/// What the core needs to know of the config for a snapshot.
+pub trait ServiceConfig {
+    /// Configured service names.
+    fn configured(&self) -> Box<dyn Iterator<Item = &str> + '_>;
+    fn is_configured(&self, name: &str) -> bool;
+    /// A service's effective limits (the defaults for one not configured).
+    fn limits(&self, name: &str) -> Limits;
+}
+
+/// The supervisor the kernel-fed table says `p` runs under: a verified pm2
+/// God's app, or a system unit. Anything else restarts itself, as far as
+/// governor can tell.
+pub fn supervisor_of(p: &Process, table: &ProcTable) -> Supervisor {
+    if let Some(app) = &p.pm2 {
+        if let Some(god) = table.god(app.god_pid) {
+            return Supervisor::Pm2 {
+                name: app.name.clone(),
+                pm_id: app.pm_id,
+                god_pid: app.god_pid,
+                god_uid: god.uid,
+                daemon_js: god.daemon_js.clone(),
+            };
+        }
+    }
+    if let Some(Unit::System(unit)) = &p.unit {
+        return Supervisor::Systemd { unit: unit.clone() };
+    }
+    Supervisor::None
+}
+
+/// Live instances of `service`.
+pub fn live(table: &ProcTable, service: &str) -> Vec<Live> {
+    table
+        .instances_of(service)
+        .map(|p| Live {
+            pid: p.pid,
+            start_ns: p.start_ns,
+        })
+        .collect()
+}
+
+/// The snapshot at `now_ns`. Rows: configured services, anything with
+/// history, pm2 apps (every running service with `all`). One failed
+/// `grep` is not news: an unmanaged command line is listed once it repeats
+/// or loops (all of them with `all`).
+pub fn snapshot(
+    table: &ProcTable,
+    velocity: &Velocity,
+    cfg: &dyn ServiceConfig,
+    all: bool,
+    now_ns: u64,
+) -> Snapshot {
+    let mut names: BTreeSet<&str> = cfg.configured().collect();
+    names.extend(velocity.services.keys().map(String::as_str));
+    for p in table.iter() {
+        if p.instance && (all || p.pm2.is_some()) {
+            names.insert(p.service.as_str());
+        }
+    }
+    let services = names
+        .into_iter()
+        .map(|name| {
+            let sup = table
+                .instances_of(name)
+                .next()
+                .map(|p| supervisor_of(p, table))
+                .unwrap_or_default();
+            velocity.status(
+                name,
+                &cfg.limits(name),
+                cfg.is_configured(name),
+                &sup,
+                &live(table, name),
+                now_ns,
+            )
+        })
+        .filter(|r| {
+            all || r.configured
+                || r.supervisor != Supervisor::None
+                || r.state == State::CrashLoop
+                || r.restarts_in_window >= 2
+        })
+        .collect();
+    Snapshot {
+        services,
+        bounds: Bounds {
+            unconfigured_services: velocity.unconfigured(),
+            max_unconfigured_services: velocity.cap,
+            unconfigured_evicted: velocity.evicted,
+            processes: table.len(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        events::Exec,
+        identity::{Match, Matcher, Rule},
+        velocity::{Death, InstanceInfo},
+    };
+
+    struct Cfg;
+
+    fn lim() -> Limits {
+        Limits {
+            window: std::time::Duration::from_secs(600),
+            max_restarts: 2,
+            memory_ceiling: 200 << 20,
+            stable_after: std::time::Duration::from_secs(600),
+            action: crate::limits::CrashLoopAction::Alert,
+            stop_after: 3,
+            critical: false,
+        }
+    }
+
+    impl ServiceConfig for Cfg {
+        fn configured(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+            Box::new(["lily", "ssh"].into_iter())
+        }
+        fn is_configured(&self, name: &str) -> bool {
+            name == "lily" || name == "ssh"
+        }
+        fn limits(&self, _: &str) -> Limits {
+            lim()
+        }
+    }
+
+    fn exec(pid: u32, ppid: u32, uid: u32, exe: &str, argv: &[&str]) -> Exec {
+        Exec {
+            pid,
+            ppid,
+            uid,
+            ts_ns: 1,
+            start_ns: pid as u64,
+            comm: "x".into(),
+            filename: exe.into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            argv_truncated: false,
+        }
+    }
+
+    fn table() -> ProcTable {
+        ProcTable::new(
+            Matcher::new(vec![
+                Rule {
+                    name: "lily".into(),
+                    matcher: Match::Pm2 {
+                        app: "lily".into(),
+                        owner: Some(0),
+                    },
+                },
+                Rule {
+                    name: "ssh".into(),
+                    matcher: Match::Unit("ssh.service".into()),
+                },
+            ]),
+            |u| format!("u{u}"),
+        )
+    }
+
+    const DAEMON_JS: &str = "/usr/lib/node_modules/pm2/lib/Daemon.js";
+
+    #[test]
+    fn rows_states_supervisors_and_bounds() {
+        let mut t = table();
+        t.apply_exec(
+            &exec(10, 1, 0, "/usr/bin/node", &["node", DAEMON_JS]),
+            None,
+            &mut |_| None,
+        );
+        t.apply_exec(
+            &exec(11, 10, 0, "/usr/bin/node", &["node", "app.js"]),
+            None,
+            &mut |_| Some(("lily".into(), Some(3))),
+        );
+        // An unprivileged one-off failure, and a repeated one.
+        t.apply_exec(
+            &exec(20, 1, 65534, "/bin/sh", &["sh", "-c", "once"]),
+            None,
+            &mut |_| None,
+        );
+        let mut v = Velocity {
+            cap: 8,
+            ..Velocity::default()
+        };
+        let repeated = t
+            .apply_exec(
+                &exec(30, 1, 65534, "/bin/false", &["false"]),
+                None,
+                &mut |_| None,
+            )
+            .service
+            .clone();
+        for i in 0..3u64 {
+            v.on_death(
+                &InstanceInfo {
+                    service: repeated.clone(),
+                    configured: false,
+                    supervisor: Supervisor::None,
+                    limits: lim(),
+                },
+                Death {
+                    ts_ns: 1_000 + i,
+                    pid: 30,
+                    code: Some(1),
+                    signal: None,
+                    uptime_ns: 10,
+                    planned: false,
+                },
+            );
+        }
+        let s = snapshot(&t, &v, &Cfg, false, 2_000);
+        let names: Vec<&str> = s.services.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, vec![repeated.as_str(), "lily", "ssh"]);
+        let lily = &s.services[1];
+        assert_eq!(lily.pids, vec![11]);
+        assert!(matches!(
+            &lily.supervisor,
+            Supervisor::Pm2 {
+                pm_id: Some(3),
+                god_pid: 10,
+                god_uid: 0,
+                ..
+            }
+        ));
+        // Configured and not running: down.
+        assert_eq!(s.services[2].state, State::Down);
+        assert_eq!(s.services[0].restarts_in_window, 3);
+        assert_eq!(
+            s.bounds,
+            Bounds {
+                unconfigured_services: 1,
+                max_unconfigured_services: 8,
+                unconfigured_evicted: 0,
+                processes: t.len(),
+            }
+        );
+        // `all` adds every running service, the one-off shell included.
+        let all = snapshot(&t, &v, &Cfg, true, 2_000);
+        assert!(all
+            .services
+            .iter()
+            .any(|r| r.name.starts_with("fp:u65534/sh-")));
+        assert!(all.services.len() > s.services.len());
+    }
+}
