@@ -177,7 +177,17 @@ pub struct KernelConfig {
     /// `task_struct.group_leader`: a group's start time is its leader's,
     /// even when a worker thread is the last to exit.
     pub task_group_leader: u32,
+    /// `signal_struct.pids[]` (`struct pid *`, indexed by `enum pid_type`),
+    /// `pid.numbers[]` and `upid.nr`: the session id of a task, as the
+    /// initial pid namespace numbers it, for windows that admit writes
+    /// from one login session only.
+    pub signal_pids: u32,
+    pub pid_numbers: u32,
+    pub upid_nr: u32,
 }
+
+/// `PIDTYPE_SID` of the kernel's `enum pid_type` (stable since 4.19).
+pub const PIDTYPE_SID: u32 = 3;
 
 /// An offset that the running kernel doesn't have.
 pub const NO_FIELD: u32 = u32::MAX;

@@ -37,6 +37,12 @@ pub const INODE_DENY: u32 = 2;
 /// A guarded directory (the state directory): creating, removing, renaming
 /// or linking entries in it is refused by the LSM layer and reported.
 pub const INODE_DIR_GUARD: u32 = 4;
+/// A window admits writes from one session only: the one
+/// [`WINDOW_SESSIONS_MAP`] names for the inode (UNTOUCHABLE files, where
+/// BPF LSM runs).
+pub const INODE_SESSION: u32 = 8;
+/// `InodeKey` → `u32` session id (initial pid namespace).
+pub const WINDOW_SESSIONS_MAP: &str = "WINDOW_SESSIONS";
 
 /// Runtime settings, set by the loader before load (read-only global).
 #[repr(C)]

@@ -94,6 +94,9 @@ static GOVERNOR_KERNEL_CONFIG: KernelConfig = KernelConfig {
     task_signal: 0,
     signal_live: 0,
     task_group_leader: 0,
+    signal_pids: 0,
+    pid_numbers: 0,
+    upid_nr: 0,
 };
 
 /// Lifecycle events. The size is a default: the loader sets the real one.

@@ -43,10 +43,10 @@ use governor_common::{
     protect::{
         AttemptEvent, ProtectRuntime, SyscallDesc, ARG_NONE, ATTEMPT_PATH_MAX, EXE_DEPTH,
         FNV_OFFSET, FNV_PRIME, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS, INODE_DENY,
-        INODE_DIR_GUARD, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE,
-        VALID_BASE0, VALID_BASE1, VALID_KEY, VALID_PATH0, VALID_PATH1,
+        INODE_DIR_GUARD, INODE_SESSION, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH,
+        SYSCALL_TABLE_SIZE, VALID_BASE0, VALID_BASE1, VALID_KEY, VALID_PATH0, VALID_PATH1,
     },
-    InodeKey,
+    InodeKey, PIDTYPE_SID,
 };
 
 use crate::{read_at, GOVERNOR_KERNEL_CONFIG};
@@ -67,6 +67,10 @@ static PROTECT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "PROTECTED_INODES")]
 static PROTECTED_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(16384, 0);
+
+/// Windows that admit one session only: inode → session id.
+#[map(name = "WINDOW_SESSIONS")]
+static WINDOW_SESSIONS: HashMap<InodeKey, u32> = HashMap::with_max_entries(1024, 0);
 
 #[map(name = "PROTECTED_NAMES")]
 static PROTECTED_NAMES: HashMap<u64, u32> = HashMap::with_max_entries(16384, 0);
@@ -733,9 +737,31 @@ fn lsm_exempt() -> bool {
     !active() || is_daemon()
 }
 
+/// The current task's session id, numbered in the initial pid namespace
+/// (0 when it can't be read: never a session a window names).
+#[inline(always)]
+fn current_session() -> u32 {
+    // SAFETY: bpf_get_current_task has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let signal: u64 = read_at(task, kc!(task_signal));
+    let pid: u64 = read_at(signal, kc!(signal_pids) + PIDTYPE_SID * 8);
+    read_at::<i32>(pid, kc!(pid_numbers) + kc!(upid_nr)) as u32
+}
+
+/// Refused: outside any window, or inside one that admits another
+/// session only.
 #[inline(always)]
 fn denied(key: &InodeKey) -> bool {
-    flags_of(key) & INODE_DENY != 0
+    let f = flags_of(key);
+    if f & INODE_DENY != 0 {
+        return true;
+    }
+    if f & INODE_SESSION != 0 {
+        // SAFETY: the value is copied out right away.
+        let allowed = unsafe { WINDOW_SESSIONS.get(key) }.copied().unwrap_or(0);
+        return allowed == 0 || current_session() != allowed;
+    }
+    false
 }
 
 #[inline(always)]

@@ -832,9 +832,12 @@ impl Daemon {
                         Path::new(&path),
                         Duration::from_secs(for_s),
                         &reason,
-                        human,
+                        crate::protect::Caller {
+                            uid: peer.uid,
+                            session: u32::try_from(peer.pid).ok().and_then(session_of),
+                            human,
+                        },
                         confirm,
-                        peer.uid,
                     )
                     .await;
                 let _ = reply.send(match r {
@@ -923,6 +926,17 @@ fn human_caller(
         )),
         None => Err("it has no controlling terminal".into()),
     }
+}
+
+/// The session id of a live process (`/proc/PID/stat`, field 6): the
+/// session an UNTOUCHABLE window admits. The caller is blocked on the
+/// socket while it is read, so the pid is still its own.
+fn session_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the comm (which may hold spaces and parens): state, ppid,
+    // pgrp, session.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// What governor protects without being told: its own config, and its

@@ -123,6 +123,9 @@ fn compute_kernel_config() -> Result<KernelConfig> {
         task_signal: off("task_struct", "signal")?,
         signal_live: off("signal_struct", "live")?,
         task_group_leader: off("task_struct", "group_leader")?,
+        signal_pids: off("signal_struct", "pids")?,
+        pid_numbers: off("pid", "numbers")?,
+        upid_nr: off("upid", "nr")?,
         lsm: lsm_args(&btf),
         ..regs_layout(&btf)
     })

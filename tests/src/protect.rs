@@ -32,6 +32,7 @@ enum Cmd {
         reason: String,
         tty: bool,
         confirm: Option<String>,
+        session: Option<u32>,
         reply: Reply<Result<Value, String>>,
     },
     End {
@@ -111,7 +112,7 @@ impl Running {
                     tokio::select! {
                         w = p.wait() => p.handle(w).await,
                         cmd = rx.recv() => match cmd {
-                            Some(Cmd::Approve { path, dur, reason, tty, confirm, reply }) => {
+                            Some(Cmd::Approve { path, dur, reason, tty, confirm, session, reply }) => {
                                 // The daemon's caller check (login ancestry and
                                 // controlling terminal) is tested end to end in
                                 // tests/velocity.rs; here, its verdict.
@@ -120,7 +121,7 @@ impl Running {
                                 } else {
                                     Err("its stdin is not a terminal".to_string())
                                 };
-                                let r = p.approve(&path, dur, &reason, human, confirm, 0).await
+                                let r = p.approve(&path, dur, &reason, governor::protect::Caller { uid: 0, session, human }, confirm).await
                                     .map_err(|e| format!("{e:#}"));
                                 reply.send(r).ok();
                             }
@@ -181,6 +182,28 @@ impl Running {
             reason: reason.into(),
             tty,
             confirm: confirm.map(str::to_string),
+            session: None,
+            reply,
+        })
+    }
+
+    /// An approval by a human whose login session is `sid` (the daemon
+    /// reads it from the caller): an UNTOUCHABLE window then admits that
+    /// session's writes only, where BPF LSM runs.
+    pub fn approve_in_session(
+        &self,
+        path: &Path,
+        dur: Duration,
+        confirm: &str,
+        sid: u32,
+    ) -> Result<Value, String> {
+        self.call(|reply| Cmd::Approve {
+            path: path.to_path_buf(),
+            dur,
+            reason: "session test".into(),
+            tty: true,
+            confirm: Some(confirm.to_string()),
+            session: Some(sid),
             reply,
         })
     }

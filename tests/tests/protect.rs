@@ -838,6 +838,109 @@ fn protect_approval_window_admits_writes_and_closes_on_time() {
     unflag_tree(base.path());
 }
 
+/// An UNTOUCHABLE window admits the approving login session only, where
+/// BPF LSM runs (the guest): a process of another session — an agent under
+/// pm2, a cron job, a root shell elsewhere — is refused while the human's
+/// own session writes. Without BPF LSM (this host) the window says so, and
+/// the flag alone can't tell sessions apart.
+#[test]
+fn protect_untouchable_window_admits_the_approving_session_only() {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    require_root();
+    let _g = lock();
+    let base = tempfile::tempdir_in("/tmp").unwrap();
+    let dir = open_dir(base.path());
+    let unt = dir.path().join("core.py");
+    file_for(&unt, "print(1)\n", 0);
+    let r = Running::start(
+        ProtectConfig::with_paths(&[&unt], &[]),
+        &base.path().join("state"),
+        None,
+    );
+    let lsm = r.layers.iter().any(|l| l == "bpf-lsm");
+    assert_eq!(lsm, in_vm(), "the guest has BPF LSM, this host doesn't");
+    // The "login session": a session leader that writes when told to.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", &format!("read go; echo human >> {}", s(&unt))])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setsid is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut human = cmd.spawn().expect("spawn the session leader");
+    let sid = human.id();
+    let w = r
+        .approve_in_session(&unt, Duration::from_secs(120), &s(&unt), sid)
+        .unwrap();
+    assert_eq!(w["status"], "open", "{w}");
+    assert_eq!(w["session"], sid, "{w}");
+    let list = r.list();
+    let win = &list["files"][0]["window"];
+    assert_eq!(win["session"], sid, "{list}");
+    assert_eq!(win["session_enforced"], lsm, "{list}");
+    // Another session (this test's, as an agent's would be).
+    let agent = shell(
+        Actor::Root,
+        &format!("echo agent >> {}", s(&unt)),
+        dir.path(),
+    );
+    // The human's session.
+    human.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = human.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the approving session's write: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let content = std::fs::read_to_string(&unt).unwrap();
+    assert!(content.contains("human"), "{content}");
+    if lsm {
+        assert!(
+            agent.eperm(),
+            "another session inside the window: {agent:?}"
+        );
+        assert!(!content.contains("agent"), "{content}");
+        let e = r.wait_entries("the refused write", Duration::from_secs(10), |e| {
+            attempts_of(e, agent.pid).len() == 1
+        });
+        let a = &attempts_of(&e, agent.pid)[0]["detail"];
+        assert_eq!(
+            (a["result"].as_str(), a["window"].as_bool()),
+            (Some("denied"), Some(true)),
+            "{a}"
+        );
+    } else {
+        assert_eq!(
+            agent.status, 0,
+            "without BPF LSM the window admits any writer: {agent:?}"
+        );
+        assert!(
+            w["writers"]
+                .as_str()
+                .unwrap_or("")
+                .contains("can't be enforced"),
+            "{w}"
+        );
+    }
+    r.end(&unt).unwrap();
+    assert!(immutable(&unt));
+    let out = shell(Actor::Root, &format!("echo x >> {}", s(&unt)), dir.path());
+    assert!(out.eperm(), "{out:?}");
+    println!(
+        "UNTOUCHABLE window for session {sid}: the session's write went in; another session's was {}",
+        if lsm { "refused (BPF LSM)" } else { "admitted (no BPF LSM here, reported)" }
+    );
+    r.stop();
+    unflag_tree(base.path());
+}
+
 /// Bad input is reported at start, never ignored.
 #[test]
 fn protect_bad_input_is_reported_at_start() {

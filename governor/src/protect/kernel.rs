@@ -26,7 +26,7 @@ use governor_common::{
         AttemptEvent, Op, ProtectRuntime, SyscallDesc, ARG_NONE, FEXIT_SLOTS, FEXIT_WORKER_MAP,
         KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP, PROTECTED_NAMES_MAP,
         PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP, PROTECT_RUNTIME_SYMBOL, SYSCALL_DESCS_MAP,
-        SYSCALL_TABLE_SIZE,
+        SYSCALL_TABLE_SIZE, WINDOW_SESSIONS_MAP,
     },
     InodeKey, KernelConfig, EVENTS_MAP, KERNEL_CONFIG_SYMBOL,
 };
@@ -353,6 +353,7 @@ pub struct KernelLayer {
     drops: PerCpuArray<MapData, u64>,
     inodes: BpfHashMap<MapData, InodeKey, u32>,
     names: BpfHashMap<MapData, u64, u32>,
+    sessions: BpfHashMap<MapData, InodeKey, u32>,
     /// Syscalls whose exits are watched.
     pub attached: Vec<String>,
     /// How they are watched (`None` when attempt logging is off).
@@ -364,6 +365,22 @@ pub struct KernelLayer {
     pub config: KernelConfig,
     /// Where the load's time went (ms): `object`, `btf`, `logging`, `lsm`.
     pub timings: Vec<(&'static str, f64)>,
+}
+
+/// A map removal of a key that isn't there is done, not an error (the
+/// kernel answers ENOENT, which aya passes on as a syscall error).
+fn absent_ok(
+    r: std::result::Result<(), aya::maps::MapError>,
+) -> std::result::Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 fn register<T: std::os::fd::AsFd + AsRawFd>(inner: T) -> Result<AsyncFd<T>> {
@@ -520,12 +537,17 @@ impl KernelLayer {
             ebpf.take_map(PROTECTED_NAMES_MAP)
                 .context("PROTECTED_NAMES map missing")?,
         )?;
+        let sessions = BpfHashMap::try_from(
+            ebpf.take_map(WINDOW_SESSIONS_MAP)
+                .context("WINDOW_SESSIONS map missing")?,
+        )?;
         Ok(KernelLayer {
             _ebpf: ebpf,
             ring,
             drops,
             inodes,
             names,
+            sessions,
             attached,
             backend,
             missing,
@@ -712,12 +734,21 @@ impl KernelLayer {
     }
 
     pub fn remove_inode(&mut self, key: &InodeKey) -> Result<()> {
-        match self.inodes.remove(key) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(anyhow::anyhow!(
-                "removing {key:?} from the protected-inode map: {e}"
-            )),
+        self.set_session(*key, None)?;
+        absent_ok(self.inodes.remove(key))
+            .with_context(|| format!("removing {key:?} from the protected-inode map"))
+    }
+
+    /// Lets only session `sid` write `key` while its window is open (with
+    /// `INODE_SESSION` in its flags); `None` removes the restriction.
+    pub fn set_session(&mut self, key: InodeKey, sid: Option<u32>) -> Result<()> {
+        match sid {
+            Some(s) => self
+                .sessions
+                .insert(key, s, 0)
+                .with_context(|| format!("updating the window-session map for {key:?}")),
+            None => absent_ok(self.sessions.remove(&key))
+                .with_context(|| format!("removing {key:?} from the window-session map")),
         }
     }
 
@@ -728,10 +759,7 @@ impl KernelLayer {
     }
 
     pub fn remove_name(&mut self, hash: u64) -> Result<()> {
-        match self.names.remove(&hash) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(anyhow::anyhow!("removing from the protected-name map: {e}")),
-        }
+        absent_ok(self.names.remove(&hash)).context("removing from the protected-name map")
     }
 
     /// Attempt events lost because the ring was full.

@@ -62,7 +62,9 @@ use crate::{
     fsflags::{self, FS_IMMUTABLE_FL},
     statefile::StateFile,
 };
-use governor_common::protect::{name_hash, Op, INODE_DENY, INODE_DIR_GUARD, INODE_PROTECTED};
+use governor_common::protect::{
+    name_hash, Op, INODE_DENY, INODE_DIR_GUARD, INODE_PROTECTED, INODE_SESSION,
+};
 /// The kernel ABI types (shared with the eBPF programs).
 pub use governor_common::{protect as abi, InodeKey};
 
@@ -86,6 +88,16 @@ pub struct Implicit {
     pub audit_log: Option<PathBuf>,
     /// `[alerts.telegram]`, for `approve_via = "telegram"`.
     pub telegram: Option<governor_alerts::TelegramConfig>,
+}
+
+/// Who asks for a window, as the daemon found out.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub uid: u32,
+    /// Its session id: an UNTOUCHABLE window admits this session only.
+    pub session: Option<u32>,
+    /// `Ok(how)` when it is a human at a login terminal, else why not.
+    pub human: std::result::Result<String, String>,
 }
 
 /// What start or reload did.
@@ -167,6 +179,9 @@ struct Window {
     by_uid: u32,
     via: String,
     writes: u64,
+    /// UNTOUCHABLE files: the one session (the approving login's) whose
+    /// processes may write while the window is open, where BPF LSM runs.
+    session: Option<u32>,
 }
 
 struct PendingApproval {
@@ -174,6 +189,7 @@ struct PendingApproval {
     dur: Duration,
     reason: String,
     uid: u32,
+    session: Option<u32>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -607,11 +623,18 @@ impl Protector {
             return;
         };
         if let Some(k) = e.key {
-            let flags = if self.windows.contains_key(path) {
-                INODE_PROTECTED
-            } else {
-                INODE_PROTECTED | INODE_DENY
+            let (flags, session) = match self.windows.get(path) {
+                Some(Window {
+                    session: Some(s), ..
+                }) => (INODE_PROTECTED | INODE_SESSION, Some(*s)),
+                Some(_) => (INODE_PROTECTED, None),
+                None => (INODE_PROTECTED | INODE_DENY, None),
             };
+            // The session first: a flag naming a session not yet in the
+            // map refuses everyone, never admits anyone.
+            if let Err(err) = kernel.set_session(k, session) {
+                log::error!("protect: {}: {err:#}", path.display());
+            }
             if let Err(err) = kernel.set_inode(k, flags) {
                 log::error!("protect: {}: {err:#}", path.display());
             }
@@ -761,6 +784,10 @@ impl Protector {
         }
     }
 
+    fn lsm_active(&self) -> bool {
+        self.kernel.as_ref().is_some_and(|k| k.lsm.is_ok())
+    }
+
     /// Enforcement layers running now.
     pub fn layers(&self) -> Vec<String> {
         let mut l = Vec::new();
@@ -798,7 +825,8 @@ impl Protector {
                         "until": crate::events::rfc3339(w.until_wall),
                         "remaining_s": w.until.saturating_duration_since(Instant::now()).as_secs(),
                         "reason": w.reason, "by_uid": w.by_uid, "via": w.via,
-                        "writes": w.writes,
+                        "writes": w.writes, "session": w.session,
+                        "session_enforced": w.session.is_some() && self.lsm_active(),
                     })),
                 })
             })
@@ -1335,10 +1363,14 @@ impl Protector {
         path: &Path,
         dur: Duration,
         reason: &str,
-        human: std::result::Result<String, String>,
+        caller: Caller,
         confirm: Option<String>,
-        peer_uid: u32,
     ) -> Result<Value> {
+        let Caller {
+            uid: peer_uid,
+            session,
+            human,
+        } = caller;
         let refuse = |this: &Self, why: &str| {
             this.audit(
                 "protect.approve_refused",
@@ -1385,7 +1417,7 @@ impl Protector {
         }
         let r = if self.cfg.approve_via == ApproveVia::Telegram {
             // The authorised approver's tap is the human; anyone root may ask.
-            self.request_telegram(&key, &e, dur, reason, peer_uid)
+            self.request_telegram(&key, &e, dur, reason, peer_uid, session)
         } else {
             let how = match human {
                 Ok(how) => how,
@@ -1397,8 +1429,15 @@ impl Protector {
                     );
                 }
             };
-            self.open_window(&key, dur, reason, peer_uid, &format!("terminal via {how}"))
-                .await
+            self.open_window(
+                &key,
+                dur,
+                reason,
+                peer_uid,
+                session,
+                &format!("terminal via {how}"),
+            )
+            .await
         };
         // The client hears back once its entries are durable.
         self.effects.flush().await;
@@ -1412,6 +1451,7 @@ impl Protector {
         dur: Duration,
         reason: &str,
         uid: u32,
+        session: Option<u32>,
     ) -> Result<Value> {
         let Some(tg) = self.telegram.clone() else {
             bail!("approve_via = \"telegram\" but [alerts.telegram] is missing or invalid");
@@ -1451,6 +1491,7 @@ impl Protector {
                 dur,
                 reason: reason.to_string(),
                 uid,
+                session,
                 cancel,
             },
         );
@@ -1472,7 +1513,7 @@ impl Protector {
             ApprovalOutcome::Approved { by, name } => {
                 let via = format!("telegram:{by}:{name}");
                 if let Err(e) = self
-                    .open_window(&p.path, p.dur, &p.reason, p.uid, &via)
+                    .open_window(&p.path, p.dur, &p.reason, p.uid, p.session, &via)
                     .await
                 {
                     log::error!("protect: opening the approved window: {e:#}");
@@ -1498,6 +1539,7 @@ impl Protector {
         dur: Duration,
         reason: &str,
         uid: u32,
+        session: Option<u32>,
         via: &str,
     ) -> Result<Value> {
         let e = self
@@ -1505,6 +1547,17 @@ impl Protector {
             .get(key)
             .cloned()
             .with_context(|| format!("{} is not protected", key.display()))?;
+        // An UNTOUCHABLE file's window admits its approver's session only
+        // (where BPF LSM can tell sessions apart); PROTECTED files' windows
+        // admit any writer.
+        let session = session.filter(|_| e.tier == Tier::Untouchable);
+        let writers = match (session, self.lsm_active()) {
+            (Some(s), true) => format!("session {s} only (BPF LSM)"),
+            (Some(_), false) => {
+                "any process: without BPF LSM the approver's session can't be enforced".to_string()
+            }
+            (None, _) => "any process".to_string(),
+        };
         let opened_at = SystemTime::now();
         let w = Window {
             until: Instant::now() + dur,
@@ -1514,6 +1567,7 @@ impl Protector {
             by_uid: uid,
             via: via.to_string(),
             writes: 0,
+            session,
         };
         let until = crate::events::rfc3339(w.until_wall);
         let alert = Alert::new(
@@ -1530,7 +1584,9 @@ impl Protector {
                 dur.as_secs()
             ),
         )
-        .with_body(format!("by uid {uid} via {via}: {reason}"));
+        .with_body(format!(
+            "by uid {uid} via {via}: {reason}; writes from {writers}"
+        ));
         // 1. The entry, durable (and the alert).
         let out = self
             .effects
@@ -1539,7 +1595,8 @@ impl Protector {
                     "protect.window_open",
                     None,
                     json!({"path": key, "tier": e.tier.name(), "until": until, "duration_s": dur.as_secs(),
-                           "reason": reason, "by_uid": uid, "via": via, "sha256": e.declared}),
+                           "reason": reason, "by_uid": uid, "via": via, "sha256": e.declared,
+                           "session": session, "writers": writers}),
                 )
                 .with_alert(alert),
             )
@@ -1595,7 +1652,7 @@ impl Protector {
         self.register(key);
         Ok(
             json!({"status": "open", "path": key, "tier": e.tier.name(), "until": until,
-                  "duration_s": dur.as_secs()}),
+                  "duration_s": dur.as_secs(), "session": session, "writers": writers}),
         )
     }
 
