@@ -231,13 +231,7 @@ fn parse_stat(stat: &str) -> Option<(u32, u64)> {
 }
 
 fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as u64
-    } else {
-        100
-    }
+    rustix::param::clock_ticks_per_second().max(1)
 }
 
 #[cfg(test)]
