@@ -181,16 +181,17 @@ pub fn terminal_of(fd: &OwnedFd) -> Option<(u32, u32)> {
 /// The controlling terminal of a live process (field 7 of
 /// `/proc/PID/stat`, the kernel's `tty_nr`), `None` when it has none.
 pub fn controlling_terminal(pid: u32) -> Option<(u32, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    // rest starts at field 3 (state); tty_nr is field 7.
-    let tty_nr: u32 = rest.split_whitespace().nth(4)?.parse().ok()?;
-    if tty_nr == 0 {
+    use procfs::FromRead;
+    let stat = procfs::process::Stat::from_file(format!("/proc/{pid}/stat")).ok()?;
+    terminal_in(&stat)
+}
+
+fn terminal_in(stat: &procfs::process::Stat) -> Option<(u32, u32)> {
+    if stat.tty_nr == 0 {
         return None;
     }
-    let major = (tty_nr >> 8) & 0xfff;
-    let minor = (tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00);
-    Some((major, minor))
+    let (major, minor) = stat.tty_nr();
+    Some((u32::try_from(major).ok()?, u32::try_from(minor).ok()?))
 }
 
 fn write_response(stream: &mut UnixStream, resp: &Response) {
@@ -347,6 +348,23 @@ fn send_with_fd(sock: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_from_tty_nr() {
+        use procfs::FromRead;
+        let stat = |tty_nr: u32| {
+            let line = format!(
+                "9 (a) S) S 1 9 9 {tty_nr} 9 0 0 0 0 0 0 0 0 0 20 0 1 0 5 1 2 3 \
+                 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0"
+            );
+            procfs::process::Stat::from_read(line.as_bytes()).unwrap()
+        };
+        assert_eq!(terminal_in(&stat(0)), None);
+        // /dev/pts/1: major 136; /dev/pts/300 needs the minor's high bits.
+        assert_eq!(terminal_in(&stat(136 << 8 | 1)), Some((136, 1)));
+        let nr = 136 << 8 | (300 & 0xff) | ((300 & !0xff) << 12);
+        assert_eq!(terminal_in(&stat(nr)), Some((136, 300)));
+    }
 
     #[test]
     fn requests_round_trip_and_reject_unknown_fields() {
