@@ -169,6 +169,7 @@ mod tests {
 
     #[test]
     fn decodes_exec_argv() {
+        // SAFETY (test): ExecEvent is plain #[repr(C)] data; all zeroes is valid.
         let mut e: ExecEvent = unsafe { std::mem::zeroed() };
         e.hdr.kind = EventKind::Exec as u32;
         e.hdr.pid = 42;
@@ -191,6 +192,7 @@ mod tests {
         assert_eq!(x.filename, "/bin/sh");
         assert_eq!(x.argv, vec!["/bin/sh", "-c", "exit 3"]);
         e.argv_len = 9999;
+        // SAFETY (test): as above.
         let bytes = unsafe {
             std::slice::from_raw_parts(
                 (&e as *const ExecEvent).cast::<u8>(),
