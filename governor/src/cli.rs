@@ -307,8 +307,7 @@ pub fn protect_list(target: &Target, json: bool) -> Result<()> {
 /// daemon checks for itself that a terminal is on our stdin (we pass the
 /// descriptor); for UNTOUCHABLE files the path must be typed back.
 pub fn approve(target: &Target, path: &Path, for_s: u64, reason: &str) -> Result<()> {
-    // SAFETY: isatty only inspects descriptor 0.
-    let tty = unsafe { libc::isatty(0) } == 1;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
     if !tty {
         anyhow::bail!(
             "approve needs a human at a terminal: stdin is not a tty (a script or an agent can't approve its own writes)"

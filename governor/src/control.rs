@@ -11,9 +11,10 @@
 //! through a channel, so a slow or hostile client can't stall it.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, IoSlice, IoSliceMut, IsTerminal, Read, Write},
+    mem::MaybeUninit,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
         unix::{
             fs::PermissionsExt,
             net::{UnixListener, UnixStream},
@@ -24,6 +25,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -97,6 +102,9 @@ pub struct Incoming {
     pub reply: std::sync::mpsc::SyncSender<Response>,
 }
 
+// Not rustix's `socket_peercred`: its `UCred` holds the pid as a non-zero
+// `Pid`, but the kernel reports 0 for a peer whose pid namespace we can't
+// see, and rustix 1.1 would then hold an invalid value. Here 0 is just 0.
 pub fn peer_cred(fd: RawFd) -> std::io::Result<Peer> {
     let mut cred = libc::ucred {
         pid: 0,
@@ -126,55 +134,32 @@ pub fn peer_cred(fd: RawFd) -> std::io::Result<Peer> {
 }
 
 /// Receives the first chunk of a request and at most one passed descriptor.
-fn recv_with_fd(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<OwnedFd>)> {
-    // Room for one int in a control message, aligned as cmsghdr requires.
-    let mut cmsg = [0u64; 8];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cmsg);
-    // SAFETY: every pointer in msg refers to buffers that outlive the call;
+fn recv_with_fd(sock: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Option<OwnedFd>)> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
     // MSG_CMSG_CLOEXEC keeps a passed fd from leaking into children.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut passed = None;
-    // SAFETY: CMSG_FIRSTHDR/NXTHDR walk the control buffer the kernel filled,
-    // bounded by msg_controllen; we only read SCM_RIGHTS payloads of the
-    // declared length.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c) as *const RawFd;
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    let fd = std::ptr::read_unaligned(data.add(i));
-                    // Keep the first; close any extras.
-                    let owned = OwnedFd::from_raw_fd(fd);
-                    if passed.is_none() {
-                        passed = Some(owned);
-                    }
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok((n as usize, passed))
+    let msg = recvmsg(
+        sock,
+        &mut [IoSliceMut::new(buf)],
+        &mut cmsg,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    // Keep the first descriptor; any extras are closed as they drop (the
+    // kernel closes those that didn't fit the buffer).
+    let passed = cmsg
+        .drain()
+        .filter_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(fds) => Some(fds),
+            _ => None,
+        })
+        .flatten()
+        .next();
+    Ok((msg.bytes, passed))
 }
 
 /// Whether a descriptor is a terminal.
 pub fn is_tty(fd: &OwnedFd) -> bool {
-    // SAFETY: isatty only inspects the descriptor.
-    unsafe { libc::isatty(fd.as_raw_fd()) == 1 }
+    fd.is_terminal()
 }
 
 /// The (major, minor) of the terminal a descriptor is, `None` when it is
@@ -190,22 +175,23 @@ pub fn terminal_of(fd: &OwnedFd) -> Option<(u32, u32)> {
         return None;
     }
     let rdev = meta.rdev();
-    Some((libc::major(rdev), libc::minor(rdev)))
+    Some((rustix::fs::major(rdev), rustix::fs::minor(rdev)))
 }
 
 /// The controlling terminal of a live process (field 7 of
 /// `/proc/PID/stat`, the kernel's `tty_nr`), `None` when it has none.
 pub fn controlling_terminal(pid: u32) -> Option<(u32, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    // rest starts at field 3 (state); tty_nr is field 7.
-    let tty_nr: u32 = rest.split_whitespace().nth(4)?.parse().ok()?;
-    if tty_nr == 0 {
+    use procfs::FromRead;
+    let stat = procfs::process::Stat::from_file(format!("/proc/{pid}/stat")).ok()?;
+    terminal_in(&stat)
+}
+
+fn terminal_in(stat: &procfs::process::Stat) -> Option<(u32, u32)> {
+    if stat.tty_nr == 0 {
         return None;
     }
-    let major = (tty_nr >> 8) & 0xfff;
-    let minor = (tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00);
-    Some((major, minor))
+    let (major, minor) = stat.tty_nr();
+    Some((u32::try_from(major).ok()?, u32::try_from(minor).ok()?))
 }
 
 fn write_response(stream: &mut UnixStream, resp: &Response) {
@@ -230,7 +216,7 @@ fn handle(mut stream: UnixStream, tx: &tokio::sync::mpsc::Sender<Incoming>) -> R
         return Ok(());
     }
     let mut buf = vec![0u8; MAX_REQUEST];
-    let (mut n, stdin) = recv_with_fd(stream.as_raw_fd(), &mut buf)?;
+    let (mut n, stdin) = recv_with_fd(&stream, &mut buf)?;
     while !buf[..n].contains(&b'\n') {
         if n == buf.len() {
             write_response(&mut stream, &Response::err("request too long"));
@@ -328,7 +314,7 @@ pub fn request(socket: &Path, req: &Request, pass_stdin: bool) -> Result<Respons
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     let sent = if pass_stdin {
-        send_with_fd(stream.as_raw_fd(), &line, 0)
+        send_with_fd(&stream, &line, std::io::stdin().as_fd())
     } else {
         stream.write_all(&line).map_err(Into::into)
     };
@@ -345,41 +331,40 @@ pub fn request(socket: &Path, req: &Request, pass_stdin: bool) -> Result<Respons
     serde_json::from_str(&resp).context("parsing the daemon's answer")
 }
 
-fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> Result<()> {
-    let mut cmsg = [0u64; 8];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: zeroed msghdr is valid; all pointers refer to live buffers; the
-    // control message is built with the CMSG_* macros within cmsg's size.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cmsg.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut RawFd, fd);
-        let n = libc::sendmsg(sock, &msg, 0);
-        if n < 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        if (n as usize) < data.len() {
-            let rest = &data[n as usize..];
-            let mut s = std::mem::ManuallyDrop::new(UnixStream::from_raw_fd(sock));
-            s.write_all(rest)?;
-        }
+fn send_with_fd(sock: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    if !cmsg.push(SendAncillaryMessage::ScmRights(&fds)) {
+        bail!("no room for the descriptor in the control message");
     }
+    let n = sendmsg(sock, &[IoSlice::new(data)], &mut cmsg, SendFlags::empty())?;
+    // The descriptor went with the first byte; the rest is plain data.
+    let mut sock = sock;
+    sock.write_all(&data[n..])?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_from_tty_nr() {
+        use procfs::FromRead;
+        let stat = |tty_nr: u32| {
+            let line = format!(
+                "9 (a) S) S 1 9 9 {tty_nr} 9 0 0 0 0 0 0 0 0 0 20 0 1 0 5 1 2 3 \
+                 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0"
+            );
+            procfs::process::Stat::from_read(line.as_bytes()).unwrap()
+        };
+        assert_eq!(terminal_in(&stat(0)), None);
+        // /dev/pts/1: major 136; /dev/pts/300 needs the minor's high bits.
+        assert_eq!(terminal_in(&stat(136 << 8 | 1)), Some((136, 1)));
+        let nr = 136 << 8 | (300 & 0xff) | ((300 & !0xff) << 12);
+        assert_eq!(terminal_in(&stat(nr)), Some((136, 300)));
+    }
 
     #[test]
     fn requests_round_trip_and_reject_unknown_fields() {
@@ -415,7 +400,6 @@ mod tests {
         t.join().unwrap();
         assert!(resp.ok);
         assert_eq!(resp.data["fd"], true);
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(resp.data["uid"], unsafe { libc::geteuid() });
+        assert_eq!(resp.data["uid"], rustix::process::geteuid().as_raw());
     }
 }

@@ -42,15 +42,7 @@ pub fn kernel_release() -> String {
 
 /// Whether `path` is a mount of the filesystem with magic `magic`.
 fn is_fs(path: &str, magic: i64) -> bool {
-    let Ok(c) = std::ffi::CString::new(path) else {
-        return false;
-    };
-    // SAFETY: statfs only writes into the zeroed struct we own; the path is
-    // a valid NUL-terminated string.
-    unsafe {
-        let mut s: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == magic
-    }
+    rustix::fs::statfs(path).is_ok_and(|s| s.f_type == magic)
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -77,8 +69,7 @@ pub fn run_checks(
     let mut checks = Vec::new();
     let kernel = kernel_release();
     checks.push(check("kernel", true, &kernel));
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = rustix::process::geteuid().is_root();
     checks.push(check(
         "root",
         root,

@@ -137,13 +137,7 @@ impl Default for Clock {
 /// CLOCK_MONOTONIC now, in ns: the clock `bpf_ktime_get_ns` and
 /// `task_struct.start_time` use.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC
-    // always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -175,6 +169,7 @@ mod tests {
 
     #[test]
     fn decodes_exec_argv() {
+        // SAFETY (test): ExecEvent is plain #[repr(C)] data; all zeroes is valid.
         let mut e: ExecEvent = unsafe { std::mem::zeroed() };
         e.hdr.kind = EventKind::Exec as u32;
         e.hdr.pid = 42;
@@ -197,6 +192,7 @@ mod tests {
         assert_eq!(x.filename, "/bin/sh");
         assert_eq!(x.argv, vec!["/bin/sh", "-c", "exit 3"]);
         e.argv_len = 9999;
+        // SAFETY (test): as above.
         let bytes = unsafe {
             std::slice::from_raw_parts(
                 (&e as *const ExecEvent).cast::<u8>(),

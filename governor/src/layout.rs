@@ -20,11 +20,7 @@ pub(crate) static EBPF_OBJECT: &[u8] =
 /// would otherwise stay in the daemon's RSS for ever. A later load (a
 /// reload of `[protect]`) faults them back in from the executable.
 pub fn release_object_pages() {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        p if p > 0 => p as usize,
-        _ => return,
-    };
+    let page = rustix::param::page_size();
     let start = EBPF_OBJECT.as_ptr() as usize;
     let end = start + EBPF_OBJECT.len();
     // Whole pages inside the object only: its neighbours stay untouched.
@@ -37,17 +33,14 @@ pub fn release_object_pages() {
     // the executable's private file mapping that nothing writes; dropping
     // its pages only means the next read faults them in again from the file.
     let r = unsafe {
-        libc::madvise(
-            first as *mut libc::c_void,
+        rustix::mm::madvise(
+            first as *mut std::ffi::c_void,
             last - first,
-            libc::MADV_DONTNEED,
+            rustix::mm::Advice::LinuxDontNeed,
         )
     };
-    if r != 0 {
-        log::debug!(
-            "madvise(DONTNEED) on the eBPF object: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = r {
+        log::debug!("madvise(DONTNEED) on the eBPF object: {e}");
     }
 }
 

@@ -4,7 +4,7 @@
 //! [`governor_core::table`]. Identity rules themselves are in
 //! [`governor_core::identity`].
 
-use std::{collections::HashMap, fs, os::unix::fs::MetadataExt, path::Path};
+use std::{collections::HashMap, ffi::OsStr, fs, os::unix::fs::MetadataExt, path::Path};
 
 pub use governor_core::identity::{
     cgroup_within, fingerprint, is_supervisor, login_ancestry, parse_cgroup, parse_pm2_env,
@@ -96,54 +96,40 @@ impl ProcFs for ProcTable {
 fn read_all() -> std::io::Result<HashMap<u32, Process>> {
     let ticks = clock_ticks();
     let mut live = HashMap::new();
-    for entry in fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some(p) = read_proc(pid, ticks) {
-            live.insert(pid, p);
-        }
+    let all = procfs::process::all_processes().map_err(std::io::Error::other)?;
+    // Processes gone between the listing and their reading are skipped.
+    for p in all.flatten().filter_map(|p| read_proc(&p, ticks)) {
+        live.insert(p.pid, p);
     }
     Ok(live)
 }
 
 /// Reads one live process from /proc; `None` for kernel threads and
-/// processes already gone.
-fn read_proc(pid: u32, ticks: u64) -> Option<Process> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (ppid, start_ticks) = parse_stat(&stat)?;
+/// processes already gone. Every file is read through the one open
+/// /proc/PID directory, so they all describe the same process.
+fn read_proc(proc: &procfs::process::Process, ticks: u64) -> Option<Process> {
+    let pid = u32::try_from(proc.pid()).ok()?;
+    let stat = proc.stat().ok()?;
     // The owner of /proc/PID is the process's effective uid; the real
     // uid is in status, as the kernel reports it in events.
-    let uid = fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })?;
-    let argv: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| split_nul(&b))
-        .unwrap_or_default();
+    let uid = proc.status().ok()?.ruid;
+    let argv = proc.cmdline().unwrap_or_default();
     // Kernel threads have no exe and no argv: not services.
-    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let exe = proc.exe().ok()?;
     let exe = exe
         .to_string_lossy()
         .trim_end_matches(" (deleted)")
         .to_string();
     let cgroup = read_cgroup(pid);
     let unit = cgroup.as_deref().and_then(unit_from_cgroup);
-    let god = god_from_proc(pid, uid, &exe, &argv);
+    let god = god_from_proc(proc, uid, &exe, &argv);
     Some(Process {
         pid,
-        ppid,
+        ppid: u32::try_from(stat.ppid).ok()?,
         uid,
         exe,
         argv,
-        start_ns: start_ticks.saturating_mul(1_000_000_000) / ticks,
+        start_ns: stat.starttime.saturating_mul(1_000_000_000) / ticks,
         cgroup,
         god,
         pm2: None,
@@ -154,32 +140,39 @@ fn read_proc(pid: u32, ticks: u64) -> Option<Process> {
     })
 }
 
+/// `PM2_HOME` from a live process's environment.
+fn pm2_home(proc: &procfs::process::Process) -> Option<String> {
+    let env = proc.environ().ok()?;
+    env.get(OsStr::new("PM2_HOME"))
+        .map(|v| v.to_string_lossy().into_owned())
+}
+
 /// A God daemon that predates governor (its title rewritten to
 /// `PM2 vX: God Daemon (HOME)`): trusted when its owner's
 /// `PM2_HOME/pm2.pid`, a file owned by that uid, names it.
-fn god_from_proc(pid: u32, uid: u32, exe: &str, argv: &[String]) -> Option<God> {
+fn god_from_proc(
+    proc: &procfs::process::Process,
+    uid: u32,
+    exe: &str,
+    argv: &[String],
+) -> Option<God> {
     if !is_node(exe) {
         return None;
     }
     if let Some(g) = god_from_exec(uid, exe, argv) {
-        return verify_pid_file(pid, uid, g);
+        return verify_pid_file(proc, uid, g);
     }
     let title = argv.join(" ");
     if !title.contains("God Daemon") {
         return None;
     }
-    let env = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    let from_env = env
-        .split(|&b| b == 0)
-        .find_map(|v| v.strip_prefix(b"PM2_HOME="))
-        .map(|v| String::from_utf8_lossy(v).into_owned());
     let from_title = title
         .rsplit_once('(')
         .and_then(|(_, r)| r.strip_suffix(')'))
         .map(str::to_string);
-    let home = from_env.or(from_title)?;
+    let home = pm2_home(proc).or(from_title)?;
     verify_pid_file(
-        pid,
+        proc,
         uid,
         God {
             uid,
@@ -189,17 +182,12 @@ fn god_from_proc(pid: u32, uid: u32, exe: &str, argv: &[String]) -> Option<God> 
     )
 }
 
-fn verify_pid_file(pid: u32, uid: u32, mut g: God) -> Option<God> {
+fn verify_pid_file(proc: &procfs::process::Process, uid: u32, mut g: God) -> Option<God> {
     let home = match &g.home {
         Some(h) => h.clone(),
-        None => {
-            // Daemon.js seen in argv (a God started before us whose title
-            // was not yet rewritten): its home from the environment.
-            let env = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            env.split(|&b| b == 0)
-                .find_map(|v| v.strip_prefix(b"PM2_HOME="))
-                .map(|v| String::from_utf8_lossy(v).into_owned())?
-        }
+        // Daemon.js seen in argv (a God started before us whose title
+        // was not yet rewritten): its home from the environment.
+        None => pm2_home(proc)?,
     };
     let path = Path::new(&home).join("pm2.pid");
     let meta = fs::symlink_metadata(&path).ok()?;
@@ -207,47 +195,31 @@ fn verify_pid_file(pid: u32, uid: u32, mut g: God) -> Option<God> {
         return None;
     }
     let named: u32 = fs::read_to_string(&path).ok()?.trim().parse().ok()?;
-    if named != pid {
+    if i32::try_from(named).ok() != Some(proc.pid()) {
         return None;
     }
     g.home = Some(home);
     Some(g)
 }
 
-fn split_nul(b: &[u8]) -> Vec<String> {
-    b.split(|&c| c == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
-}
-
-/// (ppid, starttime in clock ticks) from /proc/PID/stat. The comm field may
-/// contain spaces and parentheses, so parse after the last `)`.
-fn parse_stat(stat: &str) -> Option<(u32, u64)> {
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); ppid is field 4, starttime field 22.
-    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
-}
-
 fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as u64
-    } else {
-        100
-    }
+    rustix::param::clock_ticks_per_second().max(1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use procfs::FromRead;
 
     #[test]
     fn stat_with_spaces_in_comm() {
-        let s = "123 (my (odd) proc) S 45 123 123 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 9876 0 0";
-        assert_eq!(parse_stat(s), Some((45, 9876)));
+        // A full line as a 6.x kernel writes it (52 fields).
+        let s = "123 (my (odd) proc) S 45 123 123 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 \
+                 9876 1 2 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 \
+                 0 0 0 0 0 0 0 0 0\n";
+        let st = procfs::process::Stat::from_read(s.as_bytes()).unwrap();
+        assert_eq!(st.comm, "my (odd) proc");
+        assert_eq!((st.ppid, st.starttime), (45, 9876));
     }
 
     #[test]

@@ -195,7 +195,7 @@ fn entry_files(entry: &str) -> Result<Vec<PathBuf>, String> {
         return Err(format!("\"{entry}\" is not an absolute path"));
     }
     if glob::is_glob(entry) {
-        let all = glob::expand(entry);
+        let all = glob::expand(entry)?;
         if all.is_empty() {
             return Err(format!("glob \"{entry}\" matches nothing"));
         }

@@ -1,118 +1,76 @@
 //! Shell-style globs over absolute paths: `*`, `?` and `[...]` within one
 //! path component (no `**`). Enough for `/etc/bots/*/config.json`.
+//!
+//! Matching is globset's; what is ours is the walk (one directory listing
+//! per glob component) and the shell's rule that a leading dot is matched
+//! only explicitly, which globset has no option for.
 
 use std::path::{Path, PathBuf};
+
+use globset::{GlobBuilder, GlobMatcher};
 
 /// Whether `s` has glob metacharacters.
 pub fn is_glob(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// Whether `name` (one path component) matches `pat`.
-pub fn matches(pat: &str, name: &str) -> bool {
-    let p: Vec<char> = pat.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    // Leading dots must be matched explicitly, as in the shell.
-    if n.first() == Some(&'.') && p.first() != Some(&'.') {
-        return false;
-    }
-    match_from(&p, &n)
+/// One compiled path component of a pattern.
+struct Component {
+    matcher: GlobMatcher,
+    /// The pattern starts with `.`: only then may it match a hidden name.
+    dot: bool,
 }
 
-fn match_from(p: &[char], n: &[char]) -> bool {
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() {
-            match p[pi] {
-                '*' => {
-                    star = Some((pi, ni));
-                    pi += 1;
-                    continue;
-                }
-                '?' => {
-                    pi += 1;
-                    ni += 1;
-                    continue;
-                }
-                '[' => {
-                    if let Some((ok, len)) = class(&p[pi..], n[ni]) {
-                        if ok {
-                            pi += len;
-                            ni += 1;
-                            continue;
-                        }
-                    } else if n[ni] == '[' {
-                        pi += 1;
-                        ni += 1;
-                        continue;
-                    }
-                }
-                c if c == n[ni] => {
-                    pi += 1;
-                    ni += 1;
-                    continue;
-                }
-                _ => {}
-            }
-        }
-        match star {
-            Some((sp, sn)) => {
-                pi = sp + 1;
-                ni = sn + 1;
-                star = Some((sp, sn + 1));
-            }
-            None => return false,
-        }
+impl Component {
+    /// Compiles one component. `*` never crosses `/`; a backslash is an
+    /// ordinary character (as in a path); `{`/`}` are literal, as they are
+    /// in the paths [`is_glob`] leaves unexpanded (globset would read them
+    /// as alternation).
+    fn new(comp: &str) -> Result<Self, globset::Error> {
+        let pat = comp.replace('{', "[{]").replace('}', "[}]");
+        let glob = GlobBuilder::new(&pat)
+            .literal_separator(true)
+            .backslash_escape(false)
+            .build()?;
+        Ok(Component {
+            matcher: glob.compile_matcher(),
+            dot: comp.starts_with('.'),
+        })
     }
-    p[pi..].iter().all(|&c| c == '*')
+
+    fn matches(&self, name: &str) -> bool {
+        (self.dot || !name.starts_with('.')) && self.matcher.is_match(name)
+    }
 }
 
-/// Matches `c` against the class at the start of `p` (`[abc]`, `[a-z]`,
-/// `[!x]`); returns (matched, length of the class) or None if unterminated.
-fn class(p: &[char], c: char) -> Option<(bool, usize)> {
-    let mut i = 1;
-    let negate = matches!(p.get(1), Some('!') | Some('^'));
-    if negate {
-        i += 1;
-    }
-    let mut ok = false;
-    let mut first = true;
-    while i < p.len() {
-        if p[i] == ']' && !first {
-            return Some((ok != negate, i + 1));
-        }
-        first = false;
-        if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
-            if p[i] <= c && c <= p[i + 2] {
-                ok = true;
+/// Expands an absolute glob to the existing paths it matches, sorted; an
+/// error names the pattern when it doesn't compile.
+pub fn expand(pattern: &str) -> Result<Vec<PathBuf>, String> {
+    let comps = pattern
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            if is_glob(c) {
+                Component::new(c)
+                    .map(|m| (c, Some(m)))
+                    .map_err(|e| format!("bad glob \"{pattern}\": {} in \"{c}\"", e.kind()))
+            } else {
+                Ok((c, None))
             }
-            i += 3;
-        } else {
-            if p[i] == c {
-                ok = true;
-            }
-            i += 1;
-        }
-    }
-    None
-}
-
-/// Expands an absolute glob to the existing paths it matches, sorted.
-pub fn expand(pattern: &str) -> Vec<PathBuf> {
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut current = vec![PathBuf::from("/")];
-    let comps: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
-    for comp in comps {
+    for (comp, glob) in &comps {
         let mut next = Vec::new();
         for base in &current {
-            if is_glob(comp) {
+            if let Some(glob) = glob {
                 let Ok(rd) = std::fs::read_dir(base) else {
                     continue;
                 };
                 let mut names: Vec<String> = rd
                     .flatten()
                     .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                    .filter(|n| matches(comp, n))
+                    .filter(|n| glob.matches(n))
                     .collect();
                 names.sort();
                 next.extend(names.into_iter().map(|n| base.join(n)));
@@ -129,40 +87,83 @@ pub fn expand(pattern: &str) -> Vec<PathBuf> {
         }
     }
     current.retain(|p| p != Path::new("/"));
-    current
+    Ok(current)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn m(pat: &str, name: &str) -> bool {
+        Component::new(pat).unwrap().matches(name)
+    }
+
     #[test]
     fn component_matching() {
-        assert!(matches("*.py", "bot.py"));
-        assert!(!matches("*.py", "bot.pyc"));
-        assert!(matches("b?t.*", "bot.json"));
-        assert!(matches("[ab]*", "alpha"));
-        assert!(!matches("[!ab]*", "alpha"));
-        assert!(matches("[a-c]x", "bx"));
-        assert!(!matches("*", ".hidden"));
-        assert!(matches(".*", ".hidden"));
-        assert!(matches("a*b*c", "aXXbYYc"));
-        assert!(!matches("a*b*c", "aXXbYY"));
+        assert!(m("*.py", "bot.py"));
+        assert!(!m("*.py", "bot.pyc"));
+        assert!(m("b?t.*", "bot.json"));
+        assert!(!m("b?t", "bt"));
+        assert!(m("[ab]*", "alpha"));
+        assert!(!m("[!ab]*", "alpha"));
+        assert!(!m("[^ab]*", "alpha"));
+        assert!(m("[!ab]*", "gamma"));
+        assert!(m("[a-c]x", "bx"));
+        assert!(!m("[a-c]x", "dx"));
+        assert!(m("a*b*c", "aXXbYYc"));
+        assert!(!m("a*b*c", "aXXbYY"));
+        // Braces and backslashes are ordinary characters.
+        assert!(m("{a,b}*", "{a,b}.json"));
+        assert!(!m("{a,b}*", "a.json"));
+        assert!(m("a\\*", "a\\x"));
+    }
+
+    #[test]
+    fn leading_dot_only_explicitly() {
+        assert!(!m("*", ".hidden"));
+        assert!(!m("?hidden", ".hidden"));
+        assert!(!m("[.]hidden", ".hidden"));
+        assert!(m(".*", ".hidden"));
+        assert!(m("*", "not.hidden"));
+    }
+
+    #[test]
+    fn bad_pattern_names_itself() {
+        let e = expand("/etc/bots/[x/config.json").unwrap_err();
+        assert!(e.contains("\"/etc/bots/[x/config.json\""), "{e}");
+        assert!(e.contains("\"[x\""), "{e}");
     }
 
     #[test]
     fn expands_in_a_tree() {
         let d = tempfile::tempdir().unwrap();
-        for f in ["a/x.json", "a/y.json", "a/z.txt", "b/x.json"] {
+        for f in [
+            "a/x.json",
+            "a/y.json",
+            "a/z.txt",
+            "a/.h.json",
+            "b/x.json",
+            ".c/x.json",
+            "d/e/x.json",
+        ] {
             let p = d.path().join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, "").unwrap();
         }
-        let pat = format!("{}/*/x.json", d.path().display());
-        assert_eq!(expand(&pat).len(), 2);
-        let pat = format!("{}/a/*.json", d.path().display());
-        assert_eq!(expand(&pat).len(), 2);
-        let pat = format!("{}/a/*.nope", d.path().display());
-        assert!(expand(&pat).is_empty());
+        let root = d.path().display();
+        let names = |pat: String| -> Vec<String> {
+            expand(&pat)
+                .unwrap()
+                .iter()
+                .map(|p| p.strip_prefix(d.path()).unwrap().display().to_string())
+                .collect()
+        };
+        // `*` stays inside its component: neither .c/ nor d/e/ is reached.
+        assert_eq!(names(format!("{root}/*/x.json")), ["a/x.json", "b/x.json"]);
+        assert_eq!(names(format!("{root}/a/*.json")), ["a/x.json", "a/y.json"]);
+        assert_eq!(names(format!("{root}/a/.*.json")), ["a/.h.json"]);
+        assert_eq!(names(format!("{root}/*/*/x.json")), ["d/e/x.json"]);
+        assert_eq!(names(format!("{root}/[ab]/?.txt")), ["a/z.txt"]);
+        assert!(names(format!("{root}/a/*.nope")).is_empty());
     }
 }
