@@ -1001,11 +1001,13 @@ fn report_protection(r: &crate::protect::StartReport, effects: &Effects) {
     }
 }
 
-/// Loading parses the kernel's BTF (several MiB: ours once, aya's per loader)
-/// and reads the whole eBPF object;
-/// glibc keeps the freed heap unless asked to give it back, and a daemon
-/// that stays resident should not carry its start-up peak forever.
+/// Loading parses the kernel's BTF (several MiB: ours once for the layout,
+/// aya's once for its loader and once for attaching) and reads the whole
+/// eBPF object. The loader and aya's BTF are dropped here, and glibc keeps
+/// freed heap unless asked to give it back: a daemon that stays resident
+/// should not carry its start-up peak forever.
 fn release_startup_memory() {
+    crate::layout::release_setup();
     crate::layout::release_object_pages();
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe { libc::malloc_trim(0) };

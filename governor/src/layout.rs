@@ -3,7 +3,9 @@
 //! carry no CO-RE relocations, so nothing about layout is compiled in), and
 //! the object they are loaded from. Shared by every loader — lifecycle,
 //! attempt logging, LSM and doctor's probes — so the kernel's BTF is parsed
-//! here once.
+//! here once for the layout, and once by aya (one loader for the whole
+//! process, which fexit and LSM attachment share: aya's `EbpfLoader::new`
+//! parses BTF itself, so a loader per layer meant a parse per layer).
 
 use anyhow::{Context, Result};
 use governor_common::{protect::LsmArgs, protect::ARG_NONE, KernelConfig};
@@ -48,12 +50,98 @@ pub fn release_object_pages() {
 /// process (the kernel's BTF is parsed once, however many loaders need the
 /// layout: lifecycle, attempt logging, LSM, doctor's probes).
 pub fn kernel_config() -> Result<KernelConfig> {
+    kernel_config_ref().copied()
+}
+
+fn kernel_config_ref() -> Result<&'static KernelConfig> {
     static LAYOUT: std::sync::OnceLock<KernelConfig> = std::sync::OnceLock::new();
     if let Some(c) = LAYOUT.get() {
-        return Ok(*c);
+        return Ok(c);
     }
     let c = compute_kernel_config()?;
-    Ok(*LAYOUT.get_or_init(|| c))
+    Ok(LAYOUT.get_or_init(|| c))
+}
+
+/// The eBPF loader shared by every load of start-up, with the kernel
+/// layout set (see the module docs for why there is one), until
+/// [`release_setup`].
+static LOADER: std::sync::Mutex<Option<aya::EbpfLoader<'static>>> = std::sync::Mutex::new(None);
+/// aya's parse of the kernel's BTF, for attaching fexit and LSM programs,
+/// until [`release_setup`].
+static ATTACH_BTF: std::sync::Mutex<Option<std::sync::Arc<aya::Btf>>> = std::sync::Mutex::new(None);
+
+/// Drops the loader and aya's BTF once start-up has loaded everything:
+/// they hold tens of MB of parsed BTF that a resident daemon must not keep.
+/// A later load (a test, `doctor`) parses again.
+pub fn release_setup() {
+    let l = LOADER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let b = ATTACH_BTF
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    drop((l, b));
+}
+
+/// Map sizes and runtime settings of one load of [`EBPF_OBJECT`].
+pub struct LoadSpec {
+    /// `(map name, max_entries)`: ring sizes.
+    pub max_entries: Vec<(&'static str, u32)>,
+    /// The protect programs' runtime settings, for the protect layer.
+    pub protect: bool,
+}
+
+/// Loads [`EBPF_OBJECT`] through the process's one loader, with `spec`'s
+/// map sizes (every load sets all of them: the loader keeps settings).
+pub fn load_object(spec: &LoadSpec) -> Result<aya::Ebpf> {
+    static RUNTIME: std::sync::OnceLock<governor_common::protect::ProtectRuntime> =
+        std::sync::OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| governor_common::protect::ProtectRuntime {
+        enabled: 1,
+        daemon_tgid: std::process::id(),
+    });
+    static DISABLED: governor_common::protect::ProtectRuntime =
+        governor_common::protect::ProtectRuntime {
+            enabled: 0,
+            daemon_tgid: 0,
+        };
+    let cfg = kernel_config_ref()?;
+    let mut guard = LOADER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let l = guard.get_or_insert_with(|| {
+        let mut l = aya::EbpfLoader::new();
+        l.override_global(governor_common::KERNEL_CONFIG_SYMBOL, cfg, true);
+        l
+    });
+    l.override_global(
+        governor_common::protect::PROTECT_RUNTIME_SYMBOL,
+        if spec.protect { runtime } else { &DISABLED },
+        true,
+    );
+    for &(map, n) in &spec.max_entries {
+        l.map_max_entries(map, n);
+    }
+    l.load(EBPF_OBJECT)
+        .context("loading governor's eBPF object into the kernel (needs root / CAP_BPF)")
+}
+
+/// The kernel's BTF as aya reads it, parsed once for every attachment of
+/// start-up (until [`release_setup`]).
+pub fn aya_btf() -> std::result::Result<std::sync::Arc<aya::Btf>, String> {
+    let mut b = ATTACH_BTF
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(btf) = b.as_ref() {
+        return Ok(btf.clone());
+    }
+    let btf = std::sync::Arc::new(
+        aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?,
+    );
+    *b = Some(btf.clone());
+    Ok(btf)
 }
 
 fn compute_kernel_config() -> Result<KernelConfig> {

@@ -10,11 +10,9 @@ use anyhow::{Context, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{Lsm, RawTracePoint, TracePoint},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
-use governor_common::{
-    InodeKey, KernelConfig, DENY_INODES_MAP, DROPS_MAP, EVENTS_MAP, KERNEL_CONFIG_SYMBOL,
-};
+use governor_common::{InodeKey, KernelConfig, DENY_INODES_MAP, DROPS_MAP, EVENTS_MAP};
 use tokio::io::unix::AsyncFd;
 
 use crate::events;
@@ -22,7 +20,6 @@ use crate::events;
 pub use governor_common::DEFAULT_RING_BYTES;
 
 pub use crate::layout::kernel_config;
-pub(crate) use crate::layout::EBPF_OBJECT;
 
 /// Most records handled per wakeup before the event loop serves its other
 /// sources again (the rest wait in the ring, which stays readable).
@@ -89,13 +86,16 @@ fn check_ring_size(bytes: u32) -> Result<()> {
 }
 
 /// Loads the object with the kernel config set, without attaching anything.
-fn load_object(cfg: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
+fn load_object(_cfg: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
     check_ring_size(ring_bytes)?;
-    EbpfLoader::new()
-        .override_global(KERNEL_CONFIG_SYMBOL, cfg, true)
-        .map_max_entries(EVENTS_MAP, ring_bytes)
-        .load(EBPF_OBJECT)
-        .context("loading governor's eBPF object into the kernel (needs root / CAP_BPF)")
+    // The protect ring of this copy is never read: the smallest.
+    crate::layout::load_object(&crate::layout::LoadSpec {
+        max_entries: vec![
+            (EVENTS_MAP, ring_bytes),
+            (governor_common::protect::PROTECT_EVENTS_MAP, 4096),
+        ],
+        protect: false,
+    })
 }
 
 impl Probes {
@@ -281,7 +281,7 @@ impl LsmGuard {
         );
         let config = kernel_config()?;
         let mut ebpf = load_object(&config, 4096)?;
-        let btf = aya::Btf::from_sys_fs().context("reading kernel BTF for the LSM hook")?;
+        let btf = crate::layout::aya_btf().map_err(anyhow::Error::msg)?;
         let prog: &mut Lsm = ebpf
             .program_mut("file_open")
             .context("program file_open missing from the eBPF object")?

@@ -6,7 +6,7 @@
 //! (`cargo xtask vm-test`); `GOVERNOR_IN_VM=1` tells them they are in a guest.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -389,13 +389,31 @@ impl DaemonProc {
         self.wait_ready();
     }
 
+    /// A daemon on the default test config, not started yet.
+    pub fn configured(extra: &str) -> Self {
+        Self::start_with("", extra, false)
+    }
+
+    /// Starts `bin` (another build of governor: a baseline) on this config
+    /// and state, and returns how long it took until the socket answered.
+    pub fn time_start(&mut self, bin: &Path) -> Duration {
+        let t0 = Instant::now();
+        self.launch_bin(bin);
+        self.wait_ready();
+        t0.elapsed()
+    }
+
     fn launch_child(&mut self) {
+        self.launch_bin(&governor_bin());
+    }
+
+    fn launch_bin(&mut self, bin: &Path) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .expect("daemon log");
-        let child = Command::new(governor_bin())
+        let child = Command::new(bin)
             .arg("run")
             .arg("--config")
             .arg(&self.config)

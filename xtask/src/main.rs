@@ -68,6 +68,11 @@ enum Cmd {
         /// are indicative.
         #[arg(long)]
         guest: Option<String>,
+        /// Another build of `governor` (e.g. an earlier commit's release
+        /// binary) whose start-up the daemon benchmark measures in the same
+        /// run, for a ratio.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
         /// Only these benchmarks (lifecycle, daemon, audit, velocity, protect).
         only: Vec<String>,
     },
@@ -151,7 +156,16 @@ fn main() -> Result<()> {
             setup::setup(&setup::Needs::all())?;
             vm_test(&root, &kernel, Duration::from_secs(timeout), &filter)
         }
-        Cmd::Bench { guest, only } => {
+        Cmd::Bench {
+            guest,
+            baseline,
+            only,
+        } => {
+            if let Some(b) = &baseline {
+                if !b.is_file() {
+                    bail!("--baseline {}: no such file", b.display());
+                }
+            }
             setup::setup(&setup::Needs::all())?;
             run_cmd(cargo().args([
                 "build",
@@ -166,10 +180,19 @@ fn main() -> Result<()> {
             if let Some(kernel) = guest {
                 let mut argv = vec![bench.display().to_string()];
                 argv.extend(only);
+                let mut extra = vec![bench, target_dir().join("release/governor")];
+                if let Some(b) = &baseline {
+                    // Shipped as /bin/governor-baseline, where the bench looks.
+                    let dst = target_dir().join("vm/governor-baseline");
+                    std::fs::create_dir_all(target_dir().join("vm"))?;
+                    std::fs::copy(b, &dst)
+                        .with_context(|| format!("copying {} to {}", b.display(), dst.display()))?;
+                    extra.push(dst);
+                }
                 let opts = vm::VmOptions {
                     kernels: vm::parse_kernel_arg(&kernel)?,
                     test_binaries: Vec::new(),
-                    extra_binaries: vec![bench, target_dir().join("release/governor")],
+                    extra_binaries: extra,
                     pre_commands: vec![argv],
                     filter: Vec::new(),
                     timeout: Duration::from_secs(3600),
@@ -179,6 +202,9 @@ fn main() -> Result<()> {
             }
             let mut c = Command::new(bench);
             c.args(&only);
+            if let Some(b) = &baseline {
+                c.env("GOVERNOR_BASELINE_BIN", b);
+            }
             run_cmd(&mut c)
         }
     }

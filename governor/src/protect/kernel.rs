@@ -19,16 +19,16 @@ use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{FExit, Lsm, TracePoint},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use governor_common::{
     protect::{
-        AttemptEvent, Op, ProtectRuntime, SyscallDesc, ARG_NONE, FEXIT_SLOTS, FEXIT_WORKER_MAP,
-        KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP, PROTECTED_NAMES_MAP,
-        PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP, PROTECT_RUNTIME_SYMBOL, SYSCALL_DESCS_MAP,
-        SYSCALL_TABLE_SIZE, WINDOW_SESSIONS_MAP,
+        AttemptEvent, Op, SyscallDesc, ARG_NONE, FEXIT_SLOTS, FEXIT_WORKER_MAP, KIND_FD,
+        KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP, PROTECTED_NAMES_MAP,
+        PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP, SYSCALL_DESCS_MAP, SYSCALL_TABLE_SIZE,
+        WINDOW_SESSIONS_MAP,
     },
-    InodeKey, KernelConfig, EVENTS_MAP, KERNEL_CONFIG_SYMBOL,
+    InodeKey, KernelConfig, EVENTS_MAP,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -493,16 +493,16 @@ impl KernelLayer {
         }
 
         mark("object");
-        // One parse of the kernel's BTF (tens of MB of heap, returned to
-        // the system after start) serves both fexit and LSM.
+        // One parse of the kernel's BTF (tens of MB of heap, dropped after
+        // start) serves fexit and LSM here and the lifecycle's checks.
         let btf = if want_logging || want_lsm {
-            aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))
+            crate::layout::aya_btf()
         } else {
             Err("not needed".to_string())
         };
         mark("btf");
         let (attached, backend) = if want_logging {
-            let backend = Self::attach_logging(&mut ebpf, &present, btf.as_ref())?;
+            let backend = Self::attach_logging(&mut ebpf, &present, btf.as_deref())?;
             (
                 present.iter().map(|n| n.to_string()).collect(),
                 Some(backend),
@@ -515,7 +515,7 @@ impl KernelLayer {
         let lsm = match (&btf, want_lsm) {
             (_, false) => Err("not requested".to_string()),
             (Err(e), true) => Err(e.clone()),
-            (Ok(btf), true) => Self::attach_lsm(&mut ebpf, &config, btf),
+            (Ok(btf), true) => Self::attach_lsm(&mut ebpf, &config, btf.as_ref()),
         };
         drop(btf);
         mark("lsm");
@@ -826,18 +826,13 @@ pub fn spec_of(nr: u32) -> Option<SyscallSpec> {
 /// way, because a disabled runtime lets the verifier prune everything and
 /// pass code the daemon would then fail to load; with empty maps a probe
 /// denies nothing and reports nothing, and it detaches at once.
-fn load_object(config: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
-    let runtime = ProtectRuntime {
-        enabled: 1,
-        daemon_tgid: std::process::id(),
-    };
-    EbpfLoader::new()
-        .override_global(KERNEL_CONFIG_SYMBOL, config, true)
-        .override_global(PROTECT_RUNTIME_SYMBOL, &runtime, true)
-        .map_max_entries(EVENTS_MAP, 4096)
-        .map_max_entries(PROTECT_EVENTS_MAP, ring_bytes)
-        .load(crate::layout::EBPF_OBJECT)
-        .context("loading governor's eBPF object for the protect layer (needs root)")
+fn load_object(_config: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
+    // The lifecycle ring of this copy is never read: the smallest.
+    crate::layout::load_object(&crate::layout::LoadSpec {
+        max_entries: vec![(EVENTS_MAP, 4096), (PROTECT_EVENTS_MAP, ring_bytes)],
+        protect: true,
+    })
+    .context("loading governor's eBPF object for the protect layer")
 }
 
 /// Whether the BPF LSM layer can run here: loads and attaches every LSM
@@ -847,7 +842,7 @@ pub fn probe_lsm() -> std::result::Result<Vec<String>, String> {
     lsm_precheck()?;
     let config = crate::layout::kernel_config().map_err(|e| format!("{e:#}"))?;
     let mut ebpf = load_object(&config, 4096).map_err(|e| format!("{e:#}"))?;
-    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
+    let btf = crate::layout::aya_btf()?;
     KernelLayer::attach_lsm(&mut ebpf, &config, &btf)
 }
 
@@ -863,8 +858,8 @@ pub fn probe_logging() -> std::result::Result<String, String> {
         return Err("no syscalls/sys_{enter,exit}_openat tracepoints".into());
     }
     let mut ebpf = load_object(&config, 4096).map_err(|e| format!("{e:#}"))?;
-    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"));
-    let backend = KernelLayer::attach_logging(&mut ebpf, &["openat"], btf.as_ref())
+    let btf = crate::layout::aya_btf();
+    let backend = KernelLayer::attach_logging(&mut ebpf, &["openat"], btf.as_deref())
         .map_err(|e| short(format!("{e:#}")))?;
     let n = syscall_specs().len();
     Ok(format!(

@@ -151,8 +151,55 @@ fn sleepers(n: usize) -> Vec<Child> {
         .collect()
 }
 
+/// Median start-up (spawn → control socket answering) of `bin` over `n`
+/// starts on one config and state, stopped cleanly between.
+fn startup_ms(bin: &std::path::Path, n: usize) -> f64 {
+    let mut d = DaemonProc::configured("");
+    let mut t: Vec<f64> = (0..n)
+        .map(|_| {
+            let ms = d.time_start(bin).as_secs_f64() * 1e3;
+            d.stop();
+            ms
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// A baseline build to compare start-up with: `GOVERNOR_BASELINE_BIN`, or
+/// `/bin/governor-baseline` in a guest (`cargo xtask bench --baseline`).
+fn baseline_bin() -> Option<std::path::PathBuf> {
+    std::env::var_os("GOVERNOR_BASELINE_BIN")
+        .map(std::path::PathBuf::from)
+        .or_else(|| Some(std::path::PathBuf::from("/bin/governor-baseline")))
+        .filter(|p| p.exists())
+}
+
 fn daemon(r: &mut Report) {
-    println!("daemon: RSS with 30 live processes, CPU while they are quiet");
+    println!("daemon: start-up time, RSS with 30 live processes, CPU while they are quiet");
+    let n = if governor_tests::in_vm() { 3 } else { 7 };
+    let ours = startup_ms(&governor_tests::governor_bin(), n);
+    match baseline_bin() {
+        Some(b) => {
+            let base = startup_ms(&b, n);
+            r.add(
+                "daemon start-up (spawn to socket)",
+                format!(
+                    "{ours:.0} ms = {:.2}× the baseline build's {base:.0} ms ({}), median of {n}",
+                    ours / base,
+                    b.display()
+                ),
+                "≤ 1.0× the baseline",
+                ours <= base,
+            );
+        }
+        None => r.add(
+            "daemon start-up (spawn to socket)",
+            format!("{ours:.0} ms, median of {n} (no baseline build given)"),
+            "a ratio needs a baseline build: cargo xtask bench --baseline PATH",
+            true,
+        ),
+    }
     let d = DaemonProc::start("");
     std::thread::sleep(Duration::from_secs(1));
     let base = rss_kib(d.pid());
