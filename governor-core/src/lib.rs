@@ -8,6 +8,7 @@
 //! - [`table`]: the process table those identities live in;
 //! - [`velocity`]: restart velocity (crash loops);
 //! - [`limits`]: a service's effective limits;
+//! - [`memory`]: memory budgets (ceilings, memory loops, drift from a baseline);
 //! - [`status`]: the one status snapshot every reader is fed.
 //!
 //! The coming policies (memory budgets, kill switch, drift) are modules
@@ -16,6 +17,7 @@
 pub mod events;
 pub mod identity;
 pub mod limits;
+pub mod memory;
 pub mod status;
 pub mod table;
 pub mod velocity;

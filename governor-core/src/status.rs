@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::{
     identity::{Process, Unit},
     limits::Limits,
+    memory::{MemLimits, MemState, Memory},
     table::ProcTable,
     velocity::{Live, ServiceStatus, State, Supervisor, Velocity},
 };
@@ -23,10 +24,25 @@ pub struct Bounds {
     pub processes: usize,
 }
 
+/// One service: its restart velocity and its memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    #[serde(flatten)]
+    pub status: ServiceStatus,
+    /// Last reading (instances' RSS + helpers' private memory).
+    pub rss_bytes: Option<u64>,
+    /// `None`: no ceiling.
+    pub ceiling_bytes: Option<u64>,
+    /// Median settled RSS of its last runs.
+    pub baseline_bytes: Option<u64>,
+    pub memory_state: MemState,
+    pub memory_restarts_in_window: u32,
+}
+
 /// The services and the bounds, at one instant.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
-    pub services: Vec<ServiceStatus>,
+    pub services: Vec<Row>,
     pub bounds: Bounds,
 }
 
@@ -37,6 +53,7 @@ pub trait ServiceConfig {
     fn is_configured(&self, name: &str) -> bool;
     /// A service's effective limits (the defaults for one not configured).
     fn limits(&self, name: &str) -> Limits;
+    fn mem_limits(&self, name: &str) -> MemLimits;
 }
 
 /// The supervisor the kernel-fed table says `p` runs under: a verified pm2
@@ -78,6 +95,7 @@ pub fn live(table: &ProcTable, service: &str) -> Vec<Live> {
 pub fn snapshot(
     table: &ProcTable,
     velocity: &Velocity,
+    memory: &Memory,
     cfg: &dyn ServiceConfig,
     all: bool,
     now_ns: u64,
@@ -111,6 +129,28 @@ pub fn snapshot(
                 || r.supervisor != Supervisor::None
                 || r.state == State::CrashLoop
                 || r.restarts_in_window >= 2
+        })
+        .map(|status| {
+            // Memory is governed for configured services only.
+            let configured = status.configured;
+            let lim = cfg.mem_limits(&status.name);
+            let t = memory.services.get(&status.name).filter(|_| configured);
+            let restarts = t
+                .map(|t| {
+                    t.restarts
+                        .iter()
+                        .filter(|&&at| now_ns.saturating_sub(at) <= lim.window_ns)
+                        .count() as u32
+                })
+                .unwrap_or(0);
+            Row {
+                rss_bytes: t.filter(|_| !status.pids.is_empty()).map(|t| t.rss),
+                ceiling_bytes: (configured && lim.ceiling > 0).then_some(lim.ceiling),
+                baseline_bytes: t.and_then(|t| t.baseline()),
+                memory_state: t.map(|t| t.state).unwrap_or_default(),
+                memory_restarts_in_window: restarts,
+                status,
+            }
         })
         .collect();
     Snapshot {
@@ -156,6 +196,18 @@ mod tests {
         }
         fn limits(&self, _: &str) -> Limits {
             lim()
+        }
+        fn mem_limits(&self, _: &str) -> MemLimits {
+            MemLimits {
+                ceiling: 200 << 20,
+                max_restarts: 3,
+                window_ns: 600_000_000_000,
+                critical: false,
+                settle_ns: 1,
+                drift_ratio: 1.5,
+                drift_min_bytes: 32 << 20,
+                drift_sustain_ns: 1,
+            }
         }
     }
 
@@ -243,10 +295,19 @@ mod tests {
                 },
             );
         }
-        let s = snapshot(&t, &v, &Cfg, false, 2_000);
-        let names: Vec<&str> = s.services.iter().map(|r| r.name.as_str()).collect();
+        let mut mem = Memory::default();
+        mem.on_sample("lily", 70 << 20, 11, 1_000, &Cfg.mem_limits("lily"));
+        let s = snapshot(&t, &v, &mem, &Cfg, false, 2_000);
+        let names: Vec<&str> = s.services.iter().map(|r| r.status.name.as_str()).collect();
         assert_eq!(names, vec![repeated.as_str(), "lily", "ssh"]);
         let lily = &s.services[1];
+        assert_eq!(lily.rss_bytes, Some(70 << 20));
+        assert_eq!(lily.ceiling_bytes, Some(200 << 20));
+        assert_eq!(lily.baseline_bytes, Some(70 << 20));
+        assert_eq!(lily.memory_state, MemState::Ok);
+        // An unconfigured service has no memory budget.
+        assert_eq!(s.services[0].ceiling_bytes, None);
+        let lily = &lily.status;
         assert_eq!(lily.pids, vec![11]);
         assert!(matches!(
             &lily.supervisor,
@@ -258,8 +319,9 @@ mod tests {
             }
         ));
         // Configured and not running: down.
-        assert_eq!(s.services[2].state, State::Down);
-        assert_eq!(s.services[0].restarts_in_window, 3);
+        assert_eq!(s.services[2].status.state, State::Down);
+        assert_eq!(s.services[2].rss_bytes, None);
+        assert_eq!(s.services[0].status.restarts_in_window, 3);
         assert_eq!(
             s.bounds,
             Bounds {
@@ -270,11 +332,11 @@ mod tests {
             }
         );
         // `all` adds every running service, the one-off shell included.
-        let all = snapshot(&t, &v, &Cfg, true, 2_000);
+        let all = snapshot(&t, &v, &mem, &Cfg, true, 2_000);
         assert!(all
             .services
             .iter()
-            .any(|r| r.name.starts_with("fp:u65534/sh-")));
+            .any(|r| r.status.name.starts_with("fp:u65534/sh-")));
         assert!(all.services.len() > s.services.len());
     }
 }

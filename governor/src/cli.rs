@@ -120,6 +120,26 @@ fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
     out
 }
 
+/// "73/200 MiB ok", "212/200 MiB OVER-CEILING (base 70)", "-".
+fn memory_str(s: &Value) -> String {
+    let mib = |v: &Value| v.as_u64().map(|b| (b + (1 << 19)) >> 20);
+    let Some(rss) = mib(&s["rss_bytes"]) else {
+        return "-".into();
+    };
+    let mut out = match mib(&s["ceiling_bytes"]) {
+        Some(c) => format!("{rss}/{c} MiB"),
+        None => format!("{rss} MiB"),
+    };
+    match s["memory_state"].as_str() {
+        Some("ok") | None => {}
+        Some(st) => out.push_str(&format!(" {}", st.to_uppercase())),
+    }
+    if let Some(b) = mib(&s["baseline_bytes"]) {
+        out.push_str(&format!(" (base {b})"));
+    }
+    out
+}
+
 /// Renders `governor status` as a table a person reads at a glance.
 pub fn render_status(data: &Value) -> String {
     let mut rows = vec![[
@@ -128,6 +148,7 @@ pub fn render_status(data: &Value) -> String {
         "RESTARTS".into(),
         "RATE/MIN".into(),
         "UPTIME".into(),
+        "MEMORY".into(),
         "PIDS".into(),
         "LAST EXIT".into(),
         "SUPERVISOR SAYS".into(),
@@ -163,6 +184,7 @@ pub fn render_status(data: &Value) -> String {
                 .as_u64()
                 .map(ms_human)
                 .unwrap_or_else(|| "-".into()),
+            memory_str(s),
             if pids.is_empty() {
                 "-".into()
             } else {
@@ -172,7 +194,11 @@ pub fn render_status(data: &Value) -> String {
             s["supervisor_view"].as_str().unwrap_or("-").to_string(),
         ]);
     }
-    let mut out = render_table(&rows);
+    let mut out = String::new();
+    if let Some(a) = data["memory"]["available_bytes"].as_u64() {
+        out.push_str(&format!("memory available {} MiB\n", a >> 20));
+    }
+    out.push_str(&render_table(&rows));
     if let Some(h) = data["audit_head"].as_str() {
         out.push_str(&format!("audit head {h}\n"));
     }

@@ -116,6 +116,45 @@ pub struct Defaults {
     /// counting off for its service, so it can't be for ever.
     #[serde(default = "default_max_grace")]
     pub max_grace: HumanDuration,
+    /// Memory restarts tolerated in `window`; after them a service over its
+    /// ceiling is alerted (`memory-loop`), not restarted again.
+    #[serde(default = "default_memory_max_restarts")]
+    pub memory_max_restarts: u32,
+    /// How long an instance restarted for its memory may take to die
+    /// before it gets SIGKILL (through a pidfd).
+    #[serde(default = "default_kill_timeout")]
+    pub kill_timeout: HumanDuration,
+    /// A run's RSS this long after it started is its settled RSS; the
+    /// median of the last runs' is the service's baseline.
+    #[serde(default = "default_memory_settle")]
+    pub memory_settle: HumanDuration,
+    /// Drift: RSS above max(drift_ratio × baseline, baseline + drift_min)
+    /// for drift_after warns once per episode.
+    #[serde(default = "default_drift_ratio")]
+    pub drift_ratio: f64,
+    #[serde(default = "default_drift_min")]
+    pub drift_min: ByteSize,
+    #[serde(default = "default_drift_after")]
+    pub drift_after: HumanDuration,
+}
+
+fn default_memory_max_restarts() -> u32 {
+    3
+}
+fn default_kill_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_memory_settle() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_drift_ratio() -> f64 {
+    1.5
+}
+fn default_drift_min() -> ByteSize {
+    ByteSize(32 << 20)
+}
+fn default_drift_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
 }
 
 fn default_pm2_user() -> String {
@@ -152,6 +191,12 @@ impl Default for Defaults {
             stop_after: default_stop_after(),
             pm2_user: default_pm2_user(),
             max_grace: default_max_grace(),
+            memory_max_restarts: default_memory_max_restarts(),
+            kill_timeout: default_kill_timeout(),
+            memory_settle: default_memory_settle(),
+            drift_ratio: default_drift_ratio(),
+            drift_min: default_drift_min(),
+            drift_after: default_drift_after(),
         }
     }
 }
@@ -272,6 +317,50 @@ impl Config {
             let off = src.find("window").unwrap_or(0);
             return err(off, "the restart window must be longer than zero".into());
         }
+        // Memory ceilings: a limit this host can reach, and not zero.
+        let total = crate::memsample::mem_total();
+        let ceiling = |what: &str, b: u64, off: usize| -> Result<(), ConfigError> {
+            if b == 0 {
+                return err(
+                    off,
+                    format!("{what} = 0 would restart the service at once; leave it out for the default"),
+                );
+            }
+            if let Some(t) = total.filter(|&t| b > t) {
+                return err(
+                    off,
+                    format!(
+                        "{what} ({} MiB) is above this host's total RAM ({} MiB): it could never be reached",
+                        b >> 20,
+                        t >> 20
+                    ),
+                );
+            }
+            Ok(())
+        };
+        ceiling(
+            "defaults.memory_ceiling",
+            self.defaults.memory_ceiling.0,
+            key_offset(src, "[defaults]", "memory_ceiling"),
+        )?;
+        for (name, t) in &self.tiers {
+            if let Some(c) = t.memory_ceiling {
+                ceiling(
+                    &format!("tiers.{name}.memory_ceiling"),
+                    c.0,
+                    key_offset(src, &format!("[tiers.{name}]"), "memory_ceiling"),
+                )?;
+            }
+        }
+        if !(self.defaults.drift_ratio.is_finite() && self.defaults.drift_ratio >= 1.0) {
+            return err(
+                key_offset(src, "[defaults]", "drift_ratio"),
+                format!(
+                    "defaults.drift_ratio = {} must be a number of at least 1.0 (1.5: half again its baseline)",
+                    self.defaults.drift_ratio
+                ),
+            );
+        }
         let mut seen = BTreeMap::new();
         for svc in &self.services {
             let name = svc.name.get_ref();
@@ -342,6 +431,13 @@ impl Config {
                     );
                 }
             }
+            if let Some(c) = svc.memory_ceiling {
+                let off = src[at..]
+                    .find("\nmemory_ceiling")
+                    .map(|i| at + i + 1)
+                    .unwrap_or(at);
+                ceiling(&format!("service \"{name}\": memory_ceiling"), c.0, off)?;
+            }
             if let Some(w) = &svc.window {
                 if w.0.is_zero() {
                     return err(
@@ -383,6 +479,22 @@ impl Config {
         None
     }
 
+    /// Memory limits for one service, after tier and per-service overrides.
+    pub fn mem_limits_for(&self, svc: Option<&Service>) -> governor_core::memory::MemLimits {
+        let l = self.limits_for(svc);
+        let d = &self.defaults;
+        governor_core::memory::MemLimits {
+            ceiling: l.memory_ceiling,
+            max_restarts: d.memory_max_restarts,
+            window_ns: l.window.as_nanos() as u64,
+            critical: l.critical,
+            settle_ns: d.memory_settle.0.as_nanos() as u64,
+            drift_ratio: d.drift_ratio,
+            drift_min_bytes: d.drift_min.0,
+            drift_sustain_ns: d.drift_after.0.as_nanos() as u64,
+        }
+    }
+
     /// Limits for one service, after tier and per-service overrides.
     pub fn limits_for(&self, svc: Option<&Service>) -> Limits {
         let d = &self.defaults;
@@ -412,6 +524,18 @@ impl Config {
             critical: svc.map(|s| s.critical).unwrap_or(false),
         }
     }
+}
+
+/// Where `key` is set in the `header` table of `src` (for error
+/// positions); the table's start, or 0, when it isn't found.
+fn key_offset(src: &str, header: &str, key: &str) -> usize {
+    let Some(h) = src.find(header) else { return 0 };
+    let body = &src[h..];
+    let end = body[1..].find("\n[").map(|i| i + 1).unwrap_or(body.len());
+    body[..end]
+        .find(&format!("\n{key}"))
+        .map(|i| h + i + 1)
+        .unwrap_or(h)
 }
 
 /// SHA-256 of the config text, for the audit chain.
@@ -489,6 +613,20 @@ mod tests {
                 "duplicate",
             ),
             ("[defaults\nwindow = \"1m\"\n", 1, "", ""),
+            ("[defaults]\nmemory_ceiling = \"0MiB\"\n", 2, "defaults.memory_ceiling", "= 0"),
+            (
+                "[tiers.thin]\nmemory_ceiling = \"100000GiB\"\n",
+                2,
+                "tiers.thin.memory_ceiling",
+                "above this host's total RAM",
+            ),
+            (
+                "[[service]]\nname = \"a\"\npm2 = \"a\"\nmemory_ceiling = \"0MiB\"\n",
+                4,
+                "service.memory_ceiling",
+                "= 0",
+            ),
+            ("[defaults]\ndrift_ratio = 0.5\n", 2, "defaults.drift_ratio", "at least 1.0"),
         ];
         for (src, line, key, reason) in cases {
             let e = parse(src).expect_err(src);

@@ -75,6 +75,14 @@ enum Side {
         supervisor: Supervisor,
         result: std::result::Result<String, String>,
     },
+    /// A memory restart ran; `killed`: old instances that outlived
+    /// `kill_timeout` and got SIGKILL.
+    MemRestarted {
+        service: String,
+        supervisor: Supervisor,
+        result: std::result::Result<String, String>,
+        killed: Vec<u32>,
+    },
 }
 
 /// Without Telegram, alerts live in the daemon's log only — which
@@ -133,6 +141,11 @@ pub struct Daemon {
     reload_protect: bool,
     /// pid → service, shared with the protector to name who tried a write.
     services_by_pid: Arc<std::sync::RwLock<HashMap<u32, String>>>,
+    /// Memory budgets: the core's policy state, the statm reader, and when
+    /// each configured service is read next (monotonic ns).
+    memory: governor_core::memory::Memory,
+    sampler: crate::memsample::Sampler,
+    mem_next: HashMap<String, u64>,
 }
 
 fn host_name() -> String {
@@ -244,6 +257,22 @@ impl StateWriter {
     fn finish(mut self, v: &Velocity) {
         self.save(v);
         self.file.finish();
+    }
+}
+
+/// Memory baselines kept across daemon restarts; a damaged file is
+/// reported and the baselines start afresh.
+fn load_memory(state_dir: &Path) -> governor_core::memory::Memory {
+    let path = state_dir.join("memory.json");
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            log::warn!(
+                "{} is damaged ({e}); memory baselines start afresh",
+                path.display()
+            );
+            Default::default()
+        }),
+        Err(_) => Default::default(),
     }
 }
 
@@ -359,6 +388,7 @@ impl Daemon {
                 if let Ok(mut m) = self.services_by_pid.write() {
                     m.remove(&e.pid);
                 }
+                self.sampler.forget(e.pid);
                 let Some(p) = self.table.on_exit(e) else {
                     return;
                 };
@@ -630,6 +660,39 @@ impl Daemon {
                 }
                 Err(e) => log::warn!("supervisor view of {service}: {e}"),
             },
+            Side::MemRestarted {
+                service,
+                supervisor,
+                result,
+                killed,
+            } => {
+                let (state, msg) = match &result {
+                    Ok(out) => ("done", out.trim().chars().take(500).collect::<String>()),
+                    Err(e) => ("failed", e.clone()),
+                };
+                if result.is_err() {
+                    self.memory.restart_failed(&service);
+                }
+                let alert = (result.is_err() || !killed.is_empty()).then(|| {
+                    alert_of(
+                        Severity::Critical,
+                        "memory restart",
+                        Some(&service),
+                        format!("memory restart of {service}: {state}"),
+                        if killed.is_empty() {
+                            msg.clone()
+                        } else {
+                            format!("{msg}; SIGKILL for pid(s) {killed:?}, still alive after the kill timeout")
+                        },
+                    )
+                });
+                self.record(
+                    "memory.restart_result",
+                    Some(&service),
+                    json!({"state": state, "supervisor": supervisor, "output": msg, "killed": killed}),
+                    alert,
+                );
+            }
             Side::Stopped {
                 service,
                 supervisor,
@@ -661,6 +724,281 @@ impl Daemon {
         }
     }
 
+    fn mem_limits_of(&self, service: &str) -> governor_core::memory::MemLimits {
+        let svc = self
+            .service_index
+            .get(service)
+            .map(|&i| &self.config.services[i]);
+        self.config.mem_limits_for(svc)
+    }
+
+    /// When the next memory reading is due (monotonic ns).
+    fn memory_due(&self) -> u64 {
+        let now = monotonic_ns();
+        self.service_index
+            .keys()
+            .map(|n| self.mem_next.get(n).copied().unwrap_or(now))
+            .min()
+            .unwrap_or(now + 1_000_000_000)
+    }
+
+    /// Reads the configured services that are due, in one pass over the
+    /// table, and carries out what the memory policy decides.
+    fn sample_memory(&mut self) {
+        let now = monotonic_ns();
+        let due: Vec<String> = self
+            .service_index
+            .keys()
+            .filter(|n| self.mem_next.get(*n).is_none_or(|&t| t <= now))
+            .cloned()
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = due.iter().map(String::as_str).collect();
+        let readings = self.sampler.read(&self.table, &names);
+        for name in due {
+            let lim = self.mem_limits_of(&name);
+            let Some(r) = readings.get(&name) else {
+                // Not running: look again in a second.
+                self.mem_next.insert(name, now + 1_000_000_000);
+                continue;
+            };
+            let decisions = self
+                .memory
+                .on_sample(&name, r.bytes, r.run_start_ns(), now, &lim);
+            let next = governor_core::memory::next_sample_in(
+                r.bytes,
+                lim.ceiling,
+                self.memory.confirming(&name),
+            );
+            self.mem_next.insert(name.clone(), now + next);
+            for dec in decisions {
+                self.on_memory(dec, r, &lim);
+            }
+        }
+    }
+
+    fn on_memory(
+        &mut self,
+        dec: governor_core::memory::MemDecision,
+        r: &crate::memsample::Reading,
+        lim: &governor_core::memory::MemLimits,
+    ) {
+        use governor_core::memory::MemDecision as M;
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+        let pids: Vec<u32> = r.instances.iter().map(|&(p, _)| p).collect();
+        match dec {
+            M::OverCeiling {
+                service,
+                rss,
+                ceiling,
+                critical,
+                restart,
+            } => {
+                let detail = json!({"rss_bytes": rss, "ceiling_bytes": ceiling, "critical": critical,
+                                    "restart": restart, "pids": pids, "helpers": r.helpers,
+                                    "mem_available_bytes": crate::memsample::mem_available()});
+                let alert = critical.then(|| {
+                    alert_of(
+                        Severity::Critical,
+                        "memory",
+                        Some(&service),
+                        format!(
+                            "memory: {service} at {} over its {} ceiling",
+                            mib(rss),
+                            mib(ceiling)
+                        ),
+                        "a critical service: alerted, not restarted".into(),
+                    )
+                });
+                self.record("memory.over_ceiling", Some(&service), detail, alert);
+            }
+            M::Restart {
+                service,
+                rss,
+                ceiling,
+                restarts_in_window,
+            } => self.memory_restart(&service, rss, ceiling, restarts_in_window, r, lim),
+            M::Loop {
+                service,
+                restarts,
+                window_ns,
+                rss,
+                ceiling,
+            } => {
+                let alert = alert_of(
+                    Severity::Critical,
+                    "memory loop",
+                    Some(&service),
+                    format!(
+                        "memory loop: {service} — {restarts} memory restarts in {}, over its ceiling again",
+                        human_secs(window_ns / 1_000_000_000)
+                    ),
+                    format!(
+                        "{} over the {} ceiling; governor stops restarting it until the window clears",
+                        mib(rss),
+                        mib(ceiling)
+                    ),
+                );
+                self.record(
+                    "memory.loop",
+                    Some(&service),
+                    json!({"restarts_in_window": restarts, "window_s": window_ns / 1_000_000_000,
+                           "rss_bytes": rss, "ceiling_bytes": ceiling, "pids": pids}),
+                    Some(alert),
+                );
+            }
+            M::Drift {
+                service,
+                rss,
+                baseline,
+                threshold,
+                for_ns,
+            } => {
+                let alert = alert_of(
+                    Severity::Warning,
+                    "memory drift",
+                    Some(&service),
+                    format!(
+                        "memory drift: {service} at {}, its baseline is {}",
+                        mib(rss),
+                        mib(baseline)
+                    ),
+                    format!(
+                        "above {} for {}",
+                        mib(threshold),
+                        human_secs(for_ns / 1_000_000_000)
+                    ),
+                );
+                self.record(
+                    "memory.drift",
+                    Some(&service),
+                    json!({"rss_bytes": rss, "baseline_bytes": baseline, "threshold_bytes": threshold,
+                           "for_s": for_ns / 1_000_000_000, "pids": pids}),
+                    Some(alert),
+                );
+            }
+            M::BackUnder { service, rss } => {
+                log::info!("memory: {service} back under its ceiling at {}", mib(rss));
+            }
+        }
+    }
+
+    /// A confirmed breach: restart through the verified supervisor, then
+    /// make sure the old instances die (SIGKILL through pidfds after
+    /// `kill_timeout`).
+    fn memory_restart(
+        &mut self,
+        service: &str,
+        rss: u64,
+        ceiling: u64,
+        restarts_in_window: u32,
+        r: &crate::memsample::Reading,
+        lim: &governor_core::memory::MemLimits,
+    ) {
+        let pids: Vec<u32> = r.instances.iter().map(|&(p, _)| p).collect();
+        let supervisor = self
+            .table
+            .instances_of(service)
+            .next()
+            .map(|p| supervisor_of(p, &self.table))
+            .unwrap_or_default();
+        let verified = match supervisor {
+            Supervisor::None => {
+                Err("no supervisor restarts it (not pm2, not a system unit)".to_string())
+            }
+            ref s => crate::supervisor::verify(s, &self.table).map_err(|e| format!("{e:#}")),
+        };
+        if let Err(why) = verified {
+            self.memory.restart_failed(service);
+            let alert = alert_of(
+                Severity::Critical,
+                "memory restart",
+                Some(service),
+                format!("memory: {service} over its ceiling, restart refused"),
+                why.clone(),
+            );
+            self.record(
+                "memory.restart",
+                Some(service),
+                json!({"state": "refused", "why": why, "rss_bytes": rss, "ceiling_bytes": ceiling, "pids": pids}),
+                Some(alert),
+            );
+            return;
+        }
+        // Descriptors of the instances now: the kill after the timeout
+        // can only reach these processes, never a reused pid.
+        let pidfds: Vec<(u32, std::os::fd::OwnedFd)> = pids
+            .iter()
+            .filter_map(|&p| {
+                let pid = rustix::process::Pid::from_raw(p as i32)?;
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                    .ok()
+                    .map(|fd| (p, fd))
+            })
+            .collect();
+        // The deaths this restart causes are governor's, not crashes.
+        let info = InstanceInfo {
+            service: service.to_string(),
+            configured: self.service_index.contains_key(service),
+            supervisor: supervisor.clone(),
+            limits: self.limits_of(service),
+        };
+        self.velocity.expect_planned(&info, pids.len() as u32);
+        self.velocity_dirty = true;
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+        let alert = alert_of(
+            Severity::Warning,
+            "memory restart",
+            Some(service),
+            format!(
+                "memory restart: {service} at {} over its {} ceiling",
+                mib(rss),
+                mib(ceiling)
+            ),
+            format!(
+                "memory restart {restarts_in_window} of {} allowed in the window",
+                lim.max_restarts
+            ),
+        );
+        let ops = self.supervisors.clone();
+        let tx = self.side_tx.clone();
+        let (name, sv) = (service.to_string(), supervisor.clone());
+        let kill_timeout = self.config.defaults.kill_timeout.0;
+        self.effects.submit(
+            Effect::audit(
+                "memory.restart",
+                Some(service),
+                json!({"state": "requested", "rss_bytes": rss, "ceiling_bytes": ceiling,
+                       "restarts_in_window": restarts_in_window, "max_restarts": lim.max_restarts,
+                       "supervisor": supervisor, "pids": pids, "helpers": r.helpers,
+                       "mem_available_bytes": crate::memsample::mem_available(),
+                       "kill_timeout_ms": kill_timeout.as_millis() as u64}),
+            )
+            .with_alert(alert)
+            .then(move |_| {
+                let result = ops.restart(&sv).map_err(|e| format!("{e:#}"));
+                // Waiting for the old instances is not the act thread's job.
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("mem-reap".into())
+                        .spawn(move || {
+                            let killed = crate::memsample::reap(pidfds, kill_timeout);
+                            let _ = tx.send(Side::MemRestarted {
+                                service: name,
+                                supervisor: sv,
+                                result,
+                                killed,
+                            });
+                        });
+                if let Err(e) = spawned {
+                    log::error!("memory restart: starting the reaper thread: {e}");
+                }
+            }),
+        );
+    }
+
     fn reload(&mut self) -> std::result::Result<String, String> {
         let src = std::fs::read_to_string(&self.config_path).unwrap_or_default();
         match Config::load(&self.config_path) {
@@ -686,6 +1024,7 @@ impl Daemon {
         governor_core::status::snapshot(
             &self.table,
             &self.velocity,
+            &self.memory,
             &ConfiguredServices {
                 config: &self.config,
                 index: &self.service_index,
@@ -715,9 +1054,12 @@ impl Daemon {
                     let mut services = Vec::new();
                     for r in snap.services {
                         let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
-                        let view = match &r.supervisor {
+                        let view = match &r.status.supervisor {
                             Supervisor::None => None,
-                            s => ops.view(s).ok().or_else(|| cached.get(&r.name).cloned()),
+                            s => ops
+                                .view(s)
+                                .ok()
+                                .or_else(|| cached.get(&r.status.name).cloned()),
                         };
                         if let Some(view) = view {
                             v["supervisor_view"] = json!(describe_view(&view));
@@ -731,6 +1073,7 @@ impl Daemon {
                         "layers": layers,
                         "detection_latency": latency,
                         "bounds": snap.bounds,
+                        "memory": {"available_bytes": crate::memsample::mem_available()},
                     })));
                 });
             }
@@ -874,6 +1217,11 @@ impl governor_core::status::ServiceConfig for ConfiguredServices<'_> {
     fn limits(&self, name: &str) -> Limits {
         self.config
             .limits_for(self.index.get(name).map(|&i| &self.config.services[i]))
+    }
+
+    fn mem_limits(&self, name: &str) -> governor_core::memory::MemLimits {
+        self.config
+            .mem_limits_for(self.index.get(name).map(|&i| &self.config.services[i]))
     }
 }
 
@@ -1110,6 +1458,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         decisions: Vec::new(),
         reload_protect: false,
         services_by_pid,
+        memory: load_memory(&state_dir),
+        sampler: crate::memsample::Sampler::default(),
+        mem_next: HashMap::new(),
     };
     // History loaded from the state file carries no limits: apply them.
     d.velocity.cap = d.config.daemon.max_unconfigured_services;
@@ -1177,8 +1528,18 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_drops = 0;
     let mut state_writer = StateWriter::spawn(&state_dir, d.effects.clone())?;
+    let fx = d.effects.clone();
+    let mut memory_file = StateFile::spawn(state_dir.join("memory.json"), move |p, e| {
+        fx.submit(Effect::alert_only(Alert::new(
+            Severity::Critical,
+            "state",
+            format!("cannot save the memory baselines to {}: {e:#}", p.display()),
+        )));
+    })?;
     let stop_reason;
     loop {
+        let mem_deadline = tokio::time::Instant::now()
+            + Duration::from_nanos(d.memory_due().saturating_sub(monotonic_ns()));
         tokio::select! {
             r = probes.next_batch(|ev| d.on_event(ev), |e| log::warn!("bad event record: {e:#}")) => {
                 r?;
@@ -1222,6 +1583,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     }
                 }
             }
+            _ = tokio::time::sleep_until(mem_deadline) => d.sample_memory(),
             _ = term.recv() => { stop_reason = "SIGTERM"; break; }
             _ = int.recv() => { stop_reason = "SIGINT"; break; }
             _ = tick.tick() => {
@@ -1239,6 +1601,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 d.carry_out().await;
                 if std::mem::take(&mut d.velocity_dirty) {
                     state_writer.save(&d.velocity);
+                }
+                if std::mem::take(&mut d.memory.dirty) {
+                    match serde_json::to_vec(&d.memory) {
+                        Ok(b) => memory_file.save(b),
+                        Err(e) => log::error!("serialising memory baselines: {e}"),
+                    }
                 }
                 let drops = probes.dropped()?;
                 if drops > last_drops {
@@ -1272,6 +1640,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     log::info!("governor stopping ({stop_reason})");
     state_writer.finish(&d.velocity);
+    if let Ok(b) = serde_json::to_vec(&d.memory) {
+        memory_file.save(b);
+    }
+    memory_file.finish();
     d.audit("daemon.stopped", None, json!({"reason": stop_reason}))
         .await;
     if let Some(t) = &d.telegram {

@@ -14,6 +14,7 @@ pub mod effects;
 pub mod events;
 pub mod fsflags;
 pub mod layout;
+pub mod memsample;
 pub mod probes;
 pub mod proctable;
 pub mod protect;

@@ -44,6 +44,8 @@ pub fn verify(s: &Supervisor, table: &ProcTable) -> Result<()> {
 pub trait SupervisorOps: Send + Sync {
     /// Stops the service through its supervisor; returns what it said.
     fn stop(&self, s: &Supervisor) -> Result<String>;
+    /// Restarts the service through its supervisor; returns what it said.
+    fn restart(&self, s: &Supervisor) -> Result<String>;
     /// The supervisor's own view of the service (status, its restart count).
     fn view(&self, s: &Supervisor) -> Result<serde_json::Value>;
 }
@@ -199,8 +201,39 @@ impl Pm2Cli {
     }
 }
 
+/// What governor asks a supervisor to do.
+#[derive(Clone, Copy)]
+enum Verb {
+    Stop,
+    Restart,
+}
+
+impl Verb {
+    fn word(self) -> &'static str {
+        match self {
+            Verb::Stop => "stop",
+            Verb::Restart => "restart",
+        }
+    }
+}
+
 impl SupervisorOps for RealSupervisors {
     fn stop(&self, s: &Supervisor) -> Result<String> {
+        control(s, Verb::Stop)
+    }
+
+    fn restart(&self, s: &Supervisor) -> Result<String> {
+        control(s, Verb::Restart)
+    }
+
+    fn view(&self, s: &Supervisor) -> Result<serde_json::Value> {
+        view(s)
+    }
+}
+
+/// `pm2 stop|restart <pm_id>` as pm2's owner, `systemctl stop|restart UNIT`.
+fn control(s: &Supervisor, verb: Verb) -> Result<String> {
+    {
         match s {
             Supervisor::Pm2 {
                 name,
@@ -212,25 +245,30 @@ impl SupervisorOps for RealSupervisors {
                 check_name("pm2 app", name)?;
                 // By id: a name stops every cluster instance of that name.
                 let id = pm_id
-                    .with_context(|| format!("pm2 app {name} has no pm_id to stop it by"))?
+                    .with_context(|| {
+                        format!("pm2 app {name} has no pm_id to {} it by", verb.word())
+                    })?
                     .to_string();
                 let pm2 = pm2_cli(*god_pid, *god_uid, daemon_js.as_deref())?;
                 run(
-                    pm2.command(&["stop", &id]),
-                    &format!("pm2 stop {id} ({name})"),
+                    pm2.command(&[verb.word(), &id]),
+                    &format!("pm2 {} {id} ({name})", verb.word()),
                 )
             }
             Supervisor::Systemd { unit } => {
                 check_name("unit", unit)?;
                 let mut c = Command::new("systemctl");
-                c.args(["stop", "--no-block", "--", unit]);
-                run(c, &format!("systemctl stop {unit}"))
+                c.args([verb.word(), "--no-block", "--", unit]);
+                run(c, &format!("systemctl {} {unit}", verb.word()))
             }
-            Supervisor::None => bail!("no supervisor to stop this service through"),
+            Supervisor::None => bail!("no supervisor to {} this service through", verb.word()),
         }
     }
+}
 
-    fn view(&self, s: &Supervisor) -> Result<serde_json::Value> {
+/// The supervisor's own view of a service.
+fn view(s: &Supervisor) -> Result<serde_json::Value> {
+    {
         match s {
             Supervisor::Pm2 {
                 name,

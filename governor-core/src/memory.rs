@@ -1,0 +1,506 @@
+//! Memory budgets: a ceiling per service (tiers and per-service overrides
+//! resolved by the config), confirmed by a second reading before anything
+//! is done; a restart through the service's supervisor for a breach, never
+//! for a critical service (alerted instead); no more restarts after
+//! `max_restarts` of them in the window (`memory-loop`); and drift from
+//! each service's own baseline — the median of the settled RSS of its last
+//! runs, so a leak never raises its own baseline.
+//!
+//! Pure: the daemon's edge reads `/proc/PID/statm` and hands the bytes in
+//! ([`Memory::on_sample`]); this module says what to do and when to read
+//! again ([`next_sample_in`]).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+const MIB: u64 = 1 << 20;
+const MS: u64 = 1_000_000;
+
+/// Runs whose settled RSS the baseline is the median of.
+pub const BASELINE_RUNS: usize = 5;
+
+/// A service's memory limits, resolved from defaults, tier and service.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemLimits {
+    /// Bytes; 0: no ceiling.
+    pub ceiling: u64,
+    /// Memory restarts allowed in `window_ns` before `memory-loop`.
+    pub max_restarts: u32,
+    pub window_ns: u64,
+    /// Alerted, never restarted.
+    pub critical: bool,
+    /// A run's RSS this long after its start is its settled RSS.
+    pub settle_ns: u64,
+    /// Drift: above max(ratio × baseline, baseline + min_bytes) for
+    /// `sustain_ns`.
+    pub drift_ratio: f64,
+    pub drift_min_bytes: u64,
+    pub drift_sustain_ns: u64,
+}
+
+/// A service's memory state, as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemState {
+    #[default]
+    Ok,
+    Drift,
+    OverCeiling,
+    MemoryLoop,
+}
+
+/// What the policy decided on a reading.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemDecision {
+    /// A confirmed reading over the ceiling (two in a row): audited and
+    /// alerted; `restart` says whether a restart follows.
+    OverCeiling {
+        service: String,
+        rss: u64,
+        ceiling: u64,
+        critical: bool,
+        restart: bool,
+    },
+    /// Restart the service through its supervisor.
+    Restart {
+        service: String,
+        rss: u64,
+        ceiling: u64,
+        /// Memory restarts in the window, this one included.
+        restarts_in_window: u32,
+    },
+    /// Too many memory restarts in the window: no more, critical alert.
+    Loop {
+        service: String,
+        restarts: u32,
+        window_ns: u64,
+        rss: u64,
+        ceiling: u64,
+    },
+    /// Sustained above its own baseline (warned once per episode).
+    Drift {
+        service: String,
+        rss: u64,
+        baseline: u64,
+        threshold: u64,
+        for_ns: u64,
+    },
+    /// Back under the ceiling (after over-ceiling or a restart).
+    BackUnder { service: String, rss: u64 },
+}
+
+/// One service's memory history.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MemTrack {
+    /// Last reading (bytes) and when (monotonic ns).
+    pub rss: u64,
+    #[serde(skip)]
+    pub sampled_ns: u64,
+    #[serde(skip)]
+    pub state: MemState,
+    /// First reading over the ceiling, waiting for its confirmation.
+    #[serde(skip)]
+    pending_over: bool,
+    /// Monotonic ns of the memory restarts still in the window.
+    #[serde(skip)]
+    pub restarts: VecDeque<u64>,
+    /// A restart is in flight: no new decision until the instance that
+    /// was over the ceiling is gone.
+    #[serde(skip)]
+    pub restarting: bool,
+    /// Settled RSS of the last runs, oldest first (persisted).
+    pub runs: VecDeque<u64>,
+    /// Start of the run being watched and whether its settled RSS is in.
+    #[serde(skip)]
+    run_start_ns: u64,
+    #[serde(skip)]
+    run_settled: bool,
+    #[serde(skip)]
+    drift_since: Option<u64>,
+    #[serde(skip)]
+    drift_warned: bool,
+    /// The over-ceiling alert of a critical service went out (once per
+    /// episode).
+    #[serde(skip)]
+    critical_alerted: bool,
+}
+
+impl MemTrack {
+    /// The median settled RSS of the last runs (`None` before one settled).
+    pub fn baseline(&self) -> Option<u64> {
+        if self.runs.is_empty() {
+            return None;
+        }
+        let mut v: Vec<u64> = self.runs.iter().copied().collect();
+        v.sort_unstable();
+        Some(v[v.len() / 2])
+    }
+
+    fn restarts_in(&mut self, now: u64, window: u64) -> u32 {
+        while self
+            .restarts
+            .front()
+            .is_some_and(|&t| now.saturating_sub(t) > window)
+        {
+            self.restarts.pop_front();
+        }
+        self.restarts.len() as u32
+    }
+}
+
+/// Every service's memory history, by service name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Memory {
+    pub services: BTreeMap<String, MemTrack>,
+    /// A baseline changed since last taken (the daemon persists them).
+    #[serde(skip)]
+    pub dirty: bool,
+}
+
+/// How soon to read a service again: the closer to its ceiling, the
+/// sooner (headroom ÷ an assumed 200 MiB/s growth), clamped to
+/// 100 ms–1 s; a reading waiting for its confirmation, 20 ms.
+pub fn next_sample_in(rss: u64, ceiling: u64, confirming: bool) -> u64 {
+    if confirming {
+        return 20 * MS;
+    }
+    if ceiling == 0 {
+        return 1000 * MS;
+    }
+    let headroom = ceiling.saturating_sub(rss);
+    // bytes ÷ (200 MiB/s) in ns.
+    let ns = (headroom as u128 * 1_000_000_000 / (200 * MIB) as u128) as u64;
+    ns.clamp(100 * MS, 1000 * MS)
+}
+
+impl Memory {
+    /// Whether `service` has a first reading over its ceiling that waits
+    /// for confirmation.
+    pub fn confirming(&self, service: &str) -> bool {
+        self.services.get(service).is_some_and(|t| t.pending_over)
+    }
+
+    /// The service's state now.
+    pub fn state(&self, service: &str) -> MemState {
+        self.services
+            .get(service)
+            .map(|t| t.state)
+            .unwrap_or_default()
+    }
+
+    /// A reading of `rss` bytes for `service`, whose oldest live instance
+    /// started at `run_start_ns`, at `now`.
+    pub fn on_sample(
+        &mut self,
+        service: &str,
+        rss: u64,
+        run_start_ns: u64,
+        now: u64,
+        lim: &MemLimits,
+    ) -> Vec<MemDecision> {
+        let t = self.services.entry(service.to_string()).or_default();
+        let mut out = Vec::new();
+        t.rss = rss;
+        t.sampled_ns = now;
+        // A new run (restart, or the first one seen): its settled RSS
+        // counts once it has settled.
+        if run_start_ns != t.run_start_ns {
+            if t.restarting {
+                t.restarting = false;
+            }
+            t.run_start_ns = run_start_ns;
+            t.run_settled = false;
+        }
+        if !t.run_settled && now.saturating_sub(run_start_ns) >= lim.settle_ns {
+            t.run_settled = true;
+            // A run already over the ceiling at settling is no baseline.
+            if lim.ceiling == 0 || rss <= lim.ceiling {
+                t.runs.push_back(rss);
+                while t.runs.len() > BASELINE_RUNS {
+                    t.runs.pop_front();
+                }
+                self.dirty = true;
+            }
+        }
+        let restarts = t.restarts_in(now, lim.window_ns);
+
+        let over = lim.ceiling > 0 && rss > lim.ceiling;
+        if !over {
+            t.pending_over = false;
+            t.critical_alerted = false;
+            if matches!(t.state, MemState::OverCeiling)
+                || (t.state == MemState::MemoryLoop && restarts == 0)
+            {
+                t.state = MemState::Ok;
+                out.push(MemDecision::BackUnder {
+                    service: service.to_string(),
+                    rss,
+                });
+            }
+        } else if t.restarting {
+            // The restart is under way: the old instance still counts.
+        } else if t.state == MemState::MemoryLoop {
+            // Looping: no more restarts until the window clears.
+        } else if !t.pending_over {
+            // First reading over: confirm with a second one.
+            t.pending_over = true;
+        } else {
+            t.pending_over = false;
+            if lim.critical {
+                t.state = MemState::OverCeiling;
+                if !t.critical_alerted {
+                    t.critical_alerted = true;
+                    out.push(MemDecision::OverCeiling {
+                        service: service.to_string(),
+                        rss,
+                        ceiling: lim.ceiling,
+                        critical: true,
+                        restart: false,
+                    });
+                }
+            } else if restarts >= lim.max_restarts {
+                t.state = MemState::MemoryLoop;
+                out.push(MemDecision::Loop {
+                    service: service.to_string(),
+                    restarts,
+                    window_ns: lim.window_ns,
+                    rss,
+                    ceiling: lim.ceiling,
+                });
+            } else {
+                t.state = MemState::OverCeiling;
+                t.restarting = true;
+                t.restarts.push_back(now);
+                out.push(MemDecision::OverCeiling {
+                    service: service.to_string(),
+                    rss,
+                    ceiling: lim.ceiling,
+                    critical: false,
+                    restart: true,
+                });
+                out.push(MemDecision::Restart {
+                    service: service.to_string(),
+                    rss,
+                    ceiling: lim.ceiling,
+                    restarts_in_window: restarts + 1,
+                });
+            }
+        }
+
+        // Drift from its own baseline, below the ceiling's concerns.
+        if let Some(base) = t.baseline() {
+            let threshold =
+                ((base as f64 * lim.drift_ratio) as u64).max(base + lim.drift_min_bytes);
+            if rss > threshold {
+                let since = *t.drift_since.get_or_insert(now);
+                if !t.drift_warned && now.saturating_sub(since) >= lim.drift_sustain_ns {
+                    t.drift_warned = true;
+                    if t.state == MemState::Ok {
+                        t.state = MemState::Drift;
+                    }
+                    out.push(MemDecision::Drift {
+                        service: service.to_string(),
+                        rss,
+                        baseline: base,
+                        threshold,
+                        for_ns: now - since,
+                    });
+                }
+            } else {
+                t.drift_since = None;
+                t.drift_warned = false;
+                if t.state == MemState::Drift {
+                    t.state = MemState::Ok;
+                }
+            }
+        }
+        out
+    }
+
+    /// The memory restarts of `service` in the window ending `now`.
+    pub fn restarts_in_window(&mut self, service: &str, now: u64, window_ns: u64) -> u32 {
+        self.services
+            .get_mut(service)
+            .map(|t| t.restarts_in(now, window_ns))
+            .unwrap_or(0)
+    }
+
+    /// A restart failed: the service may be tried again on the next
+    /// confirmed breach.
+    pub fn restart_failed(&mut self, service: &str) {
+        if let Some(t) = self.services.get_mut(service) {
+            t.restarting = false;
+        }
+    }
+
+    /// Forgets services that are neither configured nor running (bounded
+    /// by what the config names).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.services.retain(|n, _| keep(n));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn lim(ceiling_mib: u64) -> MemLimits {
+        MemLimits {
+            ceiling: ceiling_mib * MIB,
+            max_restarts: 3,
+            window_ns: 600 * S,
+            critical: false,
+            settle_ns: 2 * S,
+            drift_ratio: 1.5,
+            drift_min_bytes: 32 * MIB,
+            drift_sustain_ns: 5 * S,
+        }
+    }
+
+    #[test]
+    fn a_breach_is_confirmed_then_restarted_once() {
+        let mut m = Memory::default();
+        let l = lim(150);
+        assert!(m.on_sample("bot", 100 * MIB, 0, S, &l).is_empty());
+        // First reading over: nothing yet, a quick re-read.
+        assert!(m.on_sample("bot", 160 * MIB, 0, 2 * S, &l).is_empty());
+        assert!(m.confirming("bot"));
+        assert_eq!(next_sample_in(160 * MIB, l.ceiling, true), 20 * MS);
+        let d = m.on_sample("bot", 170 * MIB, 0, 2 * S + 20 * MS, &l);
+        assert!(matches!(
+            &d[..],
+            [
+                MemDecision::OverCeiling { restart: true, .. },
+                MemDecision::Restart {
+                    restarts_in_window: 1,
+                    ..
+                }
+            ]
+        ));
+        assert_eq!(m.state("bot"), MemState::OverCeiling);
+        // The old instance is still there: no second restart.
+        assert!(m.on_sample("bot", 180 * MIB, 0, 3 * S, &l).is_empty());
+        assert!(m.on_sample("bot", 180 * MIB, 0, 4 * S, &l).is_empty());
+        // A new run under the ceiling: back to ok.
+        let d = m.on_sample("bot", 60 * MIB, 5 * S, 5 * S, &l);
+        assert!(matches!(&d[..], [MemDecision::BackUnder { .. }]));
+        assert_eq!(m.state("bot"), MemState::Ok);
+    }
+
+    #[test]
+    fn one_high_reading_is_not_a_breach() {
+        let mut m = Memory::default();
+        let l = lim(150);
+        assert!(m.on_sample("bot", 160 * MIB, 0, S, &l).is_empty());
+        assert!(m.on_sample("bot", 140 * MIB, 0, S + 20 * MS, &l).is_empty());
+        assert!(!m.confirming("bot"));
+        assert_eq!(m.state("bot"), MemState::Ok);
+    }
+
+    #[test]
+    fn critical_services_are_alerted_once_and_never_restarted() {
+        let mut m = Memory::default();
+        let l = MemLimits {
+            critical: true,
+            ..lim(100)
+        };
+        let mut all = Vec::new();
+        for i in 0..10 {
+            all.extend(m.on_sample("db", 200 * MIB, 0, S + i * 100 * MS, &l));
+        }
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(matches!(
+            all[0],
+            MemDecision::OverCeiling {
+                critical: true,
+                restart: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn too_many_restarts_in_the_window_is_a_memory_loop() {
+        let mut m = Memory::default();
+        let l = lim(100);
+        let mut restarts = 0;
+        let mut loops = 0;
+        let mut now = S;
+        for run in 0..6u64 {
+            let start = now;
+            for _ in 0..3 {
+                for d in m.on_sample("leaky", 150 * MIB, start, now, &l) {
+                    match d {
+                        MemDecision::Restart { .. } => restarts += 1,
+                        MemDecision::Loop { .. } => loops += 1,
+                        _ => {}
+                    }
+                }
+                now += 100 * MS;
+            }
+            let _ = run;
+        }
+        assert_eq!(restarts, 3, "max_restarts = 3");
+        assert_eq!(loops, 1, "one loop decision");
+        assert_eq!(m.state("leaky"), MemState::MemoryLoop);
+    }
+
+    #[test]
+    fn drift_from_its_own_baseline_warns_once() {
+        let mut m = Memory::default();
+        let l = lim(0);
+        // Settles at 60 MiB.
+        let mut now = 0;
+        while now <= 3 * S {
+            m.on_sample("bot", 60 * MIB, 0, now, &l);
+            now += S / 2;
+        }
+        assert_eq!(m.services["bot"].baseline(), Some(60 * MIB));
+        // Doubles and stays: one warning after the sustain period.
+        let mut drifts = 0;
+        while now <= 20 * S {
+            drifts += m
+                .on_sample("bot", 130 * MIB, 0, now, &l)
+                .iter()
+                .filter(|d| matches!(d, MemDecision::Drift { .. }))
+                .count();
+            now += S / 2;
+        }
+        assert_eq!(drifts, 1);
+        assert_eq!(m.state("bot"), MemState::Drift);
+        // A flat service never drifts.
+        let mut flat = 0;
+        for i in 0..40u64 {
+            flat += m.on_sample("flat", 70 * MIB, 0, i * S / 2, &l).len();
+        }
+        assert_eq!(flat, 0);
+    }
+
+    #[test]
+    fn a_leak_never_raises_its_own_baseline() {
+        let mut m = Memory::default();
+        let l = lim(0);
+        // Five runs that settle at 60 MiB and then leak to 300 MiB.
+        for run in 0..5u64 {
+            let start = run * 100 * S;
+            for i in 0..50u64 {
+                let now = start + i * S;
+                let rss = if i < 3 { 60 * MIB } else { (60 + 5 * i) * MIB };
+                m.on_sample("bot", rss, start, now, &l);
+            }
+        }
+        assert_eq!(m.services["bot"].baseline(), Some(60 * MIB));
+    }
+
+    #[test]
+    fn sampling_interval_follows_the_headroom() {
+        assert_eq!(next_sample_in(0, 0, false), 1000 * MS);
+        assert_eq!(next_sample_in(10 * MIB, 1000 * MIB, false), 1000 * MS);
+        assert_eq!(next_sample_in(140 * MIB, 150 * MIB, false), 100 * MS);
+        let mid = next_sample_in(100 * MIB, 200 * MIB, false);
+        assert_eq!(mid, 500 * MS);
+    }
+}
