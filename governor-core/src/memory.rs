@@ -341,6 +341,178 @@ impl Memory {
     }
 }
 
+/// The system floor: MemAvailable below `floor` starts a flush cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FloorLimits {
+    pub floor: u64,
+    /// The cycle ends once MemAvailable is above floor + hysteresis.
+    pub hysteresis: u64,
+    /// Below this, the victim is killed (its supervisor brings it back)
+    /// instead of restarted.
+    pub emergency: u64,
+    /// Restarts per cycle at most.
+    pub flush_max: u32,
+    /// Wait after each restart before reading again.
+    pub cooldown_ns: u64,
+}
+
+/// A service the flush may restart, with what it would free.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub service: String,
+    pub rss: u64,
+    pub baseline: Option<u64>,
+    /// Critical services, and what must never be touched (pm2's God,
+    /// PID 1, sshd, governor), are listed with why and never chosen.
+    pub never: Option<String>,
+}
+
+impl Candidate {
+    /// current − baseline (all of it without a baseline yet).
+    pub fn frees(&self) -> u64 {
+        self.rss.saturating_sub(self.baseline.unwrap_or(0))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FloorDecision {
+    /// MemAvailable fell below the floor: a cycle starts.
+    Below { available: u64, floor: u64 },
+    /// Restart (or, below the emergency floor, kill) `victim`.
+    Flush {
+        victim: Candidate,
+        kill: bool,
+        available: u64,
+        /// Why each other service wasn't chosen.
+        passed_over: Vec<(String, String)>,
+        nth: u32,
+    },
+    /// The cycle ended: above floor + hysteresis, or out of restarts or
+    /// victims (`left`: still below).
+    Done {
+        available: u64,
+        restarted: Vec<String>,
+        left: bool,
+    },
+}
+
+/// The flush cycle's state.
+#[derive(Debug, Clone, Default)]
+pub struct Flush {
+    active: bool,
+    /// After a cycle that ended below the floor: none until MemAvailable
+    /// has been above the floor again.
+    spent: bool,
+    wait_until_ns: u64,
+    /// The last victim's old instances aren't gone yet.
+    victim_pending: bool,
+    restarted: Vec<String>,
+}
+
+impl Flush {
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
+    /// The last victim's old instances are gone (or were killed): the
+    /// cooldown starts now.
+    pub fn victim_gone(&mut self, service: &str, now: u64, fl: &FloorLimits) {
+        if self.active
+            && self.victim_pending
+            && self.restarted.last().map(String::as_str) == Some(service)
+        {
+            self.victim_pending = false;
+            self.wait_until_ns = now + fl.cooldown_ns;
+        }
+    }
+
+    /// A MemAvailable reading.
+    pub fn on_available(
+        &mut self,
+        available: u64,
+        now: u64,
+        fl: &FloorLimits,
+        candidates: &[Candidate],
+    ) -> Vec<FloorDecision> {
+        let mut out = Vec::new();
+        if !self.active {
+            if available >= fl.floor {
+                self.spent = false;
+                return out;
+            }
+            if self.spent {
+                return out;
+            }
+            self.active = true;
+            self.restarted.clear();
+            self.wait_until_ns = 0;
+            self.victim_pending = false;
+            out.push(FloorDecision::Below {
+                available,
+                floor: fl.floor,
+            });
+        }
+        if self.victim_pending || now < self.wait_until_ns {
+            return out;
+        }
+        if available >= fl.floor.saturating_add(fl.hysteresis) {
+            self.active = false;
+            out.push(FloorDecision::Done {
+                available,
+                restarted: std::mem::take(&mut self.restarted),
+                left: false,
+            });
+            return out;
+        }
+        let mut passed_over = Vec::new();
+        let mut best: Option<&Candidate> = None;
+        for c in candidates {
+            if let Some(why) = &c.never {
+                passed_over.push((c.service.clone(), why.clone()));
+            } else if self.restarted.contains(&c.service) {
+                passed_over.push((c.service.clone(), "restarted in this cycle already".into()));
+            } else if best.is_none_or(|b| c.frees() > b.frees()) {
+                if let Some(b) = best {
+                    passed_over.push((
+                        b.service.clone(),
+                        format!("frees less ({} MiB)", b.frees() >> 20),
+                    ));
+                }
+                best = Some(c);
+            } else {
+                passed_over.push((
+                    c.service.clone(),
+                    format!("frees less ({} MiB)", c.frees() >> 20),
+                ));
+            }
+        }
+        match best {
+            Some(v) if (self.restarted.len() as u32) < fl.flush_max => {
+                self.restarted.push(v.service.clone());
+                self.victim_pending = true;
+                self.wait_until_ns = now + fl.cooldown_ns;
+                out.push(FloorDecision::Flush {
+                    victim: v.clone(),
+                    kill: available < fl.emergency,
+                    available,
+                    passed_over,
+                    nth: self.restarted.len() as u32,
+                });
+            }
+            _ => {
+                self.active = false;
+                self.spent = true;
+                out.push(FloorDecision::Done {
+                    available,
+                    restarted: std::mem::take(&mut self.restarted),
+                    left: true,
+                });
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,5 +674,87 @@ mod tests {
         assert_eq!(next_sample_in(140 * MIB, 150 * MIB, false), 100 * MS);
         let mid = next_sample_in(100 * MIB, 200 * MIB, false);
         assert_eq!(mid, 500 * MS);
+    }
+
+    fn floor() -> FloorLimits {
+        FloorLimits {
+            floor: 500 * MIB,
+            hysteresis: 100 * MIB,
+            emergency: 250 * MIB,
+            flush_max: 3,
+            cooldown_ns: 5 * S,
+        }
+    }
+
+    fn cand(name: &str, rss: u64, base: Option<u64>, never: Option<&str>) -> Candidate {
+        Candidate {
+            service: name.into(),
+            rss: rss * MIB,
+            baseline: base.map(|b| b * MIB),
+            never: never.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_flush_restarts_what_frees_most_never_critical_and_stops_above_hysteresis() {
+        let mut f = Flush::default();
+        let c = vec![
+            cand("db", 700, Some(100), Some("critical")),
+            cand("big", 600, Some(100), None),
+            cand("small", 300, Some(60), None),
+        ];
+        assert!(f.on_available(800 * MIB, 0, &floor(), &c).is_empty());
+        let d = f.on_available(400 * MIB, S, &floor(), &c);
+        assert!(matches!(d[0], FloorDecision::Below { .. }));
+        let FloorDecision::Flush {
+            victim,
+            kill,
+            passed_over,
+            ..
+        } = &d[1]
+        else {
+            panic!("{d:?}")
+        };
+        assert_eq!(victim.service, "big");
+        assert!(!kill);
+        assert!(passed_over
+            .iter()
+            .any(|(s, why)| s == "db" && why == "critical"));
+        // The old instance not gone yet: nothing, however long.
+        assert!(f.on_available(450 * MIB, 30 * S, &floor(), &c).is_empty());
+        f.victim_gone("big", 2 * S, &floor());
+        // Cooling down: nothing.
+        assert!(f.on_available(450 * MIB, 3 * S, &floor(), &c).is_empty());
+        // Above the floor but not the hysteresis: the next one.
+        let d = f.on_available(550 * MIB, 7 * S, &floor(), &c);
+        assert!(
+            matches!(&d[..], [FloorDecision::Flush { victim, nth: 2, .. }] if victim.service == "small")
+        );
+        f.victim_gone("small", 8 * S, &floor());
+        // Above floor + hysteresis: done.
+        let d = f.on_available(700 * MIB, 13 * S, &floor(), &c);
+        assert!(
+            matches!(&d[..], [FloorDecision::Done { left: false, restarted, .. }] if restarted.len() == 2)
+        );
+        assert!(!f.active());
+    }
+
+    #[test]
+    fn below_the_emergency_floor_the_victim_is_killed_and_a_spent_cycle_waits() {
+        let mut f = Flush::default();
+        let c = vec![
+            cand("big", 600, None, None),
+            cand("db", 900, None, Some("critical")),
+        ];
+        let d = f.on_available(200 * MIB, 0, &floor(), &c);
+        assert!(matches!(&d[1], FloorDecision::Flush { kill: true, .. }));
+        f.victim_gone("big", S, &floor());
+        // Nothing else to restart: the cycle ends, still below.
+        let d = f.on_available(200 * MIB, 6 * S, &floor(), &c);
+        assert!(matches!(&d[..], [FloorDecision::Done { left: true, .. }]));
+        // No new cycle until MemAvailable was above the floor again.
+        assert!(f.on_available(200 * MIB, 20 * S, &floor(), &c).is_empty());
+        assert!(f.on_available(600 * MIB, 21 * S, &floor(), &c).is_empty());
+        assert!(!f.on_available(300 * MIB, 22 * S, &floor(), &c).is_empty());
     }
 }

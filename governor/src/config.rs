@@ -212,18 +212,60 @@ pub struct Tier {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct System {
+    /// MemAvailable below this starts a flush cycle: the non-critical
+    /// service that frees the most is restarted, one at a time.
     #[serde(default = "default_floor")]
     pub memory_floor: ByteSize,
+    /// The cycle ends above memory_floor + floor_hysteresis.
+    #[serde(default = "default_hysteresis")]
+    pub floor_hysteresis: ByteSize,
+    /// Below this (default: half the floor) the victim is killed, not
+    /// restarted; its supervisor brings it back.
+    pub emergency_floor: Option<ByteSize>,
+    /// Restarts per flush cycle at most.
+    #[serde(default = "default_flush_max")]
+    pub flush_max: u32,
+    /// Wait after each flush restart before reading MemAvailable again.
+    #[serde(default = "default_flush_cooldown")]
+    pub flush_cooldown: HumanDuration,
 }
 
 fn default_floor() -> ByteSize {
     ByteSize(500 << 20)
+}
+fn default_hysteresis() -> ByteSize {
+    ByteSize(100 << 20)
+}
+fn default_flush_max() -> u32 {
+    3
+}
+fn default_flush_cooldown() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 impl Default for System {
     fn default() -> Self {
         System {
             memory_floor: default_floor(),
+            floor_hysteresis: default_hysteresis(),
+            emergency_floor: None,
+            flush_max: default_flush_max(),
+            flush_cooldown: default_flush_cooldown(),
+        }
+    }
+}
+
+impl System {
+    pub fn floor_limits(&self) -> governor_core::memory::FloorLimits {
+        governor_core::memory::FloorLimits {
+            floor: self.memory_floor.0,
+            hysteresis: self.floor_hysteresis.0,
+            emergency: self
+                .emergency_floor
+                .map(|b| b.0)
+                .unwrap_or(self.memory_floor.0 / 2),
+            flush_max: self.flush_max,
+            cooldown_ns: self.flush_cooldown.0.as_nanos() as u64,
         }
     }
 }
@@ -350,6 +392,28 @@ impl Config {
                     c.0,
                     key_offset(src, &format!("[tiers.{name}]"), "memory_ceiling"),
                 )?;
+            }
+        }
+        if let Some(t) = total.filter(|&t| self.system.memory_floor.0 >= t) {
+            return err(
+                key_offset(src, "[system]", "memory_floor"),
+                format!(
+                    "system.memory_floor ({} MiB) is not below this host's total RAM ({} MiB): every reading would be below it",
+                    self.system.memory_floor.0 >> 20,
+                    t >> 20
+                ),
+            );
+        }
+        if let Some(e) = self.system.emergency_floor {
+            if e.0 > self.system.memory_floor.0 {
+                return err(
+                    key_offset(src, "[system]", "emergency_floor"),
+                    format!(
+                        "system.emergency_floor ({} MiB) is above system.memory_floor ({} MiB): it must be the lower of the two",
+                        e.0 >> 20,
+                        self.system.memory_floor.0 >> 20
+                    ),
+                );
             }
         }
         if !(self.defaults.drift_ratio.is_finite() && self.defaults.drift_ratio >= 1.0) {
@@ -627,6 +691,18 @@ mod tests {
                 "= 0",
             ),
             ("[defaults]\ndrift_ratio = 0.5\n", 2, "defaults.drift_ratio", "at least 1.0"),
+            (
+                "[system]\nmemory_floor = \"100000GiB\"\n",
+                2,
+                "system.memory_floor",
+                "not below this host's total RAM",
+            ),
+            (
+                "[system]\nmemory_floor = \"100MiB\"\nemergency_floor = \"200MiB\"\n",
+                3,
+                "system.emergency_floor",
+                "above system.memory_floor",
+            ),
         ];
         for (src, line, key, reason) in cases {
             let e = parse(src).expect_err(src);

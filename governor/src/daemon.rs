@@ -144,6 +144,7 @@ pub struct Daemon {
     /// Memory budgets: the core's policy state, the statm reader, and when
     /// each configured service is read next (monotonic ns).
     memory: governor_core::memory::Memory,
+    flush: governor_core::memory::Flush,
     sampler: crate::memsample::Sampler,
     mem_next: HashMap<String, u64>,
 }
@@ -673,6 +674,12 @@ impl Daemon {
                 if result.is_err() {
                     self.memory.restart_failed(&service);
                 }
+                // A flush waits for its victim's old instances to be gone.
+                self.flush.victim_gone(
+                    &service,
+                    monotonic_ns(),
+                    &self.config.system.floor_limits(),
+                );
                 let alert = (result.is_err() || !killed.is_empty()).then(|| {
                     alert_of(
                         Severity::Critical,
@@ -755,6 +762,7 @@ impl Daemon {
         if due.is_empty() {
             return;
         }
+        self.floor_check(now);
         let names: Vec<&str> = due.iter().map(String::as_str).collect();
         let readings = self.sampler.read(&self.table, &names);
         for name in due {
@@ -897,56 +905,6 @@ impl Daemon {
         r: &crate::memsample::Reading,
         lim: &governor_core::memory::MemLimits,
     ) {
-        let pids: Vec<u32> = r.instances.iter().map(|&(p, _)| p).collect();
-        let supervisor = self
-            .table
-            .instances_of(service)
-            .next()
-            .map(|p| supervisor_of(p, &self.table))
-            .unwrap_or_default();
-        let verified = match supervisor {
-            Supervisor::None => {
-                Err("no supervisor restarts it (not pm2, not a system unit)".to_string())
-            }
-            ref s => crate::supervisor::verify(s, &self.table).map_err(|e| format!("{e:#}")),
-        };
-        if let Err(why) = verified {
-            self.memory.restart_failed(service);
-            let alert = alert_of(
-                Severity::Critical,
-                "memory restart",
-                Some(service),
-                format!("memory: {service} over its ceiling, restart refused"),
-                why.clone(),
-            );
-            self.record(
-                "memory.restart",
-                Some(service),
-                json!({"state": "refused", "why": why, "rss_bytes": rss, "ceiling_bytes": ceiling, "pids": pids}),
-                Some(alert),
-            );
-            return;
-        }
-        // Descriptors of the instances now: the kill after the timeout
-        // can only reach these processes, never a reused pid.
-        let pidfds: Vec<(u32, std::os::fd::OwnedFd)> = pids
-            .iter()
-            .filter_map(|&p| {
-                let pid = rustix::process::Pid::from_raw(p as i32)?;
-                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
-                    .ok()
-                    .map(|fd| (p, fd))
-            })
-            .collect();
-        // The deaths this restart causes are governor's, not crashes.
-        let info = InstanceInfo {
-            service: service.to_string(),
-            configured: self.service_index.contains_key(service),
-            supervisor: supervisor.clone(),
-            limits: self.limits_of(service),
-        };
-        self.velocity.expect_planned(&info, pids.len() as u32);
-        self.velocity_dirty = true;
         let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
         let alert = alert_of(
             Severity::Warning,
@@ -962,41 +920,243 @@ impl Daemon {
                 lim.max_restarts
             ),
         );
+        let detail = json!({"rss_bytes": rss, "ceiling_bytes": ceiling,
+                            "restarts_in_window": restarts_in_window, "max_restarts": lim.max_restarts,
+                            "helpers": r.helpers,
+                            "mem_available_bytes": crate::memsample::mem_available()});
+        if !self.restart_service(service, "memory.restart", detail, alert, false) {
+            self.memory.restart_failed(service);
+        }
+    }
+
+    /// Restarts `service` through its verified supervisor (or, with
+    /// `kill`, SIGKILLs its instances and lets the supervisor bring them
+    /// back), its entry `kind` durable first; the old instances get SIGKILL
+    /// through pidfds if they outlive `kill_timeout`. False when refused.
+    fn restart_service(
+        &mut self,
+        service: &str,
+        kind: &str,
+        mut detail: Value,
+        alert: Alert,
+        kill: bool,
+    ) -> bool {
+        let pids: Vec<u32> = self.table.instances_of(service).map(|p| p.pid).collect();
+        let supervisor = self
+            .table
+            .instances_of(service)
+            .next()
+            .map(|p| supervisor_of(p, &self.table))
+            .unwrap_or_default();
+        let verified = match supervisor {
+            Supervisor::None => {
+                Err("no supervisor restarts it (not pm2, not a system unit)".to_string())
+            }
+            ref s => crate::supervisor::verify(s, &self.table).map_err(|e| format!("{e:#}")),
+        };
+        detail["pids"] = json!(pids);
+        detail["supervisor"] = json!(supervisor);
+        if let Err(why) = verified {
+            detail["state"] = json!("refused");
+            detail["why"] = json!(why);
+            let alert = alert_of(
+                Severity::Critical,
+                "memory restart",
+                Some(service),
+                format!("{service}: restart refused"),
+                why,
+            );
+            self.record(kind, Some(service), detail, Some(alert));
+            return false;
+        }
+        // Descriptors of the instances now: a kill can only reach these
+        // processes, never a reused pid.
+        let pidfds: Vec<(u32, std::os::fd::OwnedFd)> = pids
+            .iter()
+            .filter_map(|&p| {
+                let pid = rustix::process::Pid::from_raw(p as i32)?;
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                    .ok()
+                    .map(|fd| (p, fd))
+            })
+            .collect();
+        // The deaths this causes are governor's, not crashes.
+        let info = InstanceInfo {
+            service: service.to_string(),
+            configured: self.service_index.contains_key(service),
+            supervisor: supervisor.clone(),
+            limits: self.limits_of(service),
+        };
+        self.velocity.expect_planned(&info, pids.len() as u32);
+        self.velocity_dirty = true;
         let ops = self.supervisors.clone();
         let tx = self.side_tx.clone();
         let (name, sv) = (service.to_string(), supervisor.clone());
-        let kill_timeout = self.config.defaults.kill_timeout.0;
+        let kill_timeout = if kill {
+            Duration::ZERO
+        } else {
+            self.config.defaults.kill_timeout.0
+        };
+        detail["state"] = json!("requested");
+        detail["how"] = json!(if kill {
+            "SIGKILL (emergency floor)"
+        } else {
+            "supervisor restart"
+        });
+        detail["kill_timeout_ms"] = json!(kill_timeout.as_millis() as u64);
         self.effects.submit(
-            Effect::audit(
-                "memory.restart",
-                Some(service),
-                json!({"state": "requested", "rss_bytes": rss, "ceiling_bytes": ceiling,
-                       "restarts_in_window": restarts_in_window, "max_restarts": lim.max_restarts,
-                       "supervisor": supervisor, "pids": pids, "helpers": r.helpers,
-                       "mem_available_bytes": crate::memsample::mem_available(),
-                       "kill_timeout_ms": kill_timeout.as_millis() as u64}),
-            )
-            .with_alert(alert)
-            .then(move |_| {
-                let result = ops.restart(&sv).map_err(|e| format!("{e:#}"));
-                // Waiting for the old instances is not the act thread's job.
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("mem-reap".into())
-                        .spawn(move || {
-                            let killed = crate::memsample::reap(pidfds, kill_timeout);
-                            let _ = tx.send(Side::MemRestarted {
-                                service: name,
-                                supervisor: sv,
-                                result,
-                                killed,
+            Effect::audit(kind, Some(service), detail)
+                .with_alert(alert)
+                .then(move |_| {
+                    let result = if kill {
+                        Ok("killed; the supervisor brings it back".to_string())
+                    } else {
+                        ops.restart(&sv).map_err(|e| format!("{e:#}"))
+                    };
+                    // Waiting for the old instances is not the act thread's job.
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("mem-reap".into())
+                            .spawn(move || {
+                                let killed = crate::memsample::reap(pidfds, kill_timeout);
+                                let _ = tx.send(Side::MemRestarted {
+                                    service: name,
+                                    supervisor: sv,
+                                    result,
+                                    killed,
+                                });
                             });
-                        });
-                if let Err(e) = spawned {
-                    log::error!("memory restart: starting the reaper thread: {e}");
-                }
-            }),
+                    if let Err(e) = spawned {
+                        log::error!("memory restart: starting the reaper thread: {e}");
+                    }
+                }),
         );
+        true
+    }
+
+    /// MemAvailable against the system floor: the flush cycle.
+    fn floor_check(&mut self, now: u64) {
+        use governor_core::memory::{Candidate, FloorDecision as F};
+        let Some(available) = crate::memsample::mem_available() else {
+            return;
+        };
+        let fl = self.config.system.floor_limits();
+        let me = std::process::id();
+        let candidates: Vec<Candidate> = self
+            .service_index
+            .keys()
+            .filter_map(|name| {
+                let t = self.memory.services.get(name)?;
+                let procs: Vec<&Process> = self.table.instances_of(name).collect();
+                if procs.is_empty() {
+                    return None;
+                }
+                let never = if self.mem_limits_of(name).critical {
+                    Some("critical")
+                } else if procs.iter().any(|p| p.pid == 1) {
+                    Some("PID 1")
+                } else if procs.iter().any(|p| p.pid == me) {
+                    Some("governor itself")
+                } else if procs
+                    .iter()
+                    .any(|p| p.exe.rsplit('/').next() == Some("sshd"))
+                {
+                    Some("sshd")
+                } else {
+                    None
+                };
+                Some(Candidate {
+                    service: name.clone(),
+                    rss: t.rss,
+                    baseline: t.baseline(),
+                    never: never.map(str::to_string),
+                })
+            })
+            .collect();
+        let mib = |b: u64| format!("{} MiB", b >> 20);
+        for dec in self.flush.on_available(available, now, &fl, &candidates) {
+            match dec {
+                F::Below { available, floor } => {
+                    let alert = alert_of(
+                        Severity::Critical,
+                        "memory floor",
+                        None,
+                        format!("memory floor: {} available, below the {} floor", mib(available), mib(floor)),
+                        "a flush cycle restarts the non-critical services that free the most, one at a time".into(),
+                    );
+                    self.record(
+                        "memory.floor",
+                        None,
+                        json!({"available_bytes": available, "floor_bytes": floor,
+                               "hysteresis_bytes": fl.hysteresis, "emergency_bytes": fl.emergency,
+                               "candidates": candidates.iter().map(|c| json!({"service": c.service, "rss_bytes": c.rss,
+                                   "baseline_bytes": c.baseline, "frees_bytes": c.frees(), "never": c.never})).collect::<Vec<_>>()}),
+                        Some(alert),
+                    );
+                }
+                F::Flush {
+                    victim,
+                    kill,
+                    available,
+                    passed_over,
+                    nth,
+                } => {
+                    let alert = alert_of(
+                        Severity::Critical,
+                        "memory flush",
+                        Some(&victim.service),
+                        format!(
+                            "memory flush {nth}/{}: {} {} ({} over its baseline)",
+                            fl.flush_max,
+                            if kill { "killing" } else { "restarting" },
+                            victim.service,
+                            mib(victim.frees())
+                        ),
+                        format!("{} available, floor {}", mib(available), mib(fl.floor)),
+                    );
+                    let detail = json!({"available_bytes": available, "floor_bytes": fl.floor,
+                        "rss_bytes": victim.rss, "baseline_bytes": victim.baseline, "frees_bytes": victim.frees(),
+                        "nth": nth, "flush_max": fl.flush_max, "kill": kill,
+                        "passed_over": passed_over.iter().map(|(s, w)| json!({"service": s, "why": w})).collect::<Vec<_>>()});
+                    self.restart_service(&victim.service, "memory.flush", detail, alert, kill);
+                }
+                F::Done {
+                    available,
+                    restarted,
+                    left,
+                } => {
+                    let alert = alert_of(
+                        if left {
+                            Severity::Critical
+                        } else {
+                            Severity::Warning
+                        },
+                        "memory flush",
+                        None,
+                        format!(
+                            "memory flush done: {} available{}",
+                            mib(available),
+                            if left { ", still below the floor" } else { "" }
+                        ),
+                        format!(
+                            "restarted: {}",
+                            if restarted.is_empty() {
+                                "nothing".into()
+                            } else {
+                                restarted.join(", ")
+                            }
+                        ),
+                    );
+                    self.record(
+                        "memory.flush_done",
+                        None,
+                        json!({"available_bytes": available, "floor_bytes": fl.floor,
+                               "hysteresis_bytes": fl.hysteresis, "restarted": restarted, "below_floor": left}),
+                        Some(alert),
+                    );
+                }
+            }
+        }
     }
 
     fn reload(&mut self) -> std::result::Result<String, String> {
@@ -1459,6 +1619,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         reload_protect: false,
         services_by_pid,
         memory: load_memory(&state_dir),
+        flush: Default::default(),
         sampler: crate::memsample::Sampler::default(),
         mem_next: HashMap::new(),
     };
