@@ -21,3 +21,6 @@ pub mod memory;
 pub mod status;
 pub mod table;
 pub mod velocity;
+
+#[cfg(test)]
+mod testutil;

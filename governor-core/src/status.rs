@@ -168,8 +168,7 @@ pub fn snapshot(
 mod tests {
     use super::*;
     use crate::{
-        events::Exec,
-        identity::{Match, Matcher, Rule},
+        testutil::{exec, table, DAEMON_JS},
         velocity::{Death, InstanceInfo},
     };
 
@@ -210,41 +209,6 @@ mod tests {
             }
         }
     }
-
-    fn exec(pid: u32, ppid: u32, uid: u32, exe: &str, argv: &[&str]) -> Exec {
-        Exec {
-            pid,
-            ppid,
-            uid,
-            ts_ns: 1,
-            start_ns: pid as u64,
-            comm: "x".into(),
-            filename: exe.into(),
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            argv_truncated: false,
-        }
-    }
-
-    fn table() -> ProcTable {
-        ProcTable::new(
-            Matcher::new(vec![
-                Rule {
-                    name: "lily".into(),
-                    matcher: Match::Pm2 {
-                        app: "lily".into(),
-                        owner: Some(0),
-                    },
-                },
-                Rule {
-                    name: "ssh".into(),
-                    matcher: Match::Unit("ssh.service".into()),
-                },
-            ]),
-            |u| format!("u{u}"),
-        )
-    }
-
-    const DAEMON_JS: &str = "/usr/lib/node_modules/pm2/lib/Daemon.js";
 
     #[test]
     fn rows_states_supervisors_and_bounds() {

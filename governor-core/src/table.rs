@@ -324,50 +324,8 @@ impl ProcTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{login_ancestry, Match, Rule, Unit};
-
-    fn exec(pid: u32, ppid: u32, uid: u32, exe: &str, argv: &[&str]) -> Exec {
-        Exec {
-            pid,
-            ppid,
-            uid,
-            ts_ns: 1,
-            start_ns: pid as u64,
-            comm: "x".into(),
-            filename: exe.into(),
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            argv_truncated: false,
-        }
-    }
-
-    fn table() -> ProcTable {
-        ProcTable::new(
-            Matcher::new(vec![
-                Rule {
-                    name: "lily".into(),
-                    matcher: Match::Pm2 {
-                        app: "lily".into(),
-                        owner: Some(0),
-                    },
-                },
-                Rule {
-                    name: "ssh".into(),
-                    matcher: Match::Unit("ssh.service".into()),
-                },
-                Rule {
-                    name: "worker".into(),
-                    matcher: Match::Exe {
-                        path: "/usr/local/bin/worker".into(),
-                        uid: Some(0),
-                        args: None,
-                    },
-                },
-            ]),
-            |u| format!("u{u}"),
-        )
-    }
-
-    const DAEMON_JS: &str = "/usr/lib/node_modules/pm2/lib/Daemon.js";
+    use crate::identity::{login_ancestry, Unit};
+    use crate::testutil::{exec, table, DAEMON_JS};
 
     fn lily_env(_: u32) -> Option<(String, Option<u32>)> {
         Some(("lily".into(), Some(0)))

@@ -298,6 +298,17 @@ impl Pm2 {
     }
 }
 
+/// pm2 for a test that needs node, which only the host has: `None` in the
+/// guest (and the test says it skipped).
+pub fn host_pm2() -> Option<Pm2> {
+    require_root();
+    if in_vm() {
+        println!("skipped in the guest: no node there");
+        return None;
+    }
+    Some(Pm2::isolated())
+}
+
 impl Drop for Pm2 {
     fn drop(&mut self) {
         Command::new(&self.bin)

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use governor_tests::{in_vm, require_root, wait_until, DaemonProc, Pm2};
+use governor_tests::{host_pm2, wait_until, DaemonProc};
 use serde_json::Value;
 
 fn available() -> u64 {
@@ -20,12 +20,7 @@ fn of<'a>(entries: &'a [Value], service: &str) -> Vec<&'a Value> {
 
 #[test]
 fn the_floor_flushes_the_non_critical_service_and_stops_above_hysteresis() {
-    require_root();
-    if in_vm() {
-        println!("skipped in the guest: no node there");
-        return;
-    }
-    let pm2 = Pm2::isolated();
+    let Some(pm2) = host_pm2() else { return };
     let dir = pm2.home.path().to_path_buf();
     // A critical app holding 700 MiB, and one that takes 600 MiB on its
     // first run only.

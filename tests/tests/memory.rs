@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use governor_tests::{in_vm, require_root, wait_until, DaemonProc, Pm2};
+use governor_tests::{host_pm2, wait_until, DaemonProc};
 use serde_json::Value;
 
 fn row<'a>(status: &'a Value, name: &str) -> &'a Value {
@@ -66,12 +66,7 @@ fn unix_ms(rfc3339: &str) -> u64 {
 
 #[test]
 fn memory_budgets_restart_alert_and_loop() {
-    require_root();
-    if in_vm() {
-        println!("skipped in the guest: no node there");
-        return;
-    }
-    let pm2 = Pm2::isolated();
+    let Some(pm2) = host_pm2() else { return };
     let dir = pm2.home.path().to_path_buf();
     let mut d = DaemonProc::start(
         "[defaults]\nmemory_max_restarts = 2\nkill_timeout = \"3s\"\n\
@@ -219,12 +214,7 @@ fn memory_budgets_restart_alert_and_loop() {
 
 #[test]
 fn drift_from_a_services_own_baseline() {
-    require_root();
-    if in_vm() {
-        println!("skipped in the guest: no node there");
-        return;
-    }
-    let pm2 = Pm2::isolated();
+    let Some(pm2) = host_pm2() else { return };
     let dir = pm2.home.path().to_path_buf();
     let mut d = DaemonProc::start(
         "[defaults]\nmemory_settle = \"2s\"\ndrift_after = \"2s\"\ndrift_min = \"16MiB\"\n\

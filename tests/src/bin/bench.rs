@@ -430,6 +430,214 @@ fn velocity(r: &mut Report) {
     );
 }
 
+/// A node app for pm2 that leaks `rate` MiB/s from its start and logs
+/// `<unix ms> <pid> <rss>` every 5 ms to `log`.
+fn leaker_js(
+    dir: &std::path::Path,
+    name: &str,
+    rate: u64,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let log = dir.join(format!("{name}.rss"));
+    let js = dir.join(format!("{name}.js"));
+    std::fs::write(
+        &js,
+        format!(
+            "const fs = require('fs'); const held = [];\n\
+             setInterval(() => held.push(Buffer.alloc(({rate} / 20) << 20, 1)), 50);\n\
+             setInterval(() => fs.appendFileSync({log:?}, Date.now() + ' ' + process.pid + ' ' + process.memoryUsage.rss() + '\\n'), 5);\n",
+            log = log.display().to_string()
+        ),
+    )
+    .expect("write the leaker");
+    (js, log)
+}
+
+/// Per run (pid) of a leaker: its first own reading over `ceiling` and its
+/// last reading (≈ its death), unix ms.
+fn crossings(log: &std::path::Path, ceiling: u64) -> Vec<(u32, u64, u64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut runs: Vec<(u32, Option<u64>, u64)> = Vec::new();
+    for l in text.lines() {
+        let mut f = l.split(' ');
+        let (Some(t), Some(pid), Some(rss)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (Ok(t), Ok(pid), Ok(rss)) = (t.parse::<u64>(), pid.parse::<u32>(), rss.parse::<u64>())
+        else {
+            continue;
+        };
+        match runs.iter_mut().find(|r| r.0 == pid) {
+            Some(r) => {
+                r.2 = t;
+                if r.1.is_none() && rss > ceiling {
+                    r.1 = Some(t);
+                }
+            }
+            None => runs.push((pid, (rss > ceiling).then_some(t), t)),
+        }
+    }
+    runs.into_iter()
+        .filter_map(|(p, c, last)| c.map(|c| (p, c, last)))
+        .collect()
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn memory(r: &mut Report) {
+    println!(
+        "memory: ceiling crossing → restart (governor and pm2's max_memory_restart), CPU, RSS"
+    );
+    let pm2 = governor_tests::Pm2::isolated();
+    let dir = pm2.home.path().to_path_buf();
+    const CEIL: u64 = 150 << 20;
+    // 30 idle services and 89 protected files, as the user runs.
+    let files = dir.join("protected");
+    std::fs::create_dir_all(&files).expect("mkdir");
+    let list: Vec<String> = (0..89)
+        .map(|i| {
+            let p = files.join(format!("f{i}.conf"));
+            std::fs::write(&p, format!("{i}\n")).expect("write");
+            format!("\"{}\"", p.display())
+        })
+        .collect();
+    let idle = dir.join("idle.js");
+    std::fs::write(&idle, "setInterval(() => {}, 1000);\n").expect("write");
+    let mut cfg = format!(
+        "[defaults]\nmemory_max_restarts = 1000\n[protect]\nprotected = [{}]\n\
+         [[service]]\nname = \"leaker\"\npm2 = \"bench-leaker\"\nmemory_ceiling = \"150MiB\"\n",
+        list.join(", ")
+    );
+    for i in 0..29 {
+        cfg.push_str(&format!(
+            "[[service]]\nname = \"idle{i}\"\npm2 = \"bench-idle{i}\"\n"
+        ));
+    }
+    for i in 0..29 {
+        pm2.run(&[
+            "start",
+            idle.to_str().unwrap(),
+            "--name",
+            &format!("bench-idle{i}"),
+        ]);
+    }
+    let d = DaemonProc::start(&cfg);
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = |secs: u64| {
+        let t0 = cpu_ticks(d.pid());
+        let w0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(secs));
+        100.0 * (cpu_ticks(d.pid()) - t0) as f64 / hz / w0.elapsed().as_secs_f64()
+    };
+    let idle_pct = cpu(20);
+    let rss = rss_kib(d.pid());
+    r.add(
+        "memory: daemon CPU, 30 services nobody near a limit",
+        format!("{idle_pct:.3}% of a core over 20 s"),
+        "≤ 0.1%",
+        idle_pct <= 0.1,
+    );
+    r.add(
+        "memory: daemon RSS, 30 services and 89 protected files",
+        format!("{:.2} MiB", rss as f64 / 1024.0),
+        "≤ 8 MiB",
+        rss <= 8 * 1024,
+    );
+
+    // governor: a 50 MiB/s leak, ≥ 20 crossings.
+    let (js, log) = leaker_js(&dir, "leaker", 50);
+    let t0 = cpu_ticks(d.pid());
+    let w0 = Instant::now();
+    pm2.run(&["start", js.to_str().unwrap(), "--name", "bench-leaker"]);
+    let enough = governor_tests::wait_until(Duration::from_secs(240), || {
+        d.entries_of("memory.restart").len() >= 21
+    });
+    let leak_pct = 100.0 * (cpu_ticks(d.pid()) - t0) as f64 / hz / w0.elapsed().as_secs_f64();
+    pm2.run(&["delete", "bench-leaker"]);
+    let entries = d.entries_of("memory.restart");
+    let decided: Vec<u64> = entries
+        .iter()
+        .filter_map(|e| {
+            let ts: jiff::Timestamp = e["ts"].as_str()?.parse().ok()?;
+            Some(ts.as_millisecond() as u64)
+        })
+        .collect();
+    let runs = crossings(&log, CEIL);
+    // Each run's crossing → the first restart entry after it, and → its
+    // last own reading (its death).
+    let mut to_restart = Vec::new();
+    let mut to_dead = Vec::new();
+    for (_, crossed, last) in &runs {
+        if let Some(t) = decided.iter().find(|&&t| t + 50 >= *crossed) {
+            if *t < crossed + 10_000 {
+                to_restart.push(t.saturating_sub(*crossed) as f64);
+                to_dead.push(last.saturating_sub(*crossed) as f64);
+            }
+        }
+    }
+    let n = to_restart.len();
+    let (g50, g99) = (
+        pct(&mut to_restart.clone(), 0.5),
+        pct(&mut to_restart, 0.99),
+    );
+    let (d50, d99) = (pct(&mut to_dead.clone(), 0.5), pct(&mut to_dead, 0.99));
+    r.add(
+        "memory: crossing → governor's restart entry",
+        format!("p50 {g50:.0} ms, p99 {g99:.0} ms over {n} crossings (→ old instance's last reading: p50 {d50:.0} ms, p99 {d99:.0} ms)"),
+        "p99 ≤ 250 ms over ≥ 20",
+        enough && n >= 20 && g99 <= 250.0,
+    );
+    r.add(
+        "memory: daemon CPU while one service leaks 50 MiB/s",
+        format!(
+            "{leak_pct:.3}% of a core over {:.0} s",
+            w0.elapsed().as_secs_f64()
+        ),
+        "reported",
+        true,
+    );
+
+    // pm2's own max_memory_restart on the same app (no governor ceiling).
+    let (js, log) = leaker_js(&dir, "pm2leaker", 50);
+    pm2.run(&[
+        "start",
+        js.to_str().unwrap(),
+        "--name",
+        "bench-pm2leaker",
+        "--max-memory-restart",
+        "150M",
+    ]);
+    governor_tests::wait_until(Duration::from_secs(200), || {
+        crossings(&log, CEIL).len() >= 4
+    });
+    pm2.run(&["delete", "bench-pm2leaker"]);
+    let mut pm2_dead: Vec<f64> = crossings(&log, CEIL)
+        .iter()
+        .rev()
+        .skip(1)
+        .map(|(_, c, last)| last.saturating_sub(*c) as f64)
+        .collect();
+    let m = pm2_dead.len();
+    let p50 = pct(&mut pm2_dead, 0.5);
+    r.add(
+        "memory: crossing → old instance gone, governor vs pm2 max_memory_restart",
+        format!(
+            "governor p50 {d50:.0} ms, pm2 p50 {p50:.0} ms over {m} crossings: {:.3}× pm2's",
+            d50 / p50
+        ),
+        "< 1.0× pm2's",
+        m >= 2 && d50 < p50,
+    );
+    drop(d);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let number = |flag: &str, default: usize| {
@@ -465,6 +673,9 @@ fn main() {
     }
     if want("velocity") {
         velocity(&mut r);
+    }
+    if want("memory") {
+        memory(&mut r);
     }
     if want("protect") {
         println!("protect: 89 protected files, `governor run` running over not");
