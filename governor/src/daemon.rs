@@ -753,10 +753,13 @@ impl Daemon {
     /// table, and carries out what the memory policy decides.
     fn sample_memory(&mut self) {
         let now = monotonic_ns();
+        // Services due within the next 200 ms are read now too: one wake
+        // and one pass over the table for all of them, not one each.
+        let soon = now + 200_000_000;
         let due: Vec<String> = self
             .service_index
             .keys()
-            .filter(|n| self.mem_next.get(*n).is_none_or(|&t| t <= now))
+            .filter(|n| self.mem_next.get(*n).is_none_or(|&t| t <= soon))
             .cloned()
             .collect();
         if due.is_empty() {

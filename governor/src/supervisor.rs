@@ -77,8 +77,9 @@ struct Pm2Cli {
 }
 
 /// Finds pm2's CLI: from the God daemon's Daemon.js (seen at its exec),
-/// else from the `_` its launching shell left in its environment, else the
-/// usual install locations.
+/// else from the `_` its launching shell left in its environment, else its
+/// own PATH, else the usual install locations. (It runs as the God's owner,
+/// who set that environment.)
 fn locate_cli(daemon_js: Option<&str>, env: &[(String, String)]) -> Result<PathBuf> {
     if let Some(root) = daemon_js.and_then(|js| Path::new(js).parent()?.parent()) {
         let cli = root.join("bin/pm2");
@@ -91,8 +92,22 @@ fn locate_cli(daemon_js: Option<&str>, env: &[(String, String)]) -> Result<PathB
         .find(|(k, _)| k == "_")
         .map(|(_, v)| PathBuf::from(v))
         .filter(|p| p.file_name().is_some_and(|n| n == "pm2"));
+    // A God started before governor has rewritten its title: its
+    // Daemon.js is gone from argv. Its own PATH (nvm, npm prefixes) is
+    // where `pm2` was found when it was started.
+    let on_path: Vec<PathBuf> = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| {
+            v.split(':')
+                .filter(|d| d.starts_with('/'))
+                .map(|d| Path::new(d).join("pm2"))
+                .collect()
+        })
+        .unwrap_or_default();
     launched
         .into_iter()
+        .chain(on_path)
         .chain(
             [
                 "/usr/local/bin/pm2",
@@ -343,6 +358,29 @@ pub fn describe_view(v: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A God started before governor: its CLI from its own PATH.
+    #[test]
+    fn cli_found_on_the_gods_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let pm2 = dir.path().join("pm2");
+        std::fs::write(&pm2, "#!/bin/sh\n").unwrap();
+        let env = vec![(
+            "PATH".to_string(),
+            format!("relative/bin:/nonexistent:{}", dir.path().display()),
+        )];
+        assert_eq!(locate_cli(None, &env).unwrap(), pm2);
+        // Daemon.js, when seen, wins.
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("bin")).unwrap();
+        std::fs::create_dir_all(root.path().join("lib")).unwrap();
+        std::fs::write(root.path().join("bin/pm2"), "").unwrap();
+        let js = root.path().join("lib/Daemon.js");
+        assert_eq!(
+            locate_cli(js.to_str(), &env).unwrap(),
+            root.path().join("bin/pm2")
+        );
+    }
 
     #[test]
     fn names_are_checked() {

@@ -277,9 +277,19 @@ impl Pm2 {
     }
 
     pub fn run(&self, args: &[&str]) -> String {
+        // With pm2 on PATH, as a shell user has it: the God inherits it.
+        let path = format!(
+            "{}:{}",
+            self.bin
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let out = Command::new(&self.bin)
             .args(args)
             .env("PM2_HOME", self.home.path())
+            .env("PATH", path)
             .output()
             .expect("run pm2");
         assert!(
