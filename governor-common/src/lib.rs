@@ -184,6 +184,15 @@ pub struct KernelConfig {
     pub signal_pids: u32,
     pub pid_numbers: u32,
     pub upid_nr: u32,
+    // --- Memory budgets (issue 11); see [`memory`]. ---
+    /// Offsets of `curr`, `member` and `size` in the `kmem/rss_stat`
+    /// record (from the tracefs format), or [`NO_FIELD`] where the kernel
+    /// has no such tracepoint: then the memory tracker isn't loaded and the
+    /// daemon reads `/proc` more often instead.
+    pub tp_rss_curr: u32,
+    pub tp_rss_member: u32,
+    pub tp_rss_size: u32,
+    pub _pad2: u32,
 }
 
 /// `PIDTYPE_SID` of the kernel's `enum pid_type` (stable since 4.19).
@@ -215,6 +224,7 @@ pub struct InodeKey {
     pub ino: u64,
 }
 
+pub mod memory;
 pub mod protect;
 
 #[cfg(feature = "user")]

@@ -42,6 +42,30 @@ pub struct Pm2App {
     pub pm_id: Option<u32>,
     pub god_pid: u32,
     pub god_uid: u32,
+    /// pm2's own `max_memory_restart` for the app (bytes), when set: shown
+    /// beside governor's ceiling.
+    pub max_memory_restart: Option<u64>,
+}
+
+/// What pm2 put in an app's environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pm2Env {
+    pub name: String,
+    pub pm_id: Option<u32>,
+    pub max_memory_restart: Option<u64>,
+}
+
+impl Pm2Env {
+    /// The app, as a child of the verified God `god_pid` owned by `god_uid`.
+    pub fn app(self, god_pid: u32, god_uid: u32) -> Pm2App {
+        Pm2App {
+            name: self.name,
+            pm_id: self.pm_id,
+            god_pid,
+            god_uid,
+            max_memory_restart: self.max_memory_restart,
+        }
+    }
 }
 
 /// A systemd unit, by the manager that runs it.
@@ -255,20 +279,31 @@ pub fn unit_from_cgroup(cg: &str) -> Option<Unit> {
     })
 }
 
-/// pm2 puts `name` and `pm_id` in each app's environment.
-pub fn parse_pm2_env(environ: &[u8]) -> Option<(String, Option<u32>)> {
+/// pm2 puts `name` and `pm_id` in each app's environment, and
+/// `max_memory_restart` (bytes) when the app has one.
+pub fn parse_pm2_env(environ: &[u8]) -> Option<Pm2Env> {
     let mut name = None;
     let mut pm_id = None;
+    let mut max_memory_restart = None;
     for var in environ.split(|&b| b == 0) {
         if let Some(v) = var.strip_prefix(b"pm_id=") {
             pm_id = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
         } else if let Some(v) = var.strip_prefix(b"name=") {
             name = Some(String::from_utf8_lossy(v).into_owned());
+        } else if let Some(v) = var.strip_prefix(b"max_memory_restart=") {
+            max_memory_restart = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .filter(|&b: &u64| b > 0);
         }
     }
     // `name` alone is too common a variable; pm2 always sets both.
     match (name, pm_id) {
-        (Some(name), Some(id)) if !name.is_empty() => Some((name, Some(id))),
+        (Some(name), Some(id)) if !name.is_empty() => Some(Pm2Env {
+            name,
+            pm_id: Some(id),
+            max_memory_restart,
+        }),
         _ => None,
     }
 }
@@ -401,7 +436,16 @@ mod tests {
     fn pm2_env_needs_name_and_id() {
         assert_eq!(
             parse_pm2_env(b"PATH=/bin\0name=lily\0pm_id=3\0"),
-            Some(("lily".into(), Some(3)))
+            Some(Pm2Env {
+                name: "lily".into(),
+                pm_id: Some(3),
+                max_memory_restart: None
+            })
+        );
+        assert_eq!(
+            parse_pm2_env(b"name=lily\0pm_id=3\0max_memory_restart=314572800\0")
+                .and_then(|e| e.max_memory_restart),
+            Some(314572800)
         );
         assert_eq!(parse_pm2_env(b"name=lily\0"), None);
     }

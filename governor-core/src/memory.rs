@@ -37,6 +37,39 @@ pub struct MemLimits {
     pub drift_ratio: f64,
     pub drift_min_bytes: u64,
     pub drift_sustain_ns: u64,
+    /// The start-up allowance: for `startup_grace_ns` after a run starts,
+    /// the ceiling is `startup_allowance` × the ceiling (1.0: off).
+    pub startup_allowance: f64,
+    pub startup_grace_ns: u64,
+}
+
+impl MemLimits {
+    /// The ceiling that applies to a run `age_ns` old (0: none).
+    pub fn ceiling_at(&self, age_ns: u64) -> u64 {
+        if self.ceiling > 0 && self.startup_allowance > 1.0 && age_ns < self.startup_grace_ns {
+            (self.ceiling as f64 * self.startup_allowance) as u64
+        } else {
+            self.ceiling
+        }
+    }
+
+    /// How long until the start-up allowance of a run `age_ns` old ends
+    /// (`None`: no allowance in force): the ceiling drops then, so the
+    /// service must be read then.
+    pub fn allowance_left(&self, age_ns: u64) -> Option<u64> {
+        (self.ceiling_at(age_ns) != self.ceiling).then(|| self.startup_grace_ns - age_ns)
+    }
+
+    /// How often to read a service that the kernel tracker watches (or
+    /// that has no ceiling): only its settled RSS and drift need readings
+    /// then. 5 s, or sooner where `memory_settle` or `drift_after` are
+    /// shorter (tests use seconds).
+    pub fn idle_sample_ns(&self) -> u64 {
+        (5000 * MS)
+            .min(self.settle_ns / 2)
+            .min(self.drift_sustain_ns / 2)
+            .max(100 * MS)
+    }
 }
 
 /// A service's memory state, as `status` shows it.
@@ -158,15 +191,23 @@ pub struct Memory {
     pub dirty: bool,
 }
 
-/// How soon to read a service again: the closer to its ceiling, the
-/// sooner (headroom ÷ an assumed 200 MiB/s growth), clamped to
-/// 100 ms–1 s; a reading waiting for its confirmation, 20 ms.
-pub fn next_sample_in(rss: u64, ceiling: u64, confirming: bool) -> u64 {
+/// How soon to read a service again. Waiting for a confirmation: 20 ms.
+/// Watched by the kernel tracker (`tracked`: it reports the crossing of
+/// `ceiling` itself), or without a ceiling: [`MemLimits::idle_sample_ns`].
+/// Otherwise the closer to its ceiling, the sooner (headroom ÷ an assumed
+/// 200 MiB/s growth), clamped to 100 ms–1 s.
+pub fn next_sample_in(
+    rss: u64,
+    ceiling: u64,
+    confirming: bool,
+    tracked: bool,
+    lim: &MemLimits,
+) -> u64 {
     if confirming {
         return 20 * MS;
     }
-    if ceiling == 0 {
-        return 1000 * MS;
+    if ceiling == 0 || tracked {
+        return lim.idle_sample_ns();
     }
     let headroom = ceiling.saturating_sub(rss);
     // bytes ÷ (200 MiB/s) in ns.
@@ -225,7 +266,8 @@ impl Memory {
         }
         let restarts = t.restarts_in(now, lim.window_ns);
 
-        let over = lim.ceiling > 0 && rss > lim.ceiling;
+        let ceiling = lim.ceiling_at(now.saturating_sub(run_start_ns));
+        let over = ceiling > 0 && rss > ceiling;
         if !over {
             t.pending_over = false;
             t.critical_alerted = false;
@@ -254,7 +296,7 @@ impl Memory {
                     out.push(MemDecision::OverCeiling {
                         service: service.to_string(),
                         rss,
-                        ceiling: lim.ceiling,
+                        ceiling,
                         critical: true,
                         restart: false,
                     });
@@ -266,7 +308,7 @@ impl Memory {
                     restarts,
                     window_ns: lim.window_ns,
                     rss,
-                    ceiling: lim.ceiling,
+                    ceiling,
                 });
             } else {
                 t.state = MemState::OverCeiling;
@@ -275,14 +317,14 @@ impl Memory {
                 out.push(MemDecision::OverCeiling {
                     service: service.to_string(),
                     rss,
-                    ceiling: lim.ceiling,
+                    ceiling,
                     critical: false,
                     restart: true,
                 });
                 out.push(MemDecision::Restart {
                     service: service.to_string(),
                     rss,
-                    ceiling: lim.ceiling,
+                    ceiling,
                     restarts_in_window: restarts + 1,
                 });
             }
@@ -529,6 +571,8 @@ mod tests {
             drift_ratio: 1.5,
             drift_min_bytes: 32 * MIB,
             drift_sustain_ns: 5 * S,
+            startup_allowance: 1.0,
+            startup_grace_ns: 0,
         }
     }
 
@@ -540,7 +584,10 @@ mod tests {
         // First reading over: nothing yet, a quick re-read.
         assert!(m.on_sample("bot", 160 * MIB, 0, 2 * S, &l).is_empty());
         assert!(m.confirming("bot"));
-        assert_eq!(next_sample_in(160 * MIB, l.ceiling, true), 20 * MS);
+        assert_eq!(
+            next_sample_in(160 * MIB, l.ceiling, true, true, &l),
+            20 * MS
+        );
         let d = m.on_sample("bot", 170 * MIB, 0, 2 * S + 20 * MS, &l);
         assert!(matches!(
             &d[..],
@@ -669,11 +716,55 @@ mod tests {
 
     #[test]
     fn sampling_interval_follows_the_headroom() {
-        assert_eq!(next_sample_in(0, 0, false), 1000 * MS);
-        assert_eq!(next_sample_in(10 * MIB, 1000 * MIB, false), 1000 * MS);
-        assert_eq!(next_sample_in(140 * MIB, 150 * MIB, false), 100 * MS);
-        let mid = next_sample_in(100 * MIB, 200 * MIB, false);
-        assert_eq!(mid, 500 * MS);
+        let l = MemLimits {
+            settle_ns: 60 * S,
+            drift_sustain_ns: 300 * S,
+            ..lim(150)
+        };
+        let n = |rss, ceiling| next_sample_in(rss, ceiling, false, false, &l);
+        assert_eq!(n(0, 0), 5000 * MS);
+        assert_eq!(n(10 * MIB, 1000 * MIB), 1000 * MS);
+        assert_eq!(n(140 * MIB, 150 * MIB), 100 * MS);
+        assert_eq!(n(100 * MIB, 200 * MIB), 500 * MS);
+        // Tracked by the kernel: read only for baselines and drift.
+        assert_eq!(
+            next_sample_in(140 * MIB, 150 * MIB, false, true, &l),
+            5000 * MS
+        );
+        // Second-scale settings read sooner.
+        assert_eq!(lim(150).idle_sample_ns(), 1000 * MS);
+    }
+
+    #[test]
+    fn the_startup_allowance_lifts_the_ceiling_for_young_runs_only() {
+        let mut m = Memory::default();
+        let l = MemLimits {
+            startup_allowance: 1.5,
+            startup_grace_ns: 60 * S,
+            ..lim(100)
+        };
+        assert_eq!(l.ceiling_at(0), 150 * MIB);
+        assert_eq!(l.ceiling_at(60 * S), 100 * MIB);
+        assert_eq!(l.allowance_left(10 * S), Some(50 * S));
+        assert_eq!(l.allowance_left(60 * S), None);
+        // 120 MiB at 10 s and 10.02 s: under the lifted ceiling.
+        assert!(m.on_sample("bot", 120 * MIB, 0, 10 * S, &l).is_empty());
+        assert!(m
+            .on_sample("bot", 120 * MIB, 0, 10 * S + 20 * MS, &l)
+            .is_empty());
+        assert!(!m.confirming("bot"));
+        // The same at 61 s: over the ceiling, confirmed, restarted.
+        assert!(m.on_sample("bot", 120 * MIB, 0, 61 * S, &l).is_empty());
+        let d = m.on_sample("bot", 120 * MIB, 0, 61 * S + 20 * MS, &l);
+        assert!(matches!(
+            &d[..],
+            [
+                MemDecision::OverCeiling { ceiling, .. },
+                MemDecision::Restart { .. }
+            ] if *ceiling == 100 * MIB
+        ));
+        // Off by default: 1.0 changes nothing.
+        assert_eq!(lim(100).ceiling_at(0), 100 * MIB);
     }
 
     fn floor() -> FloorLimits {

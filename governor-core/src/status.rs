@@ -37,6 +37,9 @@ pub struct Row {
     pub baseline_bytes: Option<u64>,
     pub memory_state: MemState,
     pub memory_restarts_in_window: u32,
+    /// pm2's own `max_memory_restart` for the app, when set (pm2 samples
+    /// it every 30 s, main process only): shown beside ours.
+    pub pm2_max_memory_restart_bytes: Option<u64>,
 }
 
 /// The services and the bounds, at one instant.
@@ -143,12 +146,16 @@ pub fn snapshot(
                         .count() as u32
                 })
                 .unwrap_or(0);
+            let pm2_max = table
+                .instances_of(&status.name)
+                .find_map(|p| p.pm2.as_ref()?.max_memory_restart);
             Row {
                 rss_bytes: t.filter(|_| !status.pids.is_empty()).map(|t| t.rss),
                 ceiling_bytes: (configured && lim.ceiling > 0).then_some(lim.ceiling),
                 baseline_bytes: t.and_then(|t| t.baseline()),
                 memory_state: t.map(|t| t.state).unwrap_or_default(),
                 memory_restarts_in_window: restarts,
+                pm2_max_memory_restart_bytes: pm2_max,
                 status,
             }
         })
@@ -206,6 +213,8 @@ mod tests {
                 drift_ratio: 1.5,
                 drift_min_bytes: 32 << 20,
                 drift_sustain_ns: 1,
+                startup_allowance: 1.0,
+                startup_grace_ns: 0,
             }
         }
     }
@@ -221,7 +230,13 @@ mod tests {
         t.apply_exec(
             &exec(11, 10, 0, "/usr/bin/node", &["node", "app.js"]),
             None,
-            &mut |_| Some(("lily".into(), Some(3))),
+            &mut |_| {
+                Some(crate::identity::Pm2Env {
+                    name: "lily".into(),
+                    pm_id: Some(3),
+                    max_memory_restart: Some(300 << 20),
+                })
+            },
         );
         // An unprivileged one-off failure, and a repeated one.
         t.apply_exec(
@@ -269,6 +284,8 @@ mod tests {
         assert_eq!(lily.ceiling_bytes, Some(200 << 20));
         assert_eq!(lily.baseline_bytes, Some(70 << 20));
         assert_eq!(lily.memory_state, MemState::Ok);
+        // pm2's own limit, from the app's environment, beside ours.
+        assert_eq!(lily.pm2_max_memory_restart_bytes, Some(300 << 20));
         // An unconfigured service has no memory budget.
         assert_eq!(s.services[0].ceiling_bytes, None);
         let lily = &lily.status;

@@ -8,14 +8,14 @@ use std::collections::HashMap;
 use crate::{
     events::{Exec, Exit, Fork},
     identity::{
-        fingerprint, god_from_exec, is_supervisor, unit_from_cgroup, God, Matcher, Pm2App, Process,
-        UserNames,
+        fingerprint, god_from_exec, is_supervisor, unit_from_cgroup, God, Matcher, Pm2App, Pm2Env,
+        Process, UserNames,
     },
 };
 
 /// Reads pm2's `(name, pm_id)` of a pid, asked only for children of a
 /// verified God (the edge reads `/proc/PID/environ`).
-pub type AppReader<'a> = &'a mut dyn FnMut(u32) -> Option<(String, Option<u32>)>;
+pub type AppReader<'a> = &'a mut dyn FnMut(u32) -> Option<Pm2Env>;
 
 /// The live processes, keyed by pid.
 #[derive(Debug)]
@@ -125,12 +125,7 @@ impl ProcTable {
         for p in self.procs.values_mut() {
             if let Some(g) = gods.get(&p.ppid) {
                 if p.pm2.is_none() {
-                    p.pm2 = read_app(p.pid).map(|(name, pm_id)| Pm2App {
-                        name,
-                        pm_id,
-                        god_pid: p.ppid,
-                        god_uid: g.uid,
-                    });
+                    p.pm2 = read_app(p.pid).map(|e| e.app(p.ppid, g.uid));
                 }
             }
         }
@@ -216,12 +211,7 @@ impl ProcTable {
         // pm2 identity only from a verified God's child, else what the
         // process inherited from an app it was forked from.
         let pm2 = match self.god(e.ppid) {
-            Some(g) => read_app(e.pid).map(|(name, pm_id)| Pm2App {
-                name,
-                pm_id,
-                god_pid: e.ppid,
-                god_uid: g.uid,
-            }),
+            Some(g) => read_app(e.pid).map(|env| env.app(e.ppid, g.uid)),
             None => inherited.and_then(|p| p.pm2.clone()),
         };
         // A process that exited before we looked keeps what its pre-exec
@@ -327,8 +317,12 @@ mod tests {
     use crate::identity::{login_ancestry, Unit};
     use crate::testutil::{exec, table, DAEMON_JS};
 
-    fn lily_env(_: u32) -> Option<(String, Option<u32>)> {
-        Some(("lily".into(), Some(0)))
+    fn lily_env(_: u32) -> Option<crate::identity::Pm2Env> {
+        Some(crate::identity::Pm2Env {
+            name: "lily".into(),
+            pm_id: Some(0),
+            max_memory_restart: None,
+        })
     }
 
     #[test]

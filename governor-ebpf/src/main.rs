@@ -11,6 +11,8 @@
 #![no_std]
 #![no_main]
 
+/// Memory budgets: the `kmem/rss_stat` program (issue 11).
+mod memory;
 /// Protected files: attempt logging and the LSM layer (issue 6).
 mod protect;
 
@@ -97,6 +99,10 @@ static GOVERNOR_KERNEL_CONFIG: KernelConfig = KernelConfig {
     signal_pids: 0,
     pid_numbers: 0,
     upid_nr: 0,
+    tp_rss_curr: NO_FIELD,
+    tp_rss_member: NO_FIELD,
+    tp_rss_size: NO_FIELD,
+    _pad2: 0,
 };
 
 /// Lifecycle events. The size is a default: the loader sets the real one.

@@ -137,6 +137,9 @@ fn memory_str(s: &Value) -> String {
     if let Some(b) = mib(&s["baseline_bytes"]) {
         out.push_str(&format!(" (base {b})"));
     }
+    if let Some(p) = mib(&s["pm2_max_memory_restart_bytes"]) {
+        out.push_str(&format!(" [pm2 max {p}]"));
+    }
     out
 }
 
@@ -195,8 +198,19 @@ pub fn render_status(data: &Value) -> String {
         ]);
     }
     let mut out = String::new();
-    if let Some(a) = data["memory"]["available_bytes"].as_u64() {
-        out.push_str(&format!("memory available {} MiB\n", a >> 20));
+    let m = &data["memory"];
+    if let Some(a) = m["available_bytes"].as_u64() {
+        out.push_str(&format!("memory available {} MiB", a >> 20));
+        if let Some(f) = m["floor_bytes"].as_u64().filter(|&f| f > 0) {
+            out.push_str(&format!(", floor {} MiB", f >> 20));
+        }
+        if let Some(p) = m["psi_some_avg10"].as_f64() {
+            out.push_str(&format!(", pressure {p:.2}% (avg10)"));
+        }
+        if m["flush_active"].as_bool() == Some(true) {
+            out.push_str(", FLUSH CYCLE RUNNING");
+        }
+        out.push('\n');
     }
     out.push_str(&render_table(&rows));
     if let Some(h) = data["audit_head"].as_str() {

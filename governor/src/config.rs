@@ -136,6 +136,21 @@ pub struct Defaults {
     pub drift_min: ByteSize,
     #[serde(default = "default_drift_after")]
     pub drift_after: HumanDuration,
+    /// The start-up allowance: for `memory_startup_grace` after an
+    /// instance starts, its ceiling is this many times the ceiling (a bot
+    /// that loads its model before it settles). 1.0, the default, is off:
+    /// any service over its ceiling is restarted.
+    #[serde(default = "default_startup_allowance")]
+    pub memory_startup_allowance: f64,
+    #[serde(default = "default_startup_grace")]
+    pub memory_startup_grace: HumanDuration,
+}
+
+fn default_startup_allowance() -> f64 {
+    1.0
+}
+fn default_startup_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
 }
 
 fn default_memory_max_restarts() -> u32 {
@@ -197,6 +212,8 @@ impl Default for Defaults {
             drift_ratio: default_drift_ratio(),
             drift_min: default_drift_min(),
             drift_after: default_drift_after(),
+            memory_startup_allowance: default_startup_allowance(),
+            memory_startup_grace: default_startup_grace(),
         }
     }
 }
@@ -425,6 +442,15 @@ impl Config {
                 ),
             );
         }
+        let a = self.defaults.memory_startup_allowance;
+        if !(a.is_finite() && (1.0..=10.0).contains(&a)) {
+            return err(
+                key_offset(src, "[defaults]", "memory_startup_allowance"),
+                format!(
+                    "defaults.memory_startup_allowance = {a} must be a number from 1.0 (off) to 10.0 (1.5: half again the ceiling while an instance starts)"
+                ),
+            );
+        }
         let mut seen = BTreeMap::new();
         for svc in &self.services {
             let name = svc.name.get_ref();
@@ -556,6 +582,8 @@ impl Config {
             drift_ratio: d.drift_ratio,
             drift_min_bytes: d.drift_min.0,
             drift_sustain_ns: d.drift_after.0.as_nanos() as u64,
+            startup_allowance: d.memory_startup_allowance,
+            startup_grace_ns: d.memory_startup_grace.0.as_nanos() as u64,
         }
     }
 
@@ -691,6 +719,12 @@ mod tests {
                 "= 0",
             ),
             ("[defaults]\ndrift_ratio = 0.5\n", 2, "defaults.drift_ratio", "at least 1.0"),
+            (
+                "[defaults]\nmemory_startup_allowance = 0.5\n",
+                2,
+                "defaults.memory_startup_allowance",
+                "from 1.0 (off)",
+            ),
             (
                 "[system]\nmemory_floor = \"100000GiB\"\n",
                 2,

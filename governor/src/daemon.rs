@@ -147,6 +147,10 @@ pub struct Daemon {
     flush: governor_core::memory::Flush,
     sampler: crate::memsample::Sampler,
     mem_next: HashMap<String, u64>,
+    /// The kernel memory tracker's budgets, or why it isn't running.
+    mem_arms: std::result::Result<crate::memwatch::MemArms, String>,
+    /// Why the PSI trigger isn't armed.
+    psi_problem: Option<String>,
 }
 
 fn host_name() -> String {
@@ -390,6 +394,9 @@ impl Daemon {
                     m.remove(&e.pid);
                 }
                 self.sampler.forget(e.pid);
+                if let Ok(a) = &mut self.mem_arms {
+                    a.forget(e.pid);
+                }
                 let Some(p) = self.table.on_exit(e) else {
                     return;
                 };
@@ -415,6 +422,14 @@ impl Daemon {
             }
             _ => {
                 let service = watch::track(&mut self.table, &ev);
+                // A new process of a configured service (a new instance, a
+                // helper): read the service soon, which also has the kernel
+                // tracker count the newcomer.
+                if self.service_index.contains_key(&service) {
+                    let soon = monotonic_ns() + 100_000_000;
+                    let next = self.mem_next.entry(service.clone()).or_insert(soon);
+                    *next = (*next).min(soon);
+                }
                 if let Ok(mut m) = self.services_by_pid.write() {
                     m.insert(ev.pid(), service);
                 }
@@ -765,7 +780,6 @@ impl Daemon {
         if due.is_empty() {
             return;
         }
-        self.floor_check(now);
         let names: Vec<&str> = due.iter().map(String::as_str).collect();
         let readings = self.sampler.read(&self.table, &names);
         for name in due {
@@ -778,16 +792,50 @@ impl Daemon {
             let decisions = self
                 .memory
                 .on_sample(&name, r.bytes, r.run_start_ns(), now, &lim);
-            let next = governor_core::memory::next_sample_in(
-                r.bytes,
-                lim.ceiling,
-                self.memory.confirming(&name),
-            );
+            let ceiling = lim.ceiling_at(now.saturating_sub(r.run_start_ns()));
+            let confirming = self.memory.confirming(&name);
+            // Under its ceiling and not being restarted: the kernel tracker
+            // counts its growth from this reading and reports the crossing.
+            let tracked = match &mut self.mem_arms {
+                Ok(arms) if ceiling > 0 => {
+                    let quiet = !confirming
+                        && r.bytes < ceiling
+                        && self.memory.state(&name) != governor_core::memory::MemState::OverCeiling;
+                    if quiet {
+                        arms.arm(&name, &r.pids, ceiling - r.bytes)
+                    } else {
+                        arms.disarm(&name);
+                        false
+                    }
+                }
+                _ => false,
+            };
+            let mut next =
+                governor_core::memory::next_sample_in(r.bytes, ceiling, confirming, tracked, &lim);
+            // The ceiling drops when the start-up allowance ends: read then.
+            if let Some(left) = lim.allowance_left(now.saturating_sub(r.run_start_ns())) {
+                next = next.min(left + 1_000_000);
+            }
             self.mem_next.insert(name.clone(), now + next);
             for dec in decisions {
                 self.on_memory(dec, r, &lim);
             }
         }
+    }
+
+    /// The kernel tracker saw services grow through their budgets: read
+    /// them now (the decision is made on `/proc`'s numbers).
+    fn on_crossings(&mut self, crossed: Vec<governor_common::memory::MemCrossing>) {
+        let Ok(arms) = &mut self.mem_arms else {
+            return;
+        };
+        for c in crossed {
+            if let Some(service) = arms.service_of(&c) {
+                log::debug!("memory: {service} crossed its budget (pid {})", c.tgid);
+                self.mem_next.insert(service.to_string(), 0);
+            }
+        }
+        self.sample_memory();
     }
 
     fn on_memory(
@@ -1044,6 +1092,13 @@ impl Daemon {
             return;
         };
         let fl = self.config.system.floor_limits();
+        if available < fl.floor || self.flush.active() {
+            // Choose from fresh readings, not ones up to seconds old.
+            for n in self.service_index.keys() {
+                self.mem_next.insert(n.clone(), 0);
+            }
+            self.sample_memory();
+        }
         let me = std::process::id();
         let candidates: Vec<Candidate> = self
             .service_index
@@ -1210,6 +1265,21 @@ impl Daemon {
                 let latency = self.latency.summary();
                 let head = self.audit.head().map(|h| h.to_string());
                 let layers = self.layers.clone();
+                let memory = json!({
+                    "available_bytes": crate::memsample::mem_available(),
+                    "floor_bytes": self.config.system.memory_floor.0,
+                    "psi_some_avg10": crate::psi::some_avg10(),
+                    "pressure_trigger": match &self.psi_problem {
+                        None => json!("armed"),
+                        Some(e) => json!(format!("not armed: {e}")),
+                    },
+                    "tracker": match &self.mem_arms {
+                        Ok(a) => json!({"kind": "kernel (kmem/rss_stat)", "watched_pids": a.watched(),
+                                        "armings": a.arms, "crossings": a.crossings}),
+                        Err(e) => json!({"kind": "/proc only", "why": e}),
+                    },
+                    "flush_active": self.flush.active(),
+                });
                 let ops = self.supervisors.clone();
                 let cached = self.views.clone();
                 // Supervisor views take a pm2/systemctl round trip: off the loop.
@@ -1236,7 +1306,7 @@ impl Daemon {
                         "layers": layers,
                         "detection_latency": latency,
                         "bounds": snap.bounds,
-                        "memory": {"available_bytes": crate::memsample::mem_available()},
+                        "memory": memory,
                     })));
                 });
             }
@@ -1554,6 +1624,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut probes = Probes::load(&ProbeOptions {
         ring_bytes: config.daemon.ring_size.0 as u32,
     })?;
+    let (mut mem_ring, mem_arms) = match probes.take_memwatch() {
+        Ok((ring, arms)) => (Some(ring), Ok(arms)),
+        Err(e) => (None, Err(e)),
+    };
     let mut table = crate::proctable::table(crate::proctable::matcher(&config));
     let seeded = table
         .seed_from_proc()
@@ -1625,6 +1699,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         flush: Default::default(),
         sampler: crate::memsample::Sampler::default(),
         mem_next: HashMap::new(),
+        mem_arms,
+        psi_problem: None,
     };
     // History loaded from the state file carries no limits: apply them.
     d.velocity.cap = d.config.daemon.max_unconfigured_services;
@@ -1700,6 +1776,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             format!("cannot save the memory baselines to {}: {e:#}", p.display()),
         )));
     })?;
+    // Memory pressure wakes the floor check at once; without it the 1 s
+    // tick still does.
+    let mut psi = crate::psi::PsiTrigger::arm(crate::psi::STALL_US, crate::psi::WINDOW_US)
+        .map_err(|e| format!("{e:#}"));
+    if let Err(e) = &psi {
+        log::warn!("memory pressure trigger not armed ({e}); the floor is checked every second");
+    }
+    d.psi_problem = psi.as_ref().err().cloned();
     let stop_reason;
     loop {
         let mem_deadline = tokio::time::Instant::now()
@@ -1748,6 +1832,18 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 }
             }
             _ = tokio::time::sleep_until(mem_deadline) => d.sample_memory(),
+            crossed = async {
+                match mem_ring.as_mut() {
+                    Some(r) => r.next().await,
+                    None => std::future::pending().await,
+                }
+            } => d.on_crossings(crossed),
+            _ = async {
+                match psi.as_mut() {
+                    Ok(t) => t.fired().await,
+                    Err(_) => std::future::pending().await,
+                }
+            } => d.floor_check(monotonic_ns()),
             _ = term.recv() => { stop_reason = "SIGTERM"; break; }
             _ = int.recv() => { stop_reason = "SIGINT"; break; }
             _ = tick.tick() => {
@@ -1758,6 +1854,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     .keys()
                     .map(|n| (n.clone(), d.live(n)))
                     .collect();
+                d.floor_check(now);
                 let out = d.velocity.tick(now, |n| live.get(n).cloned().unwrap_or_default());
                 for dec in out {
                     d.decisions.push((dec, now));

@@ -87,7 +87,8 @@ pub fn release_setup() {
 
 /// Map sizes and runtime settings of one load of [`EBPF_OBJECT`].
 pub struct LoadSpec {
-    /// `(map name, max_entries)`: ring sizes.
+    /// `(map name, max_entries)`: ring and map sizes (the rest get the
+    /// smallest).
     pub max_entries: Vec<(&'static str, u32)>,
     /// The protect programs' runtime settings, for the protect layer.
     pub protect: bool,
@@ -121,7 +122,17 @@ pub fn load_object(spec: &LoadSpec) -> Result<aya::Ebpf> {
         if spec.protect { runtime } else { &DISABLED },
         true,
     );
-    for &(map, n) in &spec.max_entries {
+    // What a load doesn't name gets the smallest size: a copy that never
+    // reads a ring or watches memory shouldn't hold their kernel memory.
+    use governor_common::memory::{MEM_BUDGET_MAP, MEM_EVENTS_MAP, MEM_WATCH_MAP};
+    let smallest = [
+        (governor_common::EVENTS_MAP, 4096),
+        (governor_common::protect::PROTECT_EVENTS_MAP, 4096),
+        (MEM_EVENTS_MAP, 4096),
+        (MEM_WATCH_MAP, 1),
+        (MEM_BUDGET_MAP, 1),
+    ];
+    for (map, n) in smallest.into_iter().chain(spec.max_entries.iter().copied()) {
         l.map_max_entries(map, n);
     }
     l.load(EBPF_OBJECT)
@@ -207,6 +218,14 @@ fn compute_kernel_config() -> Result<KernelConfig> {
         signal_pids: off("signal_struct", "pids")?,
         pid_numbers: off("pid", "numbers")?,
         upid_nr: off("upid", "nr")?,
+        // Soft: without the tracepoint the memory tracker isn't loaded.
+        tp_rss_curr: tracefs::field_offset(&tracefs, "kmem", "rss_stat", "curr")
+            .unwrap_or(governor_common::NO_FIELD),
+        tp_rss_member: tracefs::field_offset(&tracefs, "kmem", "rss_stat", "member")
+            .unwrap_or(governor_common::NO_FIELD),
+        tp_rss_size: tracefs::field_offset(&tracefs, "kmem", "rss_stat", "size")
+            .unwrap_or(governor_common::NO_FIELD),
+        _pad2: 0,
         lsm: lsm_args(&btf),
         ..regs_layout(&btf)
     })

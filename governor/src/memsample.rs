@@ -20,6 +20,9 @@ pub struct Reading {
     pub instances: Vec<(u32, u64)>,
     /// Helpers whose private memory counted.
     pub helpers: usize,
+    /// Every process read (instances and helpers): the ones the kernel
+    /// tracker counts for the service.
+    pub pids: Vec<u32>,
 }
 
 impl Reading {
@@ -103,7 +106,9 @@ impl Sampler {
                 bytes: 0,
                 instances: Vec::new(),
                 helpers: 0,
+                pids: Vec::new(),
             });
+            r.pids.push(p.pid);
             if p.instance {
                 r.bytes += resident;
                 r.instances.push((p.pid, p.start_ns));

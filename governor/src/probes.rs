@@ -47,6 +47,9 @@ pub struct Probes {
     drops: PerCpuArray<MapData, u64>,
     wake_parents: BpfHashMap<MapData, u32, u8>,
     log: Option<LogForwarder>,
+    /// The memory tracker, until taken; or why it isn't running.
+    memwatch:
+        Option<std::result::Result<(crate::memwatch::MemRing, crate::memwatch::MemArms), String>>,
     pub config: KernelConfig,
 }
 
@@ -86,14 +89,20 @@ fn check_ring_size(bytes: u32) -> Result<()> {
 }
 
 /// Loads the object with the kernel config set, without attaching anything.
-fn load_object(_cfg: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
+/// With `memory`, the memory tracker's maps at full size.
+fn load_object(_cfg: &KernelConfig, ring_bytes: u32, memory: bool) -> Result<Ebpf> {
     check_ring_size(ring_bytes)?;
-    // The protect ring of this copy is never read: the smallest.
+    use governor_common::memory as m;
+    let mut max_entries = vec![(EVENTS_MAP, ring_bytes)];
+    if memory {
+        max_entries.extend([
+            (m::MEM_EVENTS_MAP, 1 << 14),
+            (m::MEM_WATCH_MAP, m::MEM_WATCHED),
+            (m::MEM_BUDGET_MAP, m::MEM_SLOTS),
+        ]);
+    }
     crate::layout::load_object(&crate::layout::LoadSpec {
-        max_entries: vec![
-            (EVENTS_MAP, ring_bytes),
-            (governor_common::protect::PROTECT_EVENTS_MAP, 4096),
-        ],
+        max_entries,
         protect: false,
     })
 }
@@ -103,7 +112,7 @@ impl Probes {
     /// inside a tokio runtime (the ring is registered with its reactor).
     pub fn load(opts: &ProbeOptions) -> Result<Self> {
         let config = kernel_config()?;
-        let mut ebpf = load_object(&config, opts.ring_bytes)?;
+        let mut ebpf = load_object(&config, opts.ring_bytes, true)?;
 
         // Forward the programs' aya-log records to our logger. Optional: a
         // failure here must not stop event collection.
@@ -135,6 +144,11 @@ impl Probes {
         fork.attach("sched_process_fork")
             .context("attaching sched_process_fork raw tracepoint")?;
 
+        // Optional: without it the daemon reads /proc more often.
+        let memwatch = crate::memwatch::attach(&mut ebpf, &config).map_err(|e| format!("{e:#}"));
+        if let Err(e) = &memwatch {
+            log::warn!("memory tracker not running ({e}); memory is read from /proc only");
+        }
         let ring = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("EVENTS map missing")?)?;
         let ring = register(ring)?;
         let drops =
@@ -149,6 +163,7 @@ impl Probes {
             drops,
             wake_parents,
             log: Some(LogForwarder(log)),
+            memwatch: Some(memwatch),
             config,
         })
     }
@@ -200,6 +215,15 @@ impl Probes {
             }
         }
         n
+    }
+
+    /// Takes the memory tracker (once), or why it isn't running.
+    pub fn take_memwatch(
+        &mut self,
+    ) -> std::result::Result<(crate::memwatch::MemRing, crate::memwatch::MemArms), String> {
+        self.memwatch
+            .take()
+            .unwrap_or_else(|| Err("already taken".into()))
     }
 
     /// Takes the eBPF log forwarder, to be polled beside the event ring.
@@ -280,7 +304,7 @@ impl LsmGuard {
             }
         );
         let config = kernel_config()?;
-        let mut ebpf = load_object(&config, 4096)?;
+        let mut ebpf = load_object(&config, 4096, false)?;
         let btf = crate::layout::aya_btf().map_err(anyhow::Error::msg)?;
         let prog: &mut Lsm = ebpf
             .program_mut("file_open")

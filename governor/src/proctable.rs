@@ -56,9 +56,9 @@ pub fn read_cgroup(pid: u32) -> Option<String> {
         .and_then(|s| parse_cgroup(&s))
 }
 
-/// pm2's `(name, pm_id)` from a live process's environment. Only ever asked
-/// by the table for children of a verified God.
-pub fn read_pm2_env(pid: u32) -> Option<(String, Option<u32>)> {
+/// What pm2 put in a live process's environment. Only ever asked by the
+/// table for children of a verified God.
+pub fn read_pm2_env(pid: u32) -> Option<governor_core::identity::Pm2Env> {
     let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
     parse_pm2_env(&env)
 }

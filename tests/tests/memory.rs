@@ -136,6 +136,18 @@ fn memory_budgets_restart_alert_and_loop() {
         "leaky: governor's restart entry {lag} ms after the app's own first reading over 150 MiB"
     );
     assert!(lag <= 1000, "restart {lag} ms after the crossing");
+    // The crossing was seen by the kernel tracker: with the default 60 s
+    // settle and 5 m drift, /proc is read only every 5 s otherwise.
+    let m = d.status()["memory"].clone();
+    assert_eq!(m["tracker"]["kind"], "kernel (kmem/rss_stat)", "{m:#}");
+    assert!(
+        m["tracker"]["crossings"].as_u64().unwrap_or(0) >= 1,
+        "{m:#}"
+    );
+    assert!(m["available_bytes"].as_u64().is_some(), "{m:#}");
+    assert!(m["floor_bytes"].as_u64().is_some(), "{m:#}");
+    assert!(m["psi_some_avg10"].as_f64().is_some(), "{m:#}");
+    assert_eq!(m["pressure_trigger"], "armed", "{m:#}");
     // pm2 restarted it; it came back under its ceiling.
     let s = d.wait_status("leaky back and ok", Duration::from_secs(20), |s| {
         let r = row(s, "leaky");
@@ -276,6 +288,66 @@ fn drift_from_a_services_own_baseline() {
             .as_array()
             .is_some_and(|r| !r.is_empty()),
         "{m}"
+    );
+    d.stop();
+}
+
+#[test]
+fn startup_allowance_and_pm2s_own_limit() {
+    let Some(pm2) = host_pm2() else { return };
+    let dir = pm2.home.path().to_path_buf();
+    let mut d = DaemonProc::start(
+        "[defaults]\nmemory_startup_allowance = 1.5\nmemory_startup_grace = \"4s\"\n\
+         [[service]]\nname = \"young\"\npm2 = \"govtest-young\"\nmemory_ceiling = \"80MiB\"\n",
+    );
+    // ~100 MiB from the start: under 1.5 x 80 MiB while young, over 80 after.
+    let young = app(&dir, "young", 60, 0, 0, true);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    pm2.run(&[
+        "start",
+        &young,
+        "--name",
+        "govtest-young",
+        "--max-memory-restart",
+        "500M",
+    ]);
+    // pm2's own limit is shown beside ours.
+    let s = d.wait_status("young read", Duration::from_secs(20), |s| {
+        row(s, "young")["rss_bytes"].as_u64().is_some()
+    });
+    assert_eq!(
+        row(&s, "young")["pm2_max_memory_restart_bytes"],
+        500u64 << 20,
+        "{s:#}"
+    );
+    let sock = d.socket.to_str().unwrap().to_string();
+    wait_until(Duration::from_secs(10), || {
+        governor_tests::governor(&["status", "--socket", &sock])
+            .1
+            .contains("[pm2 max 500]")
+    });
+    let e = d.wait_entries_of("memory.restart", 1, Duration::from_secs(20));
+    let e = of(&e, "young")[0].clone();
+    let waited = unix_ms(e["ts"].as_str().unwrap()) - started;
+    println!("young: restarted {waited} ms after its start (grace 4 s)");
+    assert!(waited >= 4000, "restarted within the grace: {e}");
+    assert_eq!(e["detail"]["ceiling_bytes"], 80u64 << 20, "{e}");
+    let rss = e["detail"]["rss_bytes"].as_u64().unwrap();
+    assert!(rss > 80 << 20 && rss < 120 << 20, "{e}");
+    // It was over 80 MiB for seconds while young, and restarted soon after
+    // the grace ended.
+    let crossed = first_over(&dir, "young", 80 << 20).expect("the app saw itself over 80 MiB");
+    let restarted = unix_ms(e["ts"].as_str().unwrap());
+    assert!(
+        restarted >= crossed + 2000,
+        "over at {crossed}, restarted at {restarted}"
+    );
+    assert!(
+        waited < 6000,
+        "the grace ended at 4 s; restarted at {waited} ms"
     );
     d.stop();
 }
