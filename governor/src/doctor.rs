@@ -141,6 +141,36 @@ pub fn run_checks(
             Err(e) => checks.push(check(name, false, format!("probe failed: {e}"))),
         }
     }
+    // Memory budgets (issue 11): both optional; without them the daemon
+    // reads /proc more often and checks the floor on its 1 s tick.
+    match crate::memwatch::probe() {
+        Ok(()) => checks.push(check(
+            "memory tracker",
+            true,
+            "kmem/rss_stat program loads: a crossing is seen in the kernel, /proc is read every 5 s",
+        )),
+        Err(e) => checks.push(check(
+            "memory tracker",
+            false,
+            format!("{e:#}; memory is read from /proc only (100 ms to 1 s apart)"),
+        )),
+    }
+    match crate::psi::PsiTrigger::probe() {
+        Ok(()) => checks.push(check(
+            "pressure trigger",
+            true,
+            format!(
+                "PSI memory trigger arms ({} ms stalls in {} s): pressure wakes the floor check",
+                crate::psi::STALL_US / 1000,
+                crate::psi::WINDOW_US / 1_000_000
+            ),
+        )),
+        Err(e) => checks.push(check(
+            "pressure trigger",
+            false,
+            format!("{e:#}; the floor is checked every second"),
+        )),
+    }
     let lsms = std::fs::read_to_string("/sys/kernel/security/lsm")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unreadable (securityfs not mounted?)".into());

@@ -21,9 +21,18 @@ use governor_common::memory::{
 };
 use tokio::io::unix::AsyncFd;
 
-/// Loads and attaches the `rss_stat` program from `ebpf` (the lifecycle
-/// object, loaded with the memory maps at full size) and takes its maps.
-pub fn attach(ebpf: &mut Ebpf, cfg: &governor_common::KernelConfig) -> Result<(MemRing, MemArms)> {
+/// `doctor`: whether the `rss_stat` program loads and attaches here (in a
+/// copy of the object that is dropped again).
+pub fn probe() -> Result<()> {
+    let cfg = crate::layout::kernel_config()?;
+    let mut ebpf = crate::layout::load_object(&crate::layout::LoadSpec {
+        max_entries: vec![],
+        protect: false,
+    })?;
+    load_program(&mut ebpf, &cfg)
+}
+
+fn load_program(ebpf: &mut Ebpf, cfg: &governor_common::KernelConfig) -> Result<()> {
     anyhow::ensure!(
         cfg.tp_rss_size != governor_common::NO_FIELD
             && cfg.tp_rss_curr != governor_common::NO_FIELD
@@ -37,6 +46,13 @@ pub fn attach(ebpf: &mut Ebpf, cfg: &governor_common::KernelConfig) -> Result<(M
     p.load().context("loading rss_stat")?;
     p.attach("kmem", "rss_stat")
         .context("attaching rss_stat to tracepoint kmem/rss_stat")?;
+    Ok(())
+}
+
+/// Loads and attaches the `rss_stat` program from `ebpf` (the lifecycle
+/// object, loaded with the memory maps at full size) and takes its maps.
+pub fn attach(ebpf: &mut Ebpf, cfg: &governor_common::KernelConfig) -> Result<(MemRing, MemArms)> {
+    load_program(ebpf, cfg)?;
     let ring = RingBuf::try_from(
         ebpf.take_map(MEM_EVENTS_MAP)
             .context("MEM_EVENTS map missing")?,

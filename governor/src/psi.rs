@@ -33,26 +33,40 @@ impl PsiTrigger {
     /// Arms a trigger on `some` memory stalls of `stall_us` within
     /// `window_us`. Must be called inside a tokio runtime.
     pub fn arm(stall_us: u64, window_us: u64) -> Result<Self> {
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(PRESSURE_MEMORY)
-            .with_context(|| {
-                format!("opening {PRESSURE_MEMORY} (a kernel without PSI, or psi=0 on its command line)")
-            })?;
-        // One write, NUL-terminated, as the kernel's parser expects.
-        f.write_all(format!("some {stall_us} {window_us}\0").as_bytes())
-            .with_context(|| {
-                format!(
-                    "arming a PSI trigger ({stall_us} µs in {window_us} µs) on {PRESSURE_MEMORY} (needs CAP_SYS_RESOURCE on 6.1)"
-                )
-            })?;
+        let f = open_armed(stall_us, window_us)?;
         // SAFETY: the File owns its fd and moves into the AsyncFd, so the
         // fd stays open for as long as it is registered.
         let fd = unsafe { AsyncFd::register_with_interest(f, Interest::PRIORITY) }
             .context("registering the PSI trigger with tokio")?;
         Ok(PsiTrigger { fd })
+    }
+}
+
+fn open_armed(stall_us: u64, window_us: u64) -> Result<File> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(PRESSURE_MEMORY)
+        .with_context(|| {
+            format!(
+                "opening {PRESSURE_MEMORY} (a kernel without PSI, or psi=0 on its command line)"
+            )
+        })?;
+    // One write, NUL-terminated, as the kernel's parser expects.
+    f.write_all(format!("some {stall_us} {window_us}\0").as_bytes())
+            .with_context(|| {
+                format!(
+                    "arming a PSI trigger ({stall_us} µs in {window_us} µs) on {PRESSURE_MEMORY} (needs CAP_SYS_RESOURCE on 6.1)"
+                )
+            })?;
+    Ok(f)
+}
+
+impl PsiTrigger {
+    /// `doctor`: whether a trigger can be armed here (then dropped).
+    pub fn probe() -> Result<()> {
+        open_armed(STALL_US, WINDOW_US).map(drop)
     }
 
     /// Waits until the trigger fires.

@@ -18,12 +18,17 @@ fn of<'a>(entries: &'a [Value], service: &str) -> Vec<&'a Value> {
     entries.iter().filter(|e| e["service"] == service).collect()
 }
 
+/// Margins: on this VM, up to ~420 MiB of what the victim frees goes
+/// missing for seconds afterwards — MemFree drops with no meminfo category
+/// growing (no process, cache or slab holds it; this VM runs virtio_balloon
+/// and free page reporting, the likely takers), so a 900 MiB victim with the floor 300 MiB below
+/// the start passed 5 of 9 runs. With 1500 MiB and 600 MiB the test
+/// tolerates a 580 MiB loss (seen: 67-313 MiB over 6 runs, all passing).
 #[test]
-#[ignore = "flaky on a shared host: MemAvailable recovers too little after the flush half the time (under investigation); run with --ignored"]
 fn the_floor_flushes_the_non_critical_service_and_stops_above_hysteresis() {
     let Some(pm2) = host_pm2() else { return };
     let dir = pm2.home.path().to_path_buf();
-    // A critical app holding 700 MiB, and one that takes 900 MiB on its
+    // A critical app holding 700 MiB, and one that takes 1500 MiB on its
     // first run only.
     let big = dir.join("big.js");
     std::fs::write(
@@ -40,7 +45,7 @@ fn the_floor_flushes_the_non_critical_service_and_stops_above_hysteresis() {
             "const fs = require('fs'); const held = [];\n\
              const first = !fs.existsSync({ran:?}); fs.writeFileSync({ran:?}, '1');\n\
              const t = setInterval(() => {{ if (first && fs.existsSync({go:?})) {{ \
-             held.push(Buffer.alloc(900 << 20, 1)); clearInterval(t); }} }}, 50);\n\
+             held.push(Buffer.alloc(1500 << 20, 1)); clearInterval(t); }} }}, 50);\n\
              setInterval(() => {{}}, 1000);\n",
             ran = ran.display().to_string(),
             go = go.display().to_string(),
@@ -66,14 +71,14 @@ fn the_floor_flushes_the_non_critical_service_and_stops_above_hysteresis() {
     });
     assert!(up, "{:#}", pm2.jlist());
     let start = available();
-    let floor = start - (300 << 20);
+    let floor = start - (600 << 20);
     let mut d = DaemonProc::start(&format!(
         "[system]\nmemory_floor = \"{}MiB\"\nfloor_hysteresis = \"20MiB\"\nflush_cooldown = \"2s\"\n\
          [[service]]\nname = \"big\"\npm2 = \"govtest-big\"\nmemory_ceiling = \"4GiB\"\ncritical = true\n\
          [[service]]\nname = \"hog\"\npm2 = \"govtest-hog\"\nmemory_ceiling = \"4GiB\"\n",
         floor >> 20
     ));
-    // The hog takes its 900 MiB: below the floor.
+    // The hog takes its 1500 MiB: below the floor.
     std::fs::write(&go, "1").unwrap();
     let done = d.wait_entries_of("memory.flush_done", 1, Duration::from_secs(60));
     let floor_e = d.entries_of("memory.floor");
