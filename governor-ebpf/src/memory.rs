@@ -30,9 +30,10 @@ static MEM_WATCH: HashMap<u32, MemWatch> = HashMap::with_max_entries(MEM_WATCHED
 #[map(name = "MEM_BUDGET")]
 static MEM_BUDGET: Array<MemBudget> = Array::with_max_entries(MEM_SLOTS, 0);
 
-/// Crossings: at most one per armed slot is in flight, so a small ring.
+/// Crossings: at most one per armed slot is in flight, 32 bytes each; the
+/// smallest ring holds 128 (a full one re-arms the slot: see below).
 #[map(name = "MEM_EVENTS")]
-static MEM_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 14, 0);
+static MEM_EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 /// `BPF_RB_FORCE_WAKEUP`: a crossing is acted on at once.
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -108,7 +109,13 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
     };
-    // A full ring: the daemon's next reading of /proc sees the crossing.
-    let _ = MEM_EVENTS.output::<MemCrossing>(&ev, BPF_RB_FORCE_WAKEUP);
+    // A full ring: armed again, so the next growth tries again.
+    if MEM_EVENTS
+        .output::<MemCrossing>(&ev, BPF_RB_FORCE_WAKEUP)
+        .is_err()
+    {
+        // SAFETY: as above.
+        unsafe { (*b).armed = 1 };
+    }
     0
 }

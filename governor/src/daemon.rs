@@ -1285,13 +1285,20 @@ impl Daemon {
                 // Supervisor views take a pm2/systemctl round trip: off the loop.
                 tokio::task::spawn_blocking(move || {
                     let mut services = Vec::new();
-                    for r in snap.services {
-                        let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
+                    let supervised: Vec<&Supervisor> = snap
+                        .services
+                        .iter()
+                        .map(|r| &r.status.supervisor)
+                        .filter(|s| !matches!(s, Supervisor::None))
+                        .collect();
+                    let mut fetched = ops.views(&supervised).into_iter();
+                    for r in &snap.services {
+                        let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
                         let view = match &r.status.supervisor {
                             Supervisor::None => None,
-                            s => ops
-                                .view(s)
-                                .ok()
+                            _ => fetched
+                                .next()
+                                .and_then(|v| v.ok())
                                 .or_else(|| cached.get(&r.status.name).cloned()),
                         };
                         if let Some(view) = view {
@@ -1308,6 +1315,10 @@ impl Daemon {
                         "bounds": snap.bounds,
                         "memory": memory,
                     })));
+                    // The reply (pm2's list, every row as JSON) was this
+                    // request's peak; what it freed goes back now, not at
+                    // the next trim glibc decides on.
+                    trim_heap();
                 });
             }
             Request::Deploy {
@@ -1590,8 +1601,37 @@ fn report_protection(r: &crate::protect::StartReport, effects: &Effects) {
 fn release_startup_memory() {
     crate::layout::release_setup();
     crate::layout::release_object_pages();
+    crate::layout::release_code_pages();
+    trim_heap();
+}
+
+/// Returns the heap's free pages to the kernel (glibc keeps them
+/// otherwise: a freed peak stays in RSS).
+fn trim_heap() {
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe { libc::malloc_trim(0) };
+}
+
+/// glibc's allocator, set for a daemon that stays resident: measured with
+/// 30 pm2 apps, one `governor status` (which parses pm2's `jlist`, a few
+/// hundred KB of JSON, on a helper thread) left 1.7 MB more anonymous RSS
+/// for good — a second arena for that thread, and a trim threshold that
+/// glibc raises by itself after large frees. One arena (the daemon's
+/// threads seldom allocate at once), large buffers straight from (and back
+/// to) mmap, and a fixed trim threshold keep what the daemon holds what it
+/// uses. Before any thread.
+pub fn tune_allocator() {
+    for (param, value) in [
+        (libc::M_ARENA_MAX, 1),
+        (libc::M_MMAP_THRESHOLD, 64 << 10),
+        (libc::M_TRIM_THRESHOLD, 128 << 10),
+    ] {
+        // SAFETY: mallopt only changes allocator settings; called before
+        // the runtime starts any thread.
+        if unsafe { libc::mallopt(param, value) } != 1 {
+            log::debug!("mallopt({param}, {value}) refused");
+        }
+    }
 }
 
 pub fn human_secs(s: u64) -> String {

@@ -345,6 +345,7 @@ fn main() -> ExitCode {
             ),
         },
         Cmd::Run { config, log_format } => {
+            daemon::tune_allocator();
             daemon::init_logging(matches!(log_format, LogFormat::Json));
             block_on(daemon::run(config))
         }

@@ -96,7 +96,7 @@ fn load_object(_cfg: &KernelConfig, ring_bytes: u32, memory: bool) -> Result<Ebp
     let mut max_entries = vec![(EVENTS_MAP, ring_bytes)];
     if memory {
         max_entries.extend([
-            (m::MEM_EVENTS_MAP, 1 << 14),
+            (m::MEM_EVENTS_MAP, 4096),
             (m::MEM_WATCH_MAP, m::MEM_WATCHED),
             (m::MEM_BUDGET_MAP, m::MEM_SLOTS),
         ]);

@@ -13,6 +13,8 @@ use std::{
     time::Duration,
 };
 
+use std::collections::HashMap;
+
 use anyhow::{bail, Context, Result};
 
 use crate::{proctable::ProcTable, velocity::Supervisor};
@@ -48,6 +50,12 @@ pub trait SupervisorOps: Send + Sync {
     fn restart(&self, s: &Supervisor) -> Result<String>;
     /// The supervisor's own view of the service (status, its restart count).
     fn view(&self, s: &Supervisor) -> Result<serde_json::Value>;
+    /// The views of many services, in order: one `pm2 jlist` per God
+    /// (a node start, ~0.3 s, and a few hundred KB of JSON), not one per
+    /// service.
+    fn views(&self, all: &[&Supervisor]) -> Vec<Result<serde_json::Value>> {
+        all.iter().map(|s| self.view(s)).collect()
+    }
 }
 
 /// The real thing: `pm2` and `systemctl`.
@@ -244,6 +252,34 @@ impl SupervisorOps for RealSupervisors {
     fn view(&self, s: &Supervisor) -> Result<serde_json::Value> {
         view(s)
     }
+
+    fn views(&self, all: &[&Supervisor]) -> Vec<Result<serde_json::Value>> {
+        // (God pid, God uid) → its jlist, fetched once.
+        let mut lists: HashMap<(u32, u32), std::result::Result<serde_json::Value, String>> =
+            HashMap::new();
+        all.iter()
+            .map(|s| match s {
+                Supervisor::Pm2 {
+                    name,
+                    god_pid,
+                    god_uid,
+                    daemon_js,
+                    ..
+                } => {
+                    check_name("pm2 app", name)?;
+                    let list = lists.entry((*god_pid, *god_uid)).or_insert_with(|| {
+                        pm2_jlist(*god_pid, *god_uid, daemon_js.as_deref())
+                            .map_err(|e| format!("{e:#}"))
+                    });
+                    match list {
+                        Ok(l) => pm2_app_view(l, name),
+                        Err(e) => Err(anyhow::anyhow!("{e}")),
+                    }
+                }
+                other => view(other),
+            })
+            .collect()
+    }
 }
 
 /// `pm2 stop|restart <pm_id>` as pm2's owner, `systemctl stop|restart UNIT`.
@@ -282,6 +318,44 @@ fn control(s: &Supervisor, verb: Verb) -> Result<String> {
 }
 
 /// The supervisor's own view of a service.
+/// `pm2 jlist` of one God, as its owner, keeping only what a view needs
+/// (the full list carries every app's environment).
+fn pm2_jlist(god_pid: u32, god_uid: u32, daemon_js: Option<&str>) -> Result<serde_json::Value> {
+    let pm2 = pm2_cli(god_pid, god_uid, daemon_js)?;
+    let out = run(pm2.command(&["jlist"]), "pm2 jlist")?;
+    let start = out.find('[').context("pm2 jlist printed no JSON")?;
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&out[start..]).context("parsing pm2 jlist")?;
+    Ok(serde_json::Value::Array(
+        list.into_iter()
+            .map(|app| {
+                let env = &app["pm2_env"];
+                serde_json::json!({
+                    "name": app["name"],
+                    "supervisor": "pm2",
+                    "status": env["status"],
+                    "restarts": env["restart_time"],
+                    "unstable_restarts": env["unstable_restarts"],
+                    "pid": app["pid"],
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// One app's view from a [`pm2_jlist`].
+fn pm2_app_view(list: &serde_json::Value, name: &str) -> Result<serde_json::Value> {
+    let mut app = list
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == name))
+        .cloned()
+        .with_context(|| format!("pm2 doesn't list {name}"))?;
+    if let Some(m) = app.as_object_mut() {
+        m.remove("name");
+    }
+    Ok(app)
+}
+
 fn view(s: &Supervisor) -> Result<serde_json::Value> {
     {
         match s {
@@ -293,23 +367,7 @@ fn view(s: &Supervisor) -> Result<serde_json::Value> {
                 ..
             } => {
                 check_name("pm2 app", name)?;
-                let pm2 = pm2_cli(*god_pid, *god_uid, daemon_js.as_deref())?;
-                let out = run(pm2.command(&["jlist"]), "pm2 jlist")?;
-                let start = out.find('[').context("pm2 jlist printed no JSON")?;
-                let list: serde_json::Value =
-                    serde_json::from_str(&out[start..]).context("parsing pm2 jlist")?;
-                let app = list
-                    .as_array()
-                    .and_then(|a| a.iter().find(|x| x["name"] == name.as_str()))
-                    .with_context(|| format!("pm2 doesn't list {name}"))?;
-                let env = &app["pm2_env"];
-                Ok(serde_json::json!({
-                    "supervisor": "pm2",
-                    "status": env["status"],
-                    "restarts": env["restart_time"],
-                    "unstable_restarts": env["unstable_restarts"],
-                    "pid": app["pid"],
-                }))
+                pm2_app_view(&pm2_jlist(*god_pid, *god_uid, daemon_js.as_deref())?, name)
             }
             Supervisor::Systemd { unit } => {
                 check_name("unit", unit)?;
