@@ -781,7 +781,20 @@ impl Daemon {
             return;
         }
         let names: Vec<&str> = due.iter().map(String::as_str).collect();
-        let readings = self.sampler.read(&self.table, &names);
+        let mut readings = self.sampler.read(&self.table, &names);
+        // A multi-process service's confirming reading is its Pss: shared
+        // pages counted once among the parent and its helpers.
+        for name in &due {
+            if !self.memory.confirming(name) {
+                continue;
+            }
+            if let Some(r) = readings.get_mut(name).filter(|r| r.helpers > 0) {
+                if let Some(pss) = self.sampler.pss(&r.pids) {
+                    r.bytes = pss;
+                    r.by_pss = true;
+                }
+            }
+        }
         for name in due {
             let lim = self.mem_limits_of(&name);
             let Some(r) = readings.get(&name) else {
@@ -857,6 +870,7 @@ impl Daemon {
             } => {
                 let detail = json!({"rss_bytes": rss, "ceiling_bytes": ceiling, "critical": critical,
                                     "restart": restart, "pids": pids, "helpers": r.helpers,
+                                    "measure": if r.by_pss { "pss" } else { "rss" },
                                     "mem_available_bytes": crate::memsample::mem_available()});
                 let alert = critical.then(|| {
                     alert_of(
@@ -973,7 +987,7 @@ impl Daemon {
         );
         let detail = json!({"rss_bytes": rss, "ceiling_bytes": ceiling,
                             "restarts_in_window": restarts_in_window, "max_restarts": lim.max_restarts,
-                            "helpers": r.helpers,
+                            "helpers": r.helpers, "measure": if r.by_pss { "pss" } else { "rss" },
                             "mem_available_bytes": crate::memsample::mem_available()});
         if !self.restart_service(service, "memory.restart", detail, alert, false) {
             self.memory.restart_failed(service);

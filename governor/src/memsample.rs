@@ -23,6 +23,9 @@ pub struct Reading {
     /// Every process read (instances and helpers): the ones the kernel
     /// tracker counts for the service.
     pub pids: Vec<u32>,
+    /// `bytes` is the processes' summed Pss (`smaps_rollup`), not statm's
+    /// figures: the confirming reading of a multi-process service.
+    pub by_pss: bool,
 }
 
 impl Reading {
@@ -107,6 +110,7 @@ impl Sampler {
                 instances: Vec::new(),
                 helpers: 0,
                 pids: Vec::new(),
+                by_pss: false,
             });
             r.pids.push(p.pid);
             if p.instance {
@@ -120,6 +124,30 @@ impl Sampler {
         // A service whose instances are all gone has no reading.
         out.retain(|_, r| !r.instances.is_empty());
         out
+    }
+
+    /// The summed Pss of `pids` (`smaps_rollup`, through the kept
+    /// descriptors), or `None` if any of them can't be read. Pss shares
+    /// each shared page among the processes mapping it, so a parent and
+    /// its helpers are counted once — but reading it takes each target's
+    /// mm lock (~0.5 ms), so it is read only to confirm a breach, never
+    /// polled.
+    pub fn pss(&mut self, pids: &[u32]) -> Option<u64> {
+        let mut total = 0;
+        for &pid in pids {
+            let dir = self.dirs.get(&pid)?;
+            let f = rustix::fs::openat(
+                dir,
+                "smaps_rollup",
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .ok()?;
+            let mut buf = [0u8; 2048];
+            let n = rustix::io::read(&f, &mut buf).ok()?;
+            total += parse_meminfo(std::str::from_utf8(&buf[..n]).ok()?, "Pss:")?;
+        }
+        Some(total)
     }
 
     /// Drops the descriptor of a process that exited.
@@ -156,9 +184,24 @@ pub fn reap(pidfds: Vec<(u32, OwnedFd)>, timeout: std::time::Duration) -> Vec<u3
         if !exited && rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL).is_ok()
         {
             killed.push(pid);
+            release_memory(&fd);
         }
     }
     killed
+}
+
+/// `process_mrelease(2)` (5.15+) after a SIGKILL: the victim's memory is
+/// freed now, by us, rather than whenever its exit gets to it (a process
+/// stuck in the kernel may take long). Best effort: an older kernel
+/// (ENOSYS) or a process already gone changes nothing.
+pub fn release_memory(pidfd: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: process_mrelease takes a pidfd and flags (0) and touches no
+    // memory of ours; the fd is open for the duration of the call.
+    let r = unsafe { libc::syscall(libc::SYS_process_mrelease, pidfd.as_raw_fd(), 0) };
+    if r != 0 {
+        log::debug!("process_mrelease: {}", std::io::Error::last_os_error());
+    }
 }
 
 /// `MemAvailable` from `/proc/meminfo`, in bytes.

@@ -83,14 +83,14 @@ fn memory_budgets_restart_alert_and_loop() {
     let thin = app(&dir, "thin", 40, 0, 0, true);
     let thick = app(&dir, "thick", 40, 0, 0, true);
     let looper = app(&dir, "looper", 0, 60, 400, false);
-    // A parent whose two children hold 60 MiB each: under 160 MiB alone,
+    // A parent whose two children hold 80 MiB each: under 160 MiB alone,
     // over it with them.
     let family = dir.join("family.js");
     std::fs::write(
         &family,
         "const { spawn } = require('child_process');\n\
          for (let i = 0; i < 2; i++) spawn(process.execPath, ['-e', \
-         'const b = Buffer.alloc(60 << 20, 1); setInterval(() => b[0]++, 1000)'], { stdio: 'ignore' });\n\
+         'const b = Buffer.alloc(80 << 20, 1); setInterval(() => b[0]++, 1000)'], { stdio: 'ignore' });\n\
          setInterval(() => {}, 1000);\n",
     )
     .unwrap();
@@ -194,6 +194,12 @@ fn memory_budgets_restart_alert_and_loop() {
         .map(|e| (*e).clone())
         .unwrap_or_else(|| panic!("family not restarted: {:#}", row(&d.status_all(), "family")));
     assert!(fam["detail"]["helpers"].as_u64().unwrap() >= 2, "{fam}");
+    // Confirmed with Pss: the parent and its helpers share node's pages.
+    assert_eq!(fam["detail"]["measure"], "pss", "{fam}");
+    assert_eq!(
+        of(&d.entries_of("memory.restart"), "leaky")[0]["detail"]["measure"],
+        "rss"
+    );
 
     // Critical: alerted (one entry), never restarted, same pid.
     let over = d.wait_entries_of("memory.over_ceiling", 1, Duration::from_secs(10));
@@ -348,6 +354,45 @@ fn startup_allowance_and_pm2s_own_limit() {
     assert!(
         waited < 6000,
         "the grace ended at 4 s; restarted at {waited} ms"
+    );
+    d.stop();
+}
+
+/// The kernel tracker on this kernel (host and 6.1 guest, no node needed):
+/// a process growing past its ceiling is seen through `kmem/rss_stat`.
+#[test]
+fn the_kernel_tracker_sees_a_crossing() {
+    let fx = governor_tests::fixture_bin();
+    let mut d = DaemonProc::start(&format!(
+        "[[service]]\nname = \"grower\"\nexe = \"{}\"\nmemory_ceiling = \"64MiB\"\ncritical = true\n",
+        fx.display()
+    ));
+    let t0 = Instant::now();
+    let mut child = std::process::Command::new(&fx)
+        .args(["grow", "100", "128"])
+        .spawn()
+        .expect("spawn the fixture");
+    let over = d.wait_entries_of("memory.over_ceiling", 1, Duration::from_secs(60));
+    let lag = t0.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    let e = of(&over, "grower");
+    assert_eq!(e.len(), 1, "{over:#?}\n{}", d.log());
+    assert!(
+        e[0]["detail"]["rss_bytes"].as_u64().unwrap() > 64 << 20,
+        "{}",
+        e[0]
+    );
+    let m = d.status()["memory"].clone();
+    println!(
+        "grower: over its 64 MiB ceiling, alerted {} ms after its start (100 MiB/s); tracker {}",
+        lag.as_millis(),
+        m["tracker"]
+    );
+    assert_eq!(m["tracker"]["kind"], "kernel (kmem/rss_stat)", "{m:#}");
+    assert!(
+        m["tracker"]["crossings"].as_u64().unwrap_or(0) >= 1,
+        "{m:#}"
     );
     d.stop();
 }

@@ -324,6 +324,8 @@ fn guest_plan(binary: &str) -> Option<(&'static [&'static str], u64)> {
         "lifecycle" => Some((&[], 150)),
         "protect" => Some((&[], 330)),
         "lsm" => Some((&[], 60)),
+        // The memory tracker on 6.1's verifier (no node: pm2 is host-only).
+        "memory" => Some((&["--exact", "the_kernel_tracker_sees_a_crossing"], 90)),
         "cli" => Some((&[], 90)),
         "velocity" => Some((&["--exact", "unmanaged_shell_loop_and_signal_deaths"], 120)),
         // Identity from the kernel's uids and the guest's cgroup v2.

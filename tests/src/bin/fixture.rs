@@ -6,6 +6,10 @@
 //! process with CODE. The process dies once, with CODE, after MS.
 //!
 //! `governor-fixture threads N`: N threads that sleep until killed.
+//!
+//! `governor-fixture grow RATE MAX`: touches RATE MiB/s of new memory (in
+//! 1 MiB steps) up to MAX MiB, then holds it until killed — a leak without
+//! node, for the guest.
 
 use std::time::Duration;
 
@@ -32,6 +36,20 @@ fn main() {
             // used afterwards (the call does not return).
             unsafe { libc::syscall(libc::SYS_exit, 0) };
             unreachable!("SYS_exit returned");
+        }
+        Some("grow") => {
+            let rate = num(2, "MiB per second").max(1);
+            let max = num(3, "MiB");
+            let mut held: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..max {
+                // Written, so every page is resident.
+                held.push(vec![1u8; 1 << 20]);
+                std::thread::sleep(Duration::from_micros(1_000_000 / rate));
+            }
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+                held[0][0] = held[0][0].wrapping_add(1);
+            }
         }
         Some("threads") => {
             for _ in 1..num(2, "threads") {
