@@ -16,6 +16,7 @@
 
 pub mod events;
 pub mod identity;
+pub mod killswitch;
 pub mod limits;
 pub mod memory;
 pub mod status;

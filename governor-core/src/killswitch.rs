@@ -1,0 +1,368 @@
+//! The kill switch: which services an engaged switch holds down, who may
+//! pull or release it, and what release brings back.
+//!
+//! Pure: the daemon's edge stops and kills processes and persists
+//! [`KillSwitch`]; this module says which, and refuses what a caller may
+//! not do.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::velocity::Supervisor;
+
+/// What an engaged switch holds down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "services", rename_all = "kebab-case")]
+pub enum Scope {
+    /// Every supervised service (pm2 apps, service units) and every
+    /// configured one — never governor, PID 1, sshd, a login session or a
+    /// pm2 God (see [`never_held`]).
+    All,
+    /// The same without `critical = true` services.
+    NonCritical,
+    /// These services only.
+    Services(BTreeSet<String>),
+}
+
+impl Scope {
+    /// `all`, `non-critical`, or service names (validated by the caller
+    /// against the config and the table).
+    pub fn parse(words: &[String]) -> Result<Scope, String> {
+        match words {
+            [] => Err("a scope is required: all, non-critical, or service names".into()),
+            [w] if w == "all" => Ok(Scope::All),
+            [w] if w == "non-critical" => Ok(Scope::NonCritical),
+            names => {
+                if let Some(bad) = names.iter().find(|n| *n == "all" || *n == "non-critical") {
+                    return Err(format!(
+                        "{bad:?} is a scope of its own: it can't be combined with service names"
+                    ));
+                }
+                if let Some(bad) = names.iter().find(|n| n.is_empty() || n.len() > 128) {
+                    return Err(format!("{bad:?} is not a service name"));
+                }
+                Ok(Scope::Services(names.iter().cloned().collect()))
+            }
+        }
+    }
+
+    /// Whether the scope holds `service` (`critical` from the config).
+    pub fn covers(&self, service: &str, critical: bool) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::NonCritical => !critical,
+            Scope::Services(s) => s.contains(service),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Scope::All => "all".into(),
+            Scope::NonCritical => "non-critical".into(),
+            Scope::Services(s) => s.iter().cloned().collect::<Vec<_>>().join(" "),
+        }
+    }
+}
+
+/// Why a process is never stopped or blocked by the switch, whatever the
+/// scope (`None`: it may be).
+pub fn never_held(pid: u32, exe: &str, daemon_pid: u32, is_god: bool) -> Option<&'static str> {
+    if pid == 1 {
+        Some("PID 1")
+    } else if pid == daemon_pid {
+        Some("governor itself")
+    } else if is_god {
+        Some("a pm2 God daemon (its apps are stopped through it)")
+    } else if exe.rsplit('/').next() == Some("sshd") {
+        Some("sshd")
+    } else {
+        None
+    }
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Who {
+    /// Root at a login terminal (the core's ancestry check).
+    Human,
+    /// A root process under a supervisor (a pm2 app, a service unit, cron):
+    /// an agent that sees itself misbehave may pull the brake.
+    Supervised(String),
+    /// Anyone else.
+    Other(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Engage,
+    Release,
+}
+
+/// Whether `who` may do `action`: engaging needs root (a human or a
+/// supervised process), releasing a human at a login terminal.
+pub fn may(who: &Who, action: Action) -> Result<(), String> {
+    match (who, action) {
+        (Who::Human, _) => Ok(()),
+        (Who::Supervised(_), Action::Engage) => Ok(()),
+        (Who::Supervised(why), Action::Release) => Err(format!(
+            "releasing the kill switch takes a person at a login terminal; this caller is {why}"
+        )),
+        (Who::Other(why), _) => Err(format!("the kill switch is root's only: {why}")),
+    }
+}
+
+/// A service the switch stopped, with how to bring it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stopped {
+    pub supervisor: Supervisor,
+    /// The pids it had when stopped.
+    pub pids: Vec<u32>,
+}
+
+/// An engaged switch (persisted in the state dir).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Engaged {
+    pub scope: Scope,
+    pub reason: String,
+    /// Who engaged it, as audited.
+    pub by: String,
+    /// Wall clock (unix ms).
+    pub since_ms: i64,
+    /// What the switch stopped, by service: release restarts these only.
+    pub stopped: BTreeMap<String, Stopped>,
+}
+
+/// The switch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KillSwitch {
+    pub engaged: Option<Engaged>,
+}
+
+/// A running service as the daemon sees it, for [`KillSwitch::engage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub service: String,
+    pub critical: bool,
+    pub supervisor: Supervisor,
+    pub pids: Vec<u32>,
+}
+
+fn check_reason(reason: &str) -> Result<(), String> {
+    let r = reason.trim();
+    if r.is_empty() {
+        return Err("a reason is required (--reason TEXT): it goes into the audit chain".into());
+    }
+    if r.len() > 1000 {
+        return Err(format!("the reason is {} bytes; 1000 at most", r.len()));
+    }
+    Ok(())
+}
+
+impl KillSwitch {
+    /// Engages the switch: the services of `running` that `scope` covers
+    /// are returned, to be stopped. Engaging an engaged switch widens it
+    /// only by naming more services of a `Services` scope; anything else is
+    /// refused (release first).
+    pub fn engage(
+        &mut self,
+        scope: Scope,
+        reason: &str,
+        by: &str,
+        now_ms: i64,
+        running: &[Candidate],
+    ) -> Result<Vec<Candidate>, String> {
+        check_reason(reason)?;
+        let to_stop: Vec<Candidate> = running
+            .iter()
+            .filter(|c| scope.covers(&c.service, c.critical))
+            .cloned()
+            .collect();
+        match &mut self.engaged {
+            None => {
+                self.engaged = Some(Engaged {
+                    scope,
+                    reason: reason.trim().to_string(),
+                    by: by.to_string(),
+                    since_ms: now_ms,
+                    stopped: to_stop
+                        .iter()
+                        .map(|c| {
+                            (
+                                c.service.clone(),
+                                Stopped {
+                                    supervisor: c.supervisor.clone(),
+                                    pids: c.pids.clone(),
+                                },
+                            )
+                        })
+                        .collect(),
+                });
+                Ok(to_stop)
+            }
+            Some(e) => match (&mut e.scope, scope) {
+                (Scope::Services(have), Scope::Services(more)) => {
+                    have.extend(more);
+                    for c in &to_stop {
+                        e.stopped.entry(c.service.clone()).or_insert(Stopped {
+                            supervisor: c.supervisor.clone(),
+                            pids: c.pids.clone(),
+                        });
+                    }
+                    Ok(to_stop)
+                }
+                (have, _) => Err(format!(
+                    "the kill switch is already engaged (scope {}, by {}): release it first",
+                    have.describe(),
+                    e.by
+                )),
+            },
+        }
+    }
+
+    /// Whether a new process of `service` must be killed at its exec.
+    pub fn holds(&self, service: &str, critical: bool) -> bool {
+        self.engaged
+            .as_ref()
+            .is_some_and(|e| e.scope.covers(service, critical))
+    }
+
+    /// Records that the switch stopped `service` again (a blocked start):
+    /// release brings it back too.
+    pub fn stopped_again(&mut self, service: &str, supervisor: &Supervisor) {
+        if let Some(e) = &mut self.engaged {
+            if !matches!(supervisor, Supervisor::None) {
+                e.stopped
+                    .entry(service.to_string())
+                    .or_insert_with(|| Stopped {
+                        supervisor: supervisor.clone(),
+                        pids: Vec::new(),
+                    });
+            }
+        }
+    }
+
+    /// Releases the switch: what it stopped, to be restarted.
+    pub fn release(&mut self, reason: &str) -> Result<Engaged, String> {
+        check_reason(reason)?;
+        self.engaged
+            .take()
+            .ok_or_else(|| "the kill switch is not engaged".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pm2(name: &str, id: u32) -> Supervisor {
+        Supervisor::Pm2 {
+            name: name.into(),
+            pm_id: Some(id),
+            god_pid: 10,
+            god_uid: 0,
+            daemon_js: None,
+        }
+    }
+
+    fn running() -> Vec<Candidate> {
+        vec![
+            Candidate {
+                service: "bot".into(),
+                critical: false,
+                supervisor: pm2("bot", 0),
+                pids: vec![20],
+            },
+            Candidate {
+                service: "db".into(),
+                critical: true,
+                supervisor: pm2("db", 1),
+                pids: vec![21],
+            },
+        ]
+    }
+
+    #[test]
+    fn scopes_parse_and_cover() {
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(Scope::parse(&w(&["all"])), Ok(Scope::All));
+        assert_eq!(Scope::parse(&w(&["non-critical"])), Ok(Scope::NonCritical));
+        assert!(Scope::parse(&w(&[])).is_err());
+        assert!(Scope::parse(&w(&["bot", "all"]))
+            .unwrap_err()
+            .contains("of its own"));
+        let s = Scope::parse(&w(&["bot"])).unwrap();
+        assert!(s.covers("bot", false) && !s.covers("db", false));
+        assert!(!Scope::NonCritical.covers("db", true));
+        assert!(Scope::All.covers("db", true));
+    }
+
+    #[test]
+    fn engage_hold_release() {
+        let mut k = KillSwitch::default();
+        assert!(k
+            .engage(Scope::NonCritical, " ", "root", 1, &running())
+            .unwrap_err()
+            .contains("reason"));
+        let stop = k
+            .engage(Scope::NonCritical, "runaway", "root", 1, &running())
+            .unwrap();
+        assert_eq!(stop.len(), 1);
+        assert_eq!(stop[0].service, "bot");
+        assert!(k.holds("bot", false));
+        assert!(!k.holds("db", true));
+        // Engaged already: a different scope is refused.
+        assert!(k
+            .engage(Scope::All, "more", "root", 2, &running())
+            .unwrap_err()
+            .contains("already engaged"));
+        // A blocked start of a service it didn't stop is brought back too.
+        k.stopped_again("late", &pm2("late", 5));
+        let e = k.release("fixed").unwrap();
+        assert_eq!(
+            e.stopped.keys().cloned().collect::<Vec<_>>(),
+            vec!["bot".to_string(), "late".to_string()]
+        );
+        assert!(!k.holds("bot", false));
+        assert!(k.release("again").unwrap_err().contains("not engaged"));
+    }
+
+    #[test]
+    fn only_a_person_releases() {
+        let agent = Who::Supervised("pm2 app bot".into());
+        assert!(may(&agent, Action::Engage).is_ok());
+        assert!(may(&agent, Action::Release)
+            .unwrap_err()
+            .contains("login terminal"));
+        assert!(may(&Who::Other("uid 1000".into()), Action::Engage).is_err());
+        assert!(may(&Who::Human, Action::Release).is_ok());
+    }
+
+    #[test]
+    fn never_held_processes() {
+        assert_eq!(never_held(1, "/sbin/init", 99, false), Some("PID 1"));
+        assert_eq!(
+            never_held(99, "/usr/sbin/governor", 99, false),
+            Some("governor itself")
+        );
+        assert!(never_held(5, "/usr/bin/node", 99, true).is_some());
+        assert_eq!(never_held(6, "/usr/sbin/sshd", 99, false), Some("sshd"));
+        assert_eq!(never_held(7, "/usr/bin/node", 99, false), None);
+    }
+
+    #[test]
+    fn the_state_round_trips() {
+        let mut k = KillSwitch::default();
+        k.engage(
+            Scope::Services(["bot".to_string()].into()),
+            "r",
+            "root",
+            1,
+            &running(),
+        )
+        .unwrap();
+        let j = serde_json::to_string(&k).unwrap();
+        let back: KillSwitch = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, k);
+    }
+}
