@@ -246,6 +246,80 @@ pub fn deploy(target: &Target, service: &str, grace_s: u64, reason: &str) -> Res
     Ok(())
 }
 
+/// `governor kill-switch engage|release|status`. The client's stdin goes
+/// with the request: releasing takes a person at a terminal.
+pub fn kill_switch(
+    target: &Target,
+    action: crate::control::KillAction,
+    scope: Vec<String>,
+    reason: &str,
+    json: bool,
+) -> Result<()> {
+    use crate::control::KillAction;
+    let data = ask(
+        target,
+        &Request::KillSwitch {
+            action,
+            scope,
+            reason: reason.into(),
+        },
+        matches!(action, KillAction::Release),
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    match action {
+        KillAction::Status => match data["engaged"].as_object() {
+            None => println!("kill switch: released"),
+            Some(e) => {
+                println!(
+                    "kill switch: ENGAGED (scope {}) by {}: {}",
+                    e["scope"]["kind"].as_str().unwrap_or("?"),
+                    e["by"].as_str().unwrap_or("?"),
+                    e["reason"].as_str().unwrap_or("")
+                );
+                if let Some(s) = e["stopped"].as_object() {
+                    let names: Vec<&str> = s.keys().map(String::as_str).collect();
+                    println!("stopped, restarted on release: {}", names.join(", "));
+                }
+            }
+        },
+        _ => {
+            println!(
+                "kill switch {} (audit {})",
+                if data["engaged"] == true {
+                    "ENGAGED"
+                } else {
+                    "released"
+                },
+                data["audit_head"].as_str().unwrap_or("?")
+            );
+            for s in data["services"].as_array().into_iter().flatten() {
+                let ended: Vec<String> = s["ended"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| format!("{} {}", e["pid"], e["how"].as_str().unwrap_or("?")))
+                    .collect();
+                println!(
+                    "  {}: {}, {} says {}{}",
+                    s["service"].as_str().unwrap_or("?"),
+                    s["state"].as_str().unwrap_or("?"),
+                    s["supervisor"]["kind"].as_str().unwrap_or("supervisor"),
+                    s["supervisor_says"].as_str().unwrap_or("?"),
+                    if ended.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", ended.join(", "))
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn audit_verify(log: &Path, expect_head: Option<&str>) -> ExitCode {
     let expect = match expect_head.map(str::parse::<governor_audit::Head>) {
         None => None,

@@ -57,6 +57,22 @@ pub enum Request {
     ApproveEnd {
         path: String,
     },
+    KillSwitch {
+        action: KillAction,
+        #[serde(default)]
+        scope: Vec<String>,
+        #[serde(default)]
+        reason: String,
+    },
+}
+
+/// `governor kill-switch engage|release|status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KillAction {
+    Engage,
+    Release,
+    Status,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -62,6 +62,8 @@ pub fn init_logging(json: bool) {
     b.init();
 }
 
+mod killswitch;
+
 /// Results of work done off the event loop, coming back to it.
 enum Side {
     Delivery(DeliveryOutcome),
@@ -82,6 +84,26 @@ enum Side {
         supervisor: Supervisor,
         result: std::result::Result<String, String>,
         killed: Vec<u32>,
+    },
+    /// The kill switch stopped a service (or, `blocked`, a held start's
+    /// supervisor was told to stop it again); `ended`: how each process
+    /// ended.
+    KsStopped {
+        service: String,
+        supervisor: Supervisor,
+        result: std::result::Result<String, String>,
+        ended: Vec<(u32, String, u64)>,
+        /// What the supervisor says of it afterwards.
+        says: String,
+        blocked: bool,
+    },
+    /// Release restarted a service.
+    KsRestarted {
+        service: String,
+        supervisor: Supervisor,
+        result: std::result::Result<String, String>,
+        /// What the supervisor says of it afterwards.
+        says: String,
     },
 }
 
@@ -151,6 +173,14 @@ pub struct Daemon {
     mem_arms: std::result::Result<crate::memwatch::MemArms, String>,
     /// Why the PSI trigger isn't armed.
     psi_problem: Option<String>,
+    /// The kill switch, its state file, and a reply waiting for its stops.
+    killswitch: governor_core::killswitch::KillSwitch,
+    killswitch_file: StateFile,
+    ks_pending: Option<killswitch::Pending>,
+    /// The kill switch's supervisor actions in flight, per service: a
+    /// held start's stop runs once at a time, and a release's restart
+    /// waits for it (else pm2 could get the stop after the restart).
+    ks_busy: killswitch::Busy,
 }
 
 fn host_name() -> String {
@@ -385,11 +415,28 @@ impl Daemon {
         self.effects.audit(kind, service, detail).await
     }
 
+    /// Appends one entry with its alert and waits until it is durable.
+    async fn audit_with_alert(&self, kind: &str, detail: Value, alert: Alert) -> Option<Head> {
+        match self
+            .effects
+            .commit(Effect::audit(kind, None, detail).with_alert(alert))
+            .await
+            .head
+        {
+            Ok(h) => h,
+            Err(e) => {
+                log::error!("audit append of {kind} failed: {e}");
+                None
+            }
+        }
+    }
+
     /// Applies one kernel event; decisions are collected and carried out
     /// after the batch (they await the audit writer).
     fn on_event(&mut self, ev: Event) {
         match &ev {
             Event::Exit(e) => {
+                self.ks_busy.exited(e.pid, e.ts_ns);
                 if let Ok(mut m) = self.services_by_pid.write() {
                     m.remove(&e.pid);
                 }
@@ -432,6 +479,9 @@ impl Daemon {
                 }
                 if let Ok(mut m) = self.services_by_pid.write() {
                     m.insert(ev.pid(), service);
+                }
+                if matches!(ev, Event::Exec(_)) && self.killswitch.engaged.is_some() {
+                    self.hold_exec(ev.pid(), Some(ev.ts_ns()));
                 }
             }
         }
@@ -713,6 +763,49 @@ impl Daemon {
                     Some(&service),
                     json!({"state": state, "supervisor": supervisor, "output": msg, "killed": killed}),
                     alert,
+                );
+            }
+            Side::KsStopped {
+                service,
+                supervisor,
+                result,
+                ended,
+                says,
+                blocked,
+            } => {
+                let (state, msg) = match &result {
+                    Ok(out) => ("done", out.trim().chars().take(500).collect::<String>()),
+                    Err(e) => ("failed", e.clone()),
+                };
+                let ended: Vec<Value> = ended
+                    .iter()
+                    .map(|(pid, how, ms)| json!({"pid": pid, "how": how, "after_ms": ms}))
+                    .collect();
+                self.on_ks_result(
+                    service,
+                    "killswitch.stopped",
+                    json!({"state": state, "supervisor": supervisor, "output": msg,
+                           "ended": ended, "supervisor_says": says,
+                           "after_blocked_start": blocked}),
+                    blocked,
+                );
+            }
+            Side::KsRestarted {
+                service,
+                supervisor,
+                result,
+                says,
+            } => {
+                let (state, msg) = match &result {
+                    Ok(out) => ("done", out.trim().chars().take(500).collect::<String>()),
+                    Err(e) => ("failed", e.clone()),
+                };
+                self.on_ks_result(
+                    service,
+                    "killswitch.restarted",
+                    json!({"state": state, "supervisor": supervisor, "output": msg,
+                           "supervisor_says": says}),
+                    false,
                 );
             }
             Side::Stopped {
@@ -1446,6 +1539,14 @@ impl Daemon {
                     Err(e) => Response::err(format!("{e:#}")),
                 });
             }
+            Request::KillSwitch {
+                action,
+                scope,
+                reason,
+            } => {
+                self.on_killswitch(action, scope, reason, peer, stdin, reply)
+                    .await
+            }
             Request::ApproveEnd { path } => {
                 let r = protector.approve_end(Path::new(&path)).await;
                 let _ = reply.send(match r {
@@ -1711,6 +1812,17 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
 
     // One ordered pipeline for every entry, alert and act from here on.
     let effects = Effects::spawn(audit.clone(), alerts)?;
+    let fx = effects.clone();
+    let killswitch_file = StateFile::spawn(state_dir.join("killswitch.json"), move |p, e| {
+        fx.submit(Effect::alert_only(Alert::new(
+            Severity::Critical,
+            "state",
+            format!(
+                "cannot save the kill switch state to {}: {e:#}",
+                p.display()
+            ),
+        )));
+    })?;
 
     // Protected files: flags first, then the kernel layers, reconciled
     // against the declared state.
@@ -1755,6 +1867,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         mem_next: HashMap::new(),
         mem_arms,
         psi_problem: None,
+        killswitch: killswitch::load(&state_dir)?,
+        killswitch_file,
+        ks_pending: None,
+        ks_busy: Default::default(),
     };
     // History loaded from the state file carries no limits: apply them.
     d.velocity.cap = d.config.daemon.max_unconfigured_services;
@@ -1804,6 +1920,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         ),
     );
 
+    // An engaged kill switch holds again before anyone can ask anything.
+    d.reapply_killswitch();
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Incoming>(16);
     let socket = control::serve(&d.config.daemon.socket, ctl_tx)?;
     log::info!("control socket {}", socket.display());
@@ -1959,6 +2077,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         memory_file.save(b);
     }
     memory_file.finish();
+    d.killswitch_file.finish();
     d.audit("daemon.stopped", None, json!({"reason": stop_reason}))
         .await;
     if let Some(t) = &d.telegram {

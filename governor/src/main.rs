@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use governor::{
     cli::{self, Target},
     config::{parse_duration, Config, DEFAULT_CONFIG_PATH},
+    control::KillAction,
     daemon, doctor,
     proctable::Matcher,
     watch,
@@ -108,6 +109,14 @@ enum Cmd {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// The kill switch: stop a scope of services through their supervisors
+    /// and hold it down (any new process of it is killed at its exec) until
+    /// a person releases it. Root only; an agent under pm2 or a unit may
+    /// engage, never release.
+    KillSwitch {
+        #[command(subcommand)]
+        cmd: KillCmd,
+    },
     /// The audit chain: verify it, or show its latest entries.
     Audit {
         #[command(subcommand)]
@@ -142,6 +151,38 @@ impl TargetArgs {
             socket: self.socket,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum KillCmd {
+    /// Stop SCOPE and hold it: `all` (every supervised service; never
+    /// governor, PID 1, sshd, pm2's God or a login session), `non-critical`
+    /// (all but `critical = true` services), or service names.
+    Engage {
+        #[arg(long, num_args = 1.., required = true)]
+        scope: Vec<String>,
+        /// Why (required, audited).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Release the switch and restart what it stopped (a person at a login
+    /// terminal only).
+    Release {
+        /// Why (required, audited).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Whether it is engaged, its scope, who engaged it and what it stopped.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -314,6 +355,30 @@ fn main() -> ExitCode {
                 )
             }
         }
+        Cmd::KillSwitch { cmd } => match cmd {
+            KillCmd::Engage {
+                scope,
+                reason,
+                target,
+            } => report(
+                cli::kill_switch(&target.target(), KillAction::Engage, scope, &reason, false),
+                "kill-switch engage",
+            ),
+            KillCmd::Release { reason, target } => report(
+                cli::kill_switch(
+                    &target.target(),
+                    KillAction::Release,
+                    vec![],
+                    &reason,
+                    false,
+                ),
+                "kill-switch release",
+            ),
+            KillCmd::Status { json, target } => report(
+                cli::kill_switch(&target.target(), KillAction::Status, vec![], "", json),
+                "kill-switch status",
+            ),
+        },
         Cmd::Audit { cmd } => match cmd {
             AuditCmd::Verify {
                 log,

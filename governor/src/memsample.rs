@@ -190,6 +190,51 @@ pub fn reap(pidfds: Vec<(u32, OwnedFd)>, timeout: std::time::Duration) -> Vec<u3
     killed
 }
 
+/// Each process a stop ended: pid, how, ms after the stop began.
+pub type Ended = Vec<(u32, String, u64)>;
+
+/// Makes sure the processes behind `pidfds` end: each gets up to `grace`
+/// to exit (its supervisor was asked to stop it), then SIGTERM, then after
+/// another second SIGKILL. How each ended ("exited", "SIGTERM", "SIGKILL")
+/// and when, in ms from the call (for a SIGKILL: when it was sent).
+pub fn end_processes(pidfds: Vec<(u32, OwnedFd)>, grace: std::time::Duration) -> Ended {
+    let t0 = std::time::Instant::now();
+    let ms = || t0.elapsed().as_millis() as u64;
+    use rustix::event::{poll, PollFd, PollFlags};
+    use rustix::process::{pidfd_send_signal, Signal};
+    let wait = |fd: &OwnedFd, until: std::time::Instant| {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let ts = rustix::event::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as i64,
+        };
+        let mut fds = [PollFd::new(fd, PollFlags::IN)];
+        matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
+    };
+    let end = std::time::Instant::now() + grace;
+    let mut out = Vec::new();
+    let mut left = Vec::new();
+    for (pid, fd) in pidfds {
+        if wait(&fd, end) {
+            out.push((pid, "exited".to_string(), ms()));
+        } else {
+            let _ = pidfd_send_signal(&fd, Signal::TERM);
+            left.push((pid, fd));
+        }
+    }
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    for (pid, fd) in left {
+        if wait(&fd, end) {
+            out.push((pid, "SIGTERM".to_string(), ms()));
+        } else {
+            let _ = pidfd_send_signal(&fd, Signal::KILL);
+            release_memory(&fd);
+            out.push((pid, "SIGKILL".to_string(), ms()));
+        }
+    }
+    out
+}
+
 /// `process_mrelease(2)` (5.15+) after a SIGKILL: the victim's memory is
 /// freed now, by us, rather than whenever its exit gets to it (a process
 /// stuck in the kernel may take long). Best effort: an older kernel
