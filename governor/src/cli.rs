@@ -169,6 +169,12 @@ pub fn render_status(data: &Value) -> String {
         if state == "crash-loop" {
             state = "CRASH-LOOP".into();
         }
+        if s["drift"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|k| k == "uptime"))
+        {
+            state.push_str(" [drift: uptime]");
+        }
         rows.push([
             s["name"].as_str().unwrap_or("?").to_string(),
             state,
@@ -229,20 +235,134 @@ pub fn status(target: &Target, json: bool, all: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn deploy(target: &Target, service: &str, grace_s: u64, reason: &str) -> Result<()> {
-    let data = ask(
-        target,
-        &Request::Deploy {
-            service: service.into(),
-            grace_s,
-            reason: reason.into(),
-        },
-        false,
-    )?;
+/// `governor deploy SERVICE [--files F…] [-- COMMAND…]`: records the
+/// deploy (its restarts during the grace are planned); with `--files`,
+/// changes to those watched files during the deploy are its own, not
+/// drift, and with a COMMAND (run here, as the caller, argv as given: no
+/// shell) their new content is declared as soon as it exits.
+pub fn deploy(
+    target: &Target,
+    service: &str,
+    grace_s: u64,
+    reason: &str,
+    files: &[PathBuf],
+    finish: bool,
+    command: &[String],
+) -> Result<()> {
+    let abs: Vec<String> = files
+        .iter()
+        .map(|f| {
+            std::path::absolute(f)
+                .map(|p| p.display().to_string())
+                .with_context(|| format!("--files {}", f.display()))
+        })
+        .collect::<Result<_>>()?;
+    let req = |finish: bool| Request::Deploy {
+        service: service.into(),
+        grace_s,
+        reason: reason.into(),
+        files: abs.clone(),
+        finish,
+    };
+    if finish {
+        let data = ask(target, &req(true), false)?;
+        print_declared(&data);
+        return Ok(());
+    }
+    let data = ask(target, &req(false), false)?;
     println!(
         "deploy of {service} recorded (audit {}); restarts in the next {grace_s} s are planned",
         data["audit"].as_str().unwrap_or("?")
     );
+    if command.is_empty() {
+        if !abs.is_empty() {
+            println!(
+                "changes to {} are the deploy's until the grace ends (or `governor deploy {service} --finish --files …`)",
+                abs.join(", ")
+            );
+        }
+        return Ok(());
+    }
+    let status = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .status()
+        .with_context(|| format!("running {:?}", command[0]));
+    // The files' content is declared whatever the command did: what is on
+    // disk now is what the deploy left.
+    if !abs.is_empty() {
+        let data = ask(target, &req(true), false)?;
+        print_declared(&data);
+    }
+    let status = status?;
+    if !status.success() {
+        anyhow::bail!("the deploy command {:?} failed: {status}", command[0]);
+    }
+    Ok(())
+}
+
+fn print_declared(data: &Value) {
+    for f in data["files"].as_array().into_iter().flatten() {
+        println!(
+            "  {}: {} (sha256 {})",
+            f["path"].as_str().unwrap_or("?"),
+            if f["changed"] == true {
+                "changed, declared"
+            } else {
+                "unchanged"
+            },
+            f["new_sha256"].as_str().unwrap_or("-")
+        );
+    }
+}
+
+/// `governor drift [--json]`, `governor drift accept TARGET --reason`.
+pub fn drift(target: &Target, accept: Option<&str>, reason: &str, json: bool) -> Result<()> {
+    let data = ask(
+        target,
+        &Request::Drift {
+            accept: accept.map(String::from),
+            reason: reason.into(),
+        },
+        accept.is_some(),
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    if let Some(t) = accept {
+        println!("drift on {t} accepted (audited)");
+        return Ok(());
+    }
+    let items = data["items"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        println!("no drift: everything matches its declared state");
+    }
+    for i in items {
+        let what = i["path"].as_str().or(i["service"].as_str()).unwrap_or("?");
+        let who = match &i["who"] {
+            Value::Null => String::new(),
+            w => format!(
+                " — by pid {} ({}) {} uid {}{}",
+                w["pid"],
+                w["comm"].as_str().unwrap_or("?"),
+                w["exe"].as_str().unwrap_or("?"),
+                w["uid"],
+                w["service"]
+                    .as_str()
+                    .map(|s| format!(", service {s}"))
+                    .unwrap_or_default()
+            ),
+        };
+        println!(
+            "{:<7} {what}: {}{who}{}",
+            i["kind"].as_str().unwrap_or("?"),
+            i["detail"].as_str().unwrap_or(""),
+            i["since"]
+                .as_str()
+                .map(|s| format!(" (since {s})"))
+                .unwrap_or_default()
+        );
+    }
     Ok(())
 }
 

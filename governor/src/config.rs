@@ -44,6 +44,25 @@ pub struct Config {
     /// while the daemon was down doesn't stop it from starting.
     #[serde(default)]
     pub protect: crate::protect::ProtectConfig,
+    /// `[drift]`: files that may change only through a logged governance
+    /// action (issue 12).
+    #[serde(default)]
+    pub drift: Drift,
+}
+
+/// `[drift]`.
+///
+/// ```toml
+/// [drift]
+/// watch = ["/srv/bots/*/config.json"]   # paths or globs; a change without
+///                                       # `governor deploy` / `drift accept`
+///                                       # is drift.config, with the writer
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drift {
+    #[serde(default)]
+    pub watch: Vec<toml::Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -362,10 +381,11 @@ impl Config {
 
     /// Parses `src` (named `file` in errors) and checks cross-field rules.
     pub fn parse(file: &Path, src: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(src).map_err(|e| {
+        let mut cfg: Config = toml::from_str(src).map_err(|e| {
             let offset = e.span().map(|s| s.start).unwrap_or(0);
             ConfigError::at(file, src, offset, e.message().trim().to_string())
         })?;
+        cfg.protect.watch = cfg.drift.watch.clone();
         cfg.validate(file, src)?;
         Ok(cfg)
     }

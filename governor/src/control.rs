@@ -46,6 +46,21 @@ pub enum Request {
         service: String,
         grace_s: u64,
         reason: String,
+        /// Watched files the deploy changes (`[drift] watch`): changes to
+        /// them during the deploy are its own, not drift.
+        #[serde(default)]
+        files: Vec<String>,
+        /// The deploy's command finished: declare the files' new content.
+        #[serde(default)]
+        finish: bool,
+    },
+    /// Open drift items, or (`accept`: a watched path or a service) resolve
+    /// one with a reason.
+    Drift {
+        #[serde(default)]
+        accept: Option<String>,
+        #[serde(default)]
+        reason: String,
     },
     ProtectList,
     Approve {
@@ -385,6 +400,8 @@ mod tests {
     #[test]
     fn requests_round_trip_and_reject_unknown_fields() {
         let r = Request::Deploy {
+            files: Vec::new(),
+            finish: false,
             service: "lily".into(),
             grace_s: 60,
             reason: "v2".into(),

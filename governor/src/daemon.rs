@@ -62,6 +62,7 @@ pub fn init_logging(json: bool) {
     b.init();
 }
 
+mod drift;
 mod killswitch;
 
 /// Results of work done off the event loop, coming back to it.
@@ -181,6 +182,9 @@ pub struct Daemon {
     /// held start's stop runs once at a time, and a release's restart
     /// waits for it (else pm2 could get the stop after the restart).
     ks_busy: killswitch::Busy,
+    /// Uptime drift: the instance of each configured service governor
+    /// last saw start.
+    uptime: drift::Uptime,
 }
 
 fn host_name() -> String {
@@ -480,8 +484,11 @@ impl Daemon {
                 if let Ok(mut m) = self.services_by_pid.write() {
                     m.insert(ev.pid(), service);
                 }
-                if matches!(ev, Event::Exec(_)) && self.killswitch.engaged.is_some() {
-                    self.hold_exec(ev.pid(), Some(ev.ts_ns()));
+                if matches!(ev, Event::Exec(_)) {
+                    if self.killswitch.engaged.is_some() {
+                        self.hold_exec(ev.pid(), Some(ev.ts_ns()));
+                    }
+                    self.uptime_seen(ev.pid());
                 }
             }
         }
@@ -1389,6 +1396,12 @@ impl Daemon {
                 });
                 let ops = self.supervisors.clone();
                 let cached = self.views.clone();
+                let uptime_drift: std::collections::BTreeSet<String> = snap
+                    .services
+                    .iter()
+                    .filter(|r| self.uptime.is_open(&r.status.name))
+                    .map(|r| r.status.name.clone())
+                    .collect();
                 // Supervisor views take a pm2/systemctl round trip: off the loop.
                 tokio::task::spawn_blocking(move || {
                     let mut services = Vec::new();
@@ -1401,6 +1414,22 @@ impl Daemon {
                     let mut fetched = ops.views(&supervised).into_iter();
                     for r in &snap.services {
                         let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
+                        // Which kinds of drift the service shows (governor drift).
+                        let mut drift = Vec::new();
+                        if uptime_drift.contains(&r.status.name) {
+                            drift.push("uptime");
+                        }
+                        if matches!(
+                            r.status.state,
+                            governor_core::velocity::State::CrashLoop
+                                | governor_core::velocity::State::Restarting
+                        ) {
+                            drift.push("restart");
+                        }
+                        if !matches!(r.memory_state, governor_core::memory::MemState::Ok) {
+                            drift.push("memory");
+                        }
+                        v["drift"] = json!(drift);
                         let view = match &r.status.supervisor {
                             Supervisor::None => None,
                             _ => fetched
@@ -1432,7 +1461,25 @@ impl Daemon {
                 service,
                 grace_s,
                 reason,
+                files,
+                finish,
             } => {
+                let paths: Vec<std::path::PathBuf> =
+                    files.iter().map(std::path::PathBuf::from).collect();
+                if finish {
+                    let closed = protector.deploy_close(&paths).await;
+                    let head = self
+                        .audit(
+                            "deploy.files",
+                            Some(&service),
+                            json!({"files": closed, "reason": reason,
+                                   "caller": self.caller(peer.pid, peer.uid)}),
+                        )
+                        .await;
+                    let _ = reply.send(Response::ok(json!({"service": service, "files": closed,
+                        "audit": head.map(|h| h.to_string())})));
+                    return;
+                }
                 let max = self.config.defaults.max_grace.0.as_secs();
                 if grace_s > max {
                     let _ = reply.send(Response::err(format!(
@@ -1452,6 +1499,19 @@ impl Daemon {
                     )));
                     return;
                 }
+                let deploying = match protector.deploy_open(
+                    &paths,
+                    &service,
+                    &reason,
+                    peer.uid,
+                    Duration::from_secs(grace_s.max(60)),
+                ) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        let _ = reply.send(Response::err(format!("{e:#}; nothing changed")));
+                        return;
+                    }
+                };
                 let info = InstanceInfo {
                     service: service.clone(),
                     configured: self.service_index.contains_key(&service),
@@ -1489,7 +1549,8 @@ impl Daemon {
                         Effect::audit(
                             "service.deploy",
                             Some(&service),
-                            json!({"grace_s": grace_s, "reason": reason, "by_uid": peer.uid, "by_pid": peer.pid, "caller": caller}),
+                            json!({"grace_s": grace_s, "reason": reason, "by_uid": peer.uid, "by_pid": peer.pid, "caller": caller,
+                                   "files": deploying}),
                         )
                         .with_alert(alert),
                     )
@@ -1497,6 +1558,7 @@ impl Daemon {
                 let head = match out.head {
                     Ok(h) => h,
                     Err(e) => {
+                        protector.deploy_close(&deploying).await;
                         let _ = reply.send(Response::err(format!(
                             "deploy not recorded: the audit entry could not be written ({e}); nothing changed"
                         )));
@@ -1507,6 +1569,10 @@ impl Daemon {
                     .deploy(&info, monotonic_ns(), grace_s.saturating_mul(1_000_000_000));
                 self.velocity_dirty = true;
                 let _ = reply.send(Response::ok(json!({"service": service, "grace_s": grace_s, "audit": head.map(|h| h.to_string())})));
+            }
+            Request::Drift { accept, reason } => {
+                self.on_drift(accept, reason, peer, stdin, protector, reply)
+                    .await
             }
             Request::ProtectList => {
                 let _ = reply.send(Response::ok(protector.list()));
@@ -1824,6 +1890,19 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         )));
     })?;
 
+    let fx = effects.clone();
+    let uptime_file = StateFile::spawn(state_dir.join("instances.json"), move |p, e| {
+        fx.submit(Effect::alert_only(Alert::new(
+            Severity::Warning,
+            "state",
+            format!(
+                "cannot save the instances governor saw start to {}: {e:#}",
+                p.display()
+            ),
+        )));
+    })?;
+    let (uptime, uptime_problem) = drift::Uptime::load(&state_dir, uptime_file);
+
     // Protected files: flags first, then the kernel layers, reconciled
     // against the declared state.
     let services_by_pid: Arc<std::sync::RwLock<HashMap<u32, String>>> = Arc::new(
@@ -1871,7 +1950,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         killswitch_file,
         ks_pending: None,
         ks_busy: Default::default(),
+        uptime,
     };
+    if let Some(p) = uptime_problem {
+        log::warn!("uptime drift: {p}");
+    }
     // History loaded from the state file carries no limits: apply them.
     d.velocity.cap = d.config.daemon.max_unconfigured_services;
     d.refresh_history_limits();
@@ -1920,6 +2003,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         ),
     );
 
+    // Instances that started while governor was not watching.
+    d.uptime_at_start();
     // An engaged kill switch holds again before anyone can ask anything.
     d.reapply_killswitch();
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Incoming>(16);
@@ -2078,6 +2163,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     memory_file.finish();
     d.killswitch_file.finish();
+    d.uptime.finish();
     d.audit("daemon.stopped", None, json!({"reason": stop_reason}))
         .await;
     if let Some(t) = &d.telegram {

@@ -83,6 +83,29 @@ enum Cmd {
         /// Why (recorded in the audit chain).
         #[arg(long, default_value = "")]
         reason: String,
+        /// Watched files (`[drift] watch`) the deploy changes: changes to
+        /// them during the deploy are its own, not drift; their new
+        /// content is declared when COMMAND exits (or the grace ends).
+        #[arg(long, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Declare the files' content now (a deploy without a COMMAND).
+        #[arg(long, requires = "files")]
+        finish: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The deploy itself, run as you (argv, no shell), after `--`.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Drift: what should be happening against what the kernel shows —
+    /// watched files changed without a governance action (with who),
+    /// instances governor never saw start, crash loops, memory over budget.
+    Drift {
+        #[command(subcommand)]
+        cmd: Option<DriftCmd>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -131,6 +154,22 @@ enum Cmd {
         /// Config whose state_dir is probed for file-flag support.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DriftCmd {
+    /// Resolve one drift item: a watched file's current content becomes
+    /// its declared content, or a service's running instance becomes the
+    /// expected one. A person at a login terminal only; audited.
+    Accept {
+        /// A watched file's path, or a service name.
+        target: String,
+        /// Why (required, audited).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        conn: TargetArgs,
     },
 }
 
@@ -325,11 +364,33 @@ fn main() -> ExitCode {
             service,
             grace,
             reason,
+            files,
+            finish,
             target,
+            command,
         } => report(
-            cli::deploy(&target.target(), &service, grace.as_secs(), &reason),
+            cli::deploy(
+                &target.target(),
+                &service,
+                grace.as_secs(),
+                &reason,
+                &files,
+                finish,
+                &command,
+            ),
             "deploy",
         ),
+        Cmd::Drift { cmd, json, target } => match cmd {
+            None => report(cli::drift(&target.target(), None, "", json), "drift"),
+            Some(DriftCmd::Accept {
+                target: what,
+                reason,
+                conn,
+            }) => report(
+                cli::drift(&conn.target(), Some(&what), &reason, false),
+                "drift accept",
+            ),
+        },
         Cmd::Protect {
             cmd: ProtectCmd::List { json, target },
         } => report(cli::protect_list(&target.target(), json), "protect list"),

@@ -76,6 +76,10 @@ pub struct ProtectConfig {
     /// Size of the attempt ring.
     #[serde(default = "default_ring")]
     pub ring_size: ByteSize,
+    /// `[drift] watch`, copied here by the config loader (the watched tier
+    /// rides on the same inode maps and programs).
+    #[serde(skip)]
+    pub watch: Vec<Spanned<String>>,
 }
 
 fn default_max_window() -> HumanDuration {
@@ -105,6 +109,7 @@ impl Default for ProtectConfig {
             lsm: true,
             attempt_logging: true,
             ring_size: default_ring(),
+            watch: Vec::new(),
         }
     }
 }
@@ -140,6 +145,10 @@ impl ProtectConfig {
 pub enum Tier {
     Untouchable,
     Protected,
+    /// `[drift] watch`: may change, but only through a governance action
+    /// (`governor deploy`, `governor drift accept`); any other change is
+    /// drift. Not flagged; attempts are logged, content re-hashed.
+    Watched,
 }
 
 impl Tier {
@@ -147,6 +156,7 @@ impl Tier {
         match self {
             Tier::Untouchable => "untouchable",
             Tier::Protected => "protected",
+            Tier::Watched => "watched",
         }
     }
 }
@@ -263,6 +273,7 @@ pub fn expand(cfg: &ProtectConfig, file: &Path, src: &str) -> Expanded {
     for (key, list, tier) in [
         ("protect.untouchable", &cfg.untouchable, Tier::Untouchable),
         ("protect.protected", &cfg.protected, Tier::Protected),
+        ("drift.watch", &cfg.watch, Tier::Watched),
     ] {
         for e in list {
             let (line, _) = line_col(src, e.span().start);

@@ -106,6 +106,8 @@ pub struct StartReport {
     pub files: usize,
     pub untouchable: usize,
     pub protected: usize,
+    /// `[drift] watch` files (not flagged).
+    pub watched: usize,
     /// Files that carry the immutable flag now.
     pub flagged: usize,
     /// Enforcement layers running.
@@ -141,6 +143,8 @@ enum FlagState {
     Unsupported(String),
     Missing,
     Failed(String),
+    /// The watched tier: never flagged.
+    Watched,
 }
 
 impl FlagState {
@@ -151,6 +155,7 @@ impl FlagState {
             FlagState::Unsupported(e) => format!("unsupported: {e}"),
             FlagState::Missing => "file missing".into(),
             FlagState::Failed(e) => format!("failed: {e}"),
+            FlagState::Watched => "none (watched: changes allowed, checked)".into(),
         }
     }
 }
@@ -168,6 +173,20 @@ struct Entry {
     declared: Option<String>,
     /// Last content change reported (so it is reported once).
     reported: Option<String>,
+    /// Watched files: the last process that modified it since its
+    /// declared content (pid, comm, exe, uid, service, op).
+    writer: Option<Value>,
+}
+
+/// An open drift item on a watched file.
+#[derive(Debug, Clone, Serialize)]
+pub struct DriftItem {
+    pub path: PathBuf,
+    pub since: String,
+    pub declared_sha256: Option<String>,
+    pub sha256: Option<String>,
+    pub why: String,
+    pub writer: Option<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +287,8 @@ pub struct Protector {
     syscall_names: BTreeMap<u32, &'static str>,
     /// Attempts reported (for tests and status).
     pub attempts_seen: u64,
+    /// Open drift items of watched files, by configured path.
+    drift: BTreeMap<PathBuf, DriftItem>,
 }
 
 /// SHA-256 of a file's content, lowercase hex.
@@ -366,6 +387,7 @@ impl Protector {
             last_drops: 0,
             syscall_names: kernel::syscall_names(),
             attempts_seen: 0,
+            drift: BTreeMap::new(),
         };
         let mut report = StartReport::default();
 
@@ -450,6 +472,54 @@ impl Protector {
                 .files
                 .get(&path.display().to_string())
                 .map(|d| d.sha256.clone());
+            let reported = state
+                .files
+                .get(&path.display().to_string())
+                .and_then(|d| d.drift_sha256.clone());
+            if e.tier == Tier::Watched {
+                match (declared, current) {
+                    (Some(d), c) if Some(&d) != c.as_ref() => {
+                        e.declared = Some(d.clone());
+                        e.reported = c.clone();
+                        let why = if reported.is_some() && reported == c {
+                            "reported earlier, not yet accepted".to_string()
+                        } else {
+                            report.changed.push(path.display().to_string());
+                            "changed while unobserved (governor was not running)".to_string()
+                        };
+                        let item = DriftItem {
+                            path: path.clone(),
+                            since: now_rfc3339(),
+                            declared_sha256: Some(d.clone()),
+                            sha256: c.clone(),
+                            why: why.clone(),
+                            writer: None,
+                        };
+                        if reported.is_none() || reported != c {
+                            p.effects.submit(
+                                Effect::audit("drift.config", None, json!(item)).with_alert(
+                                    Alert::new(
+                                        Severity::Warning,
+                                        "drift",
+                                        format!(
+                                            "{} changed while governor was down",
+                                            path.display()
+                                        ),
+                                    )
+                                    .with_body(format!(
+                                        "declared sha256 {d}\nactual   sha256 {}",
+                                        c.as_deref().unwrap_or("(removed)")
+                                    )),
+                                ),
+                            );
+                        }
+                        p.drift.insert(path.clone(), item);
+                    }
+                    (Some(d), _) => e.declared = Some(d),
+                    (None, c) => e.declared = c,
+                }
+                continue;
+            }
             match (declared, current) {
                 (Some(d), Some(c)) if d != c => {
                     report.changed.push(path.display().to_string());
@@ -550,7 +620,9 @@ impl Protector {
             }
             Ok(md) => {
                 let key = attempt::key_from_md(&md);
-                let flag = if self.windows.contains_key(&t.path) {
+                let flag = if t.tier == Tier::Watched {
+                    FlagState::Watched
+                } else if self.windows.contains_key(&t.path) {
                     FlagState::Lifted
                 } else {
                     match set_immutable(&real, true) {
@@ -592,6 +664,7 @@ impl Protector {
                 flag,
                 declared: None,
                 reported: None,
+                writer: None,
             },
         );
     }
@@ -628,6 +701,7 @@ impl Protector {
                     session: Some(s), ..
                 }) => (INODE_PROTECTED | INODE_SESSION, Some(*s)),
                 Some(_) => (INODE_PROTECTED, None),
+                None if e.tier == Tier::Watched => (INODE_PROTECTED, None),
                 None => (INODE_PROTECTED | INODE_DENY, None),
             };
             // The session first: a flag naming a session not yet in the
@@ -653,7 +727,12 @@ impl Protector {
             .values()
             .filter(|e| e.tier == Tier::Untouchable)
             .count();
-        report.protected = report.files - report.untouchable;
+        report.watched = self
+            .files
+            .values()
+            .filter(|e| e.tier == Tier::Watched)
+            .count();
+        report.protected = report.files - report.untouchable - report.watched;
         report.flagged = self
             .files
             .values()
@@ -764,6 +843,11 @@ impl Protector {
                         dev: k.dev,
                         ino: k.ino,
                         declared_at: now_rfc3339(),
+                        drift_sha256: if e.tier == Tier::Watched {
+                            e.reported.clone()
+                        } else {
+                            None
+                        },
                     },
                 );
             }
@@ -821,6 +905,7 @@ impl Protector {
                     "flag": e.flag.name(),
                     "flag_set": e.flag == FlagState::Set,
                     "declared_sha256": e.declared,
+                    "drift": self.drift.get(&e.path),
                     "window": w.map(|w| json!({
                         "until": crate::events::rfc3339(w.until_wall),
                         "remaining_s": w.until.saturating_duration_since(Instant::now()).as_secs(),
@@ -1064,7 +1149,8 @@ impl Protector {
             }
         }
         // Tampering: the flag came off outside a window.
-        if a.op == Op::SetFlags && a.allowed() && !in_window {
+        let watched = entry.as_ref().map(|e| e.tier) == Some(Tier::Watched);
+        if a.op == Op::SetFlags && a.allowed() && !in_window && !watched {
             if let Some(e) = &entry {
                 if self.on_tamper(&a, e, &mut d, service.clone()) {
                     return;
@@ -1081,6 +1167,20 @@ impl Protector {
                     if a.op == Op::Rename || a.op == Op::Link {
                         self.refresh_key(p);
                     }
+                } else if watched {
+                    // Allowed: who did it is kept for the drift entry the
+                    // re-hash may bring (a rename over it is a new inode).
+                    if matches!(a.op, Op::Rename | Op::Link | Op::Unlink) {
+                        self.refresh_key(p);
+                    }
+                    if let Some(e) = self.files.get_mut(p) {
+                        e.writer = Some(json!({
+                            "pid": a.pid, "ppid": a.ppid, "comm": a.comm, "exe": a.exe,
+                            "uid": a.uid, "service": service, "op": a.op.name(),
+                            "syscall": a.syscall,
+                        }));
+                    }
+                    self.schedule_rehash(p);
                 } else {
                     // Not refused and not approved: the flag is missing.
                     self.schedule_rehash(p);
@@ -1194,11 +1294,18 @@ impl Protector {
     /// A hash computed off the loop is back.
     fn on_hashed(&mut self, h: Hashed) {
         match h.why {
-            HashFor::Check(why) => {
-                if let Some(sha) = h.sha256 {
-                    self.content_is(&h.path, sha, why);
+            HashFor::Check(why) => match h.sha256 {
+                Some(sha) => self.content_is(&h.path, sha, why),
+                None => {
+                    let gone = self
+                        .files
+                        .get(&h.path)
+                        .is_some_and(|e| e.tier == Tier::Watched && !e.real.exists());
+                    if gone {
+                        self.watched_changed(&h.path, None, "removed");
+                    }
                 }
-            }
+            },
             HashFor::Tamper(t) => {
                 let TamperReport {
                     path,
@@ -1263,6 +1370,10 @@ impl Protector {
         let Some(e) = self.files.get_mut(path) else {
             return;
         };
+        if e.tier == Tier::Watched {
+            self.watched_changed(path, Some(now), why);
+            return;
+        }
         if Some(&now) == e.declared.as_ref() || Some(&now) == e.reported.as_ref() {
             return;
         }
@@ -1287,6 +1398,183 @@ impl Protector {
                 declared.as_deref().unwrap_or("?")
             )),
         );
+    }
+
+    /// A watched file's content is `now` (None: removed). Back to its
+    /// declared content closes its drift item; a new content is reported
+    /// once, as `drift.config` with the writer.
+    fn watched_changed(&mut self, path: &Path, now: Option<String>, why: &str) {
+        let Some(e) = self.files.get_mut(path) else {
+            return;
+        };
+        if now.is_some() && now == e.declared {
+            e.reported = None;
+            e.writer = None;
+            if self.drift.remove(path).is_some() {
+                self.save_state();
+            }
+            return;
+        }
+        if now.is_some() && now == e.reported {
+            return;
+        }
+        if now.is_none() && self.drift.get(path).is_some_and(|d| d.sha256.is_none()) {
+            return;
+        }
+        e.reported = now.clone();
+        let item = DriftItem {
+            path: path.to_path_buf(),
+            since: now_rfc3339(),
+            declared_sha256: e.declared.clone(),
+            sha256: now.clone(),
+            why: format!("changed without a governance action ({why})"),
+            writer: e.writer.clone(),
+        };
+        let who = item
+            .writer
+            .as_ref()
+            .map(|w| {
+                format!(
+                    "by pid {} ({}) {} uid {}",
+                    w["pid"],
+                    w["comm"].as_str().unwrap_or("?"),
+                    w["exe"].as_str().unwrap_or("?"),
+                    w["uid"]
+                )
+            })
+            .unwrap_or_else(|| "by an unseen writer".into());
+        let service = item
+            .writer
+            .as_ref()
+            .and_then(|w| w["service"].as_str().map(String::from));
+        let mut alert = Alert::new(
+            Severity::Warning,
+            "drift",
+            format!(
+                "{} changed without a logged governance action",
+                path.display()
+            ),
+        )
+        .with_body(format!(
+            "{who}\ndeclared {}\nnow      {}",
+            item.declared_sha256.as_deref().unwrap_or("?"),
+            now.as_deref().unwrap_or("(removed)")
+        ));
+        if let Some(s) = &service {
+            alert = alert.with_service(s.clone());
+        }
+        self.effects.submit(
+            Effect::audit("drift.config", service.as_deref(), json!(item)).with_alert(alert),
+        );
+        self.drift.insert(path.to_path_buf(), item);
+        self.save_state();
+    }
+
+    /// Open drift items of watched files.
+    pub fn drift_items(&self) -> Vec<DriftItem> {
+        self.drift.values().cloned().collect()
+    }
+
+    /// `governor drift accept PATH --reason`: the current content becomes
+    /// the declared one. Audited (durable before the reply).
+    pub async fn drift_accept(&mut self, path: &Path, reason: &str, by: Value) -> Result<Value> {
+        let key = self
+            .find(path)
+            .filter(|k| self.files.get(k).is_some_and(|e| e.tier == Tier::Watched))
+            .with_context(|| format!("{} is not a watched file ([drift] watch)", path.display()))?;
+        let e = self.files.get(&key).cloned().context("gone")?;
+        let real = e.real.clone();
+        let now = tokio::task::spawn_blocking(move || sha256_file(&real).ok())
+            .await
+            .ok()
+            .flatten();
+        let item = self.drift.remove(&key);
+        let d = json!({
+            "path": key, "reason": reason, "by": by, "old_sha256": e.declared,
+            "new_sha256": now, "had_drift": item.is_some(),
+        });
+        let head = self.effects.audit("drift.accept", None, d.clone()).await;
+        if head.is_none() {
+            if let Some(i) = item {
+                self.drift.insert(key.clone(), i);
+            }
+            bail!("not accepted: the audit entry could not be written");
+        }
+        self.refresh_key(&key);
+        if let Some(x) = self.files.get_mut(&key) {
+            x.declared = now;
+            x.reported = None;
+            x.writer = None;
+        }
+        self.save_state();
+        self.state_file.synced().await;
+        Ok(d)
+    }
+
+    /// `governor deploy`: watched files the deploy may change. Opens a
+    /// window on each (no flag to lift), so changes inside it are the
+    /// deploy's, not drift. Every path must be watched (or PROTECTED ones
+    /// would open without approval).
+    pub fn deploy_open(
+        &mut self,
+        paths: &[PathBuf],
+        service: &str,
+        reason: &str,
+        uid: u32,
+        dur: Duration,
+    ) -> Result<Vec<PathBuf>> {
+        let mut keys = Vec::new();
+        for p in paths {
+            let key = self
+                .find(p)
+                .filter(|k| self.files.get(k).is_some_and(|e| e.tier == Tier::Watched))
+                .with_context(|| {
+                    format!(
+                        "{} is not a watched file: deploy changes only [drift] watch files                          (PROTECTED ones need `governor approve`)",
+                        p.display()
+                    )
+                })?;
+            if self.windows.contains_key(&key) {
+                bail!("{} is already being deployed", key.display());
+            }
+            keys.push(key);
+        }
+        let opened_at = SystemTime::now();
+        for k in &keys {
+            self.windows.insert(
+                k.clone(),
+                Window {
+                    until: Instant::now() + dur,
+                    until_wall: opened_at + dur,
+                    opened_at,
+                    reason: reason.to_string(),
+                    by_uid: uid,
+                    via: format!("deploy {service}"),
+                    writes: 0,
+                    session: None,
+                },
+            );
+        }
+        self.save_state();
+        Ok(keys)
+    }
+
+    /// The end of a deploy: each file's new content is declared; its
+    /// drift item (if any) closes. Returns each file's old and new SHA-256.
+    pub async fn deploy_close(&mut self, keys: &[PathBuf]) -> Vec<Value> {
+        let mut out = Vec::new();
+        for k in keys {
+            if let Ok(d) = self.close_window(k, "deployed").await {
+                self.drift.remove(k);
+                if let Some(x) = self.files.get_mut(k) {
+                    x.writer = None;
+                }
+                out.push(d);
+            }
+        }
+        self.save_state();
+        self.state_file.synced().await;
+        out
     }
 
     /// Re-reads the inode behind a protected path (after a rename over it).

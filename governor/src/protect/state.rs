@@ -30,6 +30,10 @@ pub struct Declared {
     pub dev: u32,
     pub ino: u64,
     pub declared_at: String,
+    /// Watched files: content already reported as drift (so a restart
+    /// doesn't report it again as new).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
