@@ -73,7 +73,7 @@ enum Cmd {
         /// run, for a ratio.
         #[arg(long)]
         baseline: Option<PathBuf>,
-        /// Only these benchmarks (lifecycle, daemon, audit, velocity, protect, memory).
+        /// Only these benchmarks (lifecycle, daemon, audit, velocity, memory, killswitch, drift, protect).
         only: Vec<String>,
     },
 }

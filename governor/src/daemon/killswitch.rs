@@ -120,6 +120,71 @@ fn stop_and_confirm(
     (result, ended, says)
 }
 
+/// Engage's act: every tree's grace runs (SIGTERM, SIGKILL after it)
+/// while the supervisors stop them all (one pm2 command per God), then
+/// each supervisor's view is checked, and stopped again where it doesn't
+/// say stopped. One `KsStopped` per service.
+fn stop_batch(
+    ops: &dyn crate::supervisor::SupervisorOps,
+    batch: Vec<(String, Supervisor, Vec<(u32, OwnedFd)>)>,
+    grace: std::time::Duration,
+    tx: &tokio::sync::mpsc::UnboundedSender<Side>,
+) {
+    let mut names = Vec::new();
+    let mut svs = Vec::new();
+    let mut fdss = Vec::new();
+    for (n, s, f) in batch {
+        names.push(n);
+        svs.push(s);
+        fdss.push(f);
+    }
+    let (results, ended) = std::thread::scope(|sc| {
+        let enders: Vec<_> = fdss
+            .into_iter()
+            .map(|fds| sc.spawn(move || crate::memsample::end_processes(fds, grace)))
+            .collect();
+        let refs: Vec<&Supervisor> = svs.iter().collect();
+        let results = ops.stop_many(&refs);
+        let ended: Vec<crate::memsample::Ended> = enders
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect();
+        (results, ended)
+    });
+    let refs: Vec<&Supervisor> = svs.iter().collect();
+    let views = ops.views(&refs);
+    for (((name, sv), (result, ended)), view) in names
+        .into_iter()
+        .zip(svs.iter())
+        .zip(results.into_iter().zip(ended))
+        .zip(views)
+    {
+        let mut says = match view {
+            Ok(v) => v["status"]
+                .as_str()
+                .or(v["ActiveState"].as_str())
+                .unwrap_or("unknown")
+                .to_string(),
+            Err(e) => format!("unknown ({e:#})"),
+        };
+        if !matches!(says.as_str(), "stopped" | "inactive" | "failed") {
+            let again = ops.stop(sv);
+            says = supervisor_says(ops, sv);
+            if let Err(e) = again {
+                says = format!("{says} (stopping again: {e:#})");
+            }
+        }
+        let _ = tx.send(Side::KsStopped {
+            service: name,
+            supervisor: sv.clone(),
+            result: result.map_err(|e| format!("{e:#}")),
+            ended,
+            says,
+            blocked: false,
+        });
+    }
+}
+
 fn pidfd(pid: u32) -> Option<OwnedFd> {
     let p = rustix::process::Pid::from_raw(pid as i32)?;
     rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
@@ -421,7 +486,11 @@ impl Daemon {
             head: json!({"engaged": true, "scope": scope, "audit_head": head.map(|h| h.to_string()),
                          "passed_over": passed}),
         });
-        for c in to_stop {
+        // Each service's entry durable, then one act for them all: one
+        // `pm2 stop ID…` per God while every tree's grace runs.
+        let n = to_stop.len();
+        let mut batch: Vec<(String, Supervisor, Vec<(u32, OwnedFd)>)> = Vec::new();
+        for (i, c) in to_stop.into_iter().enumerate() {
             let fds: Vec<(u32, OwnedFd)> = c
                 .pids
                 .iter()
@@ -435,33 +504,24 @@ impl Daemon {
                 limits: self.limits_of(&c.service),
             };
             self.velocity.expect_planned(&info, c.pids.len() as u32);
+            let entry = Effect::audit(
+                "killswitch.stop",
+                Some(&c.service),
+                json!({"supervisor": c.supervisor, "pids": c.pids, "grace_ms": grace.as_millis() as u64}),
+            );
+            batch.push((c.service, c.supervisor, fds));
+            if i + 1 < n {
+                self.effects.submit(entry);
+                continue;
+            }
             let ops = self.supervisors.clone();
             let tx = self.side_tx.clone();
-            let (name, sv) = (c.service.clone(), c.supervisor.clone());
-            self.effects.submit(
-                Effect::audit(
-                    "killswitch.stop",
-                    Some(&c.service),
-                    json!({"supervisor": c.supervisor, "pids": c.pids, "grace_ms": grace.as_millis() as u64}),
-                )
-                .then(move |_| {
-                    let _ = std::thread::Builder::new()
-                        .name("ks-stop".into())
-                        .spawn(move || {
-                            let (result, ended, says) = stop_and_confirm(ops.as_ref(), &sv, || {
-                                crate::memsample::end_processes(fds, grace)
-                            });
-                            let _ = tx.send(Side::KsStopped {
-                                service: name,
-                                supervisor: sv,
-                                result,
-                                ended,
-                                says,
-                                blocked: false,
-                            });
-                        });
-                }),
-            );
+            let batch = std::mem::take(&mut batch);
+            self.effects.submit(entry.then(move |_| {
+                let _ = std::thread::Builder::new()
+                    .name("ks-stop".into())
+                    .spawn(move || stop_batch(ops.as_ref(), batch, grace, &tx));
+            }));
         }
         self.finish_pending();
     }

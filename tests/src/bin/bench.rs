@@ -2,7 +2,8 @@
 //!
 //! Every figure is reported against a baseline measured in the same run —
 //! the machines are shared and noisy — and checked against the issue's
-//! target. Names: lifecycle, daemon, audit, velocity, protect.
+//! target. Names: lifecycle, daemon, audit, velocity, memory, killswitch,
+//! drift, protect.
 //! `--protect-rounds=N` / `--protect-iters=N` shorten the protect benchmark
 //! (12 rounds of 100,000 by default), e.g. in an emulated guest.
 
@@ -679,6 +680,216 @@ fn memory(r: &mut Report) {
     drop(d);
 }
 
+fn gone(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true)
+}
+
+/// Waits until every pid is gone (or a zombie); ms since `t0`.
+fn all_gone(pids: &[u64], t0: Instant) -> f64 {
+    let limit = t0 + Duration::from_secs(30);
+    while !pids.iter().all(|p| gone(*p)) && Instant::now() < limit {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
+fn app_pids(pm2: &governor_tests::Pm2, prefix: &str) -> Vec<u64> {
+    pm2.jlist()
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        .filter(|a| a["pm2_env"]["status"] == "online")
+        .filter_map(|a| a["pid"].as_u64())
+        .filter(|p| *p > 0)
+        .collect()
+}
+
+/// The kill switch: engage → all of a 20-app scope dead, against
+/// `pm2 stop` of the same apps (which leaves children, and keeps nothing
+/// down); exec → kill of a held start (kernel timestamps).
+fn killswitch(r: &mut Report) {
+    println!("killswitch: 20 pm2 apps; engage → all dead vs pm2 stop; held start exec → kill");
+    let Some(pm2) = governor_tests::host_pm2() else {
+        r.add(
+            "kill switch",
+            "pm2 not available here".into(),
+            "runs",
+            false,
+        );
+        return;
+    };
+    let dir = pm2.home.path().to_path_buf();
+    let idle = dir.join("idle.js");
+    std::fs::write(&idle, "setInterval(() => {}, 1000);\n").expect("write");
+    let names: Vec<String> = (0..20).map(|i| format!("ksb-{i}")).collect();
+    let apps: Vec<String> = names
+        .iter()
+        .map(|n| format!("{{\"name\": \"{n}\", \"script\": \"{}\"}}", idle.display()))
+        .collect();
+    let eco = dir.join("apps.json");
+    std::fs::write(&eco, format!("{{\"apps\": [{}]}}", apps.join(", "))).expect("write");
+    let eco_s = eco.to_str().unwrap_or_default().to_string();
+    let cfg: String = names
+        .iter()
+        .map(|n| format!("[[service]]\nname = \"{n}\"\npm2 = \"{n}\"\n"))
+        .collect();
+    pm2.run(&["start", &eco_s]);
+    let d = DaemonProc::start(&cfg);
+    let sock = d.socket.to_str().unwrap_or_default().to_string();
+    let online = |what: &str| {
+        let ok = governor_tests::wait_until(Duration::from_secs(60), || {
+            app_pids(&pm2, "ksb-").len() == 20
+        });
+        assert!(ok, "{what}: 20 apps online");
+        // And the daemon sees them.
+        d.wait_status(what, Duration::from_secs(30), |s| {
+            s["services"].as_array().is_some_and(|a| {
+                a.iter()
+                    .filter(|x| x["pids"].as_array().is_some_and(|p| !p.is_empty()))
+                    .count()
+                    >= 20
+            })
+        });
+    };
+    online("start");
+    let (mut engage_ms, mut pm2_ms) = (Vec::new(), Vec::new());
+    let mut scope = vec!["kill-switch".to_string(), "engage".into(), "--scope".into()];
+    scope.extend(names.iter().cloned());
+    scope.extend([
+        "--reason".into(),
+        "bench".into(),
+        "--socket".into(),
+        sock.clone(),
+    ]);
+    let scope: Vec<&str> = scope.iter().map(String::as_str).collect();
+    for round in 0..3 {
+        // Baseline: pm2 stop of the same 20.
+        let pids = app_pids(&pm2, "ksb-");
+        let t0 = Instant::now();
+        pm2.run(&["stop", &eco_s]);
+        pm2_ms.push(all_gone(&pids, t0));
+        pm2.run(&["start", &eco_s]);
+        online("after pm2 stop");
+        // The switch.
+        let pids = app_pids(&pm2, "ksb-");
+        let t0 = Instant::now();
+        let (code, out, err) = governor_tests::governor(&scope);
+        assert_eq!(code, 0, "engage: {out}{err}");
+        engage_ms.push(all_gone(&pids, t0));
+        if round == 2 {
+            // Held starts: someone starts 5 of them again.
+            for n in names.iter().take(5) {
+                pm2.run(&["start", n]);
+            }
+            governor_tests::wait_until(Duration::from_secs(20), || {
+                d.entries_of("killswitch.blocked_start").len() >= 5
+            });
+        }
+        let (code, out) = governor_tests::governor_in_login(
+            &[
+                "kill-switch",
+                "release",
+                "--reason",
+                "bench",
+                "--socket",
+                &sock,
+            ],
+            "",
+        );
+        assert_eq!(code, 0, "release: {out}");
+        online("after release");
+    }
+    let (_, out, _) =
+        governor_tests::governor(&["kill-switch", "status", "--json", "--socket", &sock]);
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let mut held: Vec<f64> = st["held_starts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["exec_to_exit_us"].as_u64())
+        .map(|us| us as f64 / 1000.0)
+        .collect();
+    pm2.run(&["delete", &eco_s]);
+    drop(d);
+    let (e50, e99) = (pct(&mut engage_ms, 0.5), pct(&mut engage_ms, 0.99));
+    let p50 = pct(&mut pm2_ms, 0.5);
+    r.add(
+        "kill switch: engage → 20 apps dead",
+        format!(
+            "p50 {e50:.0} ms, p99 {e99:.0} ms over {} rounds; pm2 stop of the same 20: p50 {p50:.0} ms = {:.2}×",
+            engage_ms.len(),
+            e50 / p50
+        ),
+        "≤ grace (5 s) + 1 s",
+        e99 <= 6000.0,
+    );
+    let n = held.len();
+    let (h50, h99) = (pct(&mut held, 0.5), pct(&mut held, 0.99));
+    r.add(
+        "kill switch: held start exec → kill",
+        format!("p50 {h50:.1} ms, p99 {h99:.1} ms over {n} held starts (kernel timestamps)"),
+        "p99 ≤ 50 ms",
+        n >= 5 && h99 <= 50.0,
+    );
+}
+
+/// ns per op of `ops` rounds of an unrelated file workload (open for
+/// write + truncate, write, close; rename back and forth).
+fn file_ops(dir: &std::path::Path, iters: usize) -> f64 {
+    use std::io::Write as _;
+    let (a, b) = (dir.join("unrelated-a"), dir.join("unrelated-b"));
+    let t0 = Instant::now();
+    for i in 0..iters {
+        let mut f = std::fs::File::create(&a).expect("create");
+        let _ = f.write_all(b"0123456789abcdef");
+        drop(f);
+        if i % 2 == 0 {
+            let _ = std::fs::rename(&a, &b);
+        }
+    }
+    t0.elapsed().as_nanos() as f64 / iters as f64
+}
+
+/// The watched tier's cost on unrelated file operations: the daemon with
+/// 89 watched files against the daemon with none (same layers), rounds
+/// alternating, fastest round each.
+fn drift(r: &mut Report) {
+    println!("drift: unrelated file operations, 89 watched files vs none (same run)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list: Vec<String> = (0..89)
+        .map(|i| {
+            let p = dir.path().join(format!("w{i}.json"));
+            std::fs::write(&p, format!("{i}\n")).expect("write");
+            format!("\"{}\"", p.display())
+        })
+        .collect();
+    let work = tempfile::tempdir().expect("tempdir");
+    let with_cfg = format!("[drift]\nwatch = [{}]\n", list.join(", "));
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let d = DaemonProc::start(&with_cfg);
+        file_ops(work.path(), 5_000);
+        with.push(file_ops(work.path(), 50_000));
+        drop(d);
+        let d = DaemonProc::start("");
+        file_ops(work.path(), 5_000);
+        without.push(file_ops(work.path(), 50_000));
+        drop(d);
+    }
+    let w = with.iter().cloned().fold(f64::MAX, f64::min);
+    let wo = without.iter().cloned().fold(f64::MAX, f64::min);
+    let ratio = wo / w;
+    r.add(
+        "drift: unrelated file ops, watched/none",
+        format!("{ratio:.3} ({w:.0} ns vs {wo:.0} ns per op, fastest of 3 rounds of 50,000)"),
+        "≥ 0.95",
+        ratio >= 0.95,
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let number = |flag: &str, default: usize| {
@@ -717,6 +928,12 @@ fn main() {
     }
     if want("memory") {
         memory(&mut r);
+    }
+    if want("killswitch") {
+        killswitch(&mut r);
+    }
+    if want("drift") {
+        drift(&mut r);
     }
     if want("protect") {
         println!("protect: 89 protected files, `governor run` running over not");
