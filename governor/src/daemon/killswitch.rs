@@ -124,9 +124,12 @@ fn stop_and_confirm(
 /// while the supervisors stop them all (one pm2 command per God), then
 /// each supervisor's view is checked, and stopped again where it doesn't
 /// say stopped. One `KsStopped` per service.
+/// A service to stop: its name, supervisor and a pidfd per process.
+type ToStop = (String, Supervisor, Vec<(u32, OwnedFd)>);
+
 fn stop_batch(
     ops: &dyn crate::supervisor::SupervisorOps,
-    batch: Vec<(String, Supervisor, Vec<(u32, OwnedFd)>)>,
+    batch: Vec<ToStop>,
     grace: std::time::Duration,
     tx: &tokio::sync::mpsc::UnboundedSender<Side>,
 ) {
@@ -489,7 +492,7 @@ impl Daemon {
         // Each service's entry durable, then one act for them all: one
         // `pm2 stop ID…` per God while every tree's grace runs.
         let n = to_stop.len();
-        let mut batch: Vec<(String, Supervisor, Vec<(u32, OwnedFd)>)> = Vec::new();
+        let mut batch: Vec<ToStop> = Vec::new();
         for (i, c) in to_stop.into_iter().enumerate() {
             let fds: Vec<(u32, OwnedFd)> = c
                 .pids
