@@ -733,6 +733,13 @@ impl Protector {
             .filter(|e| e.tier == Tier::Watched)
             .count();
         report.protected = report.files - report.untouchable - report.watched;
+        if report.watched > 0 && (self.kernel.is_none() || !self.cfg.attempt_logging) {
+            report.problems.push(format!(
+                "drift.watch: {} watched files, but attempt logging is not running: their changes \
+                 are found at start only (see governor doctor)",
+                report.watched
+            ));
+        }
         report.flagged = self
             .files
             .values()
