@@ -65,6 +65,17 @@ impl Scope {
     }
 }
 
+/// Where OpenSSH's daemon and its per-session processes live (Debian,
+/// Ubuntu, Fedora).
+const SSHD: [&str; 6] = [
+    "/usr/sbin/sshd",
+    "/usr/bin/sshd",
+    "/usr/lib/openssh/sshd-session",
+    "/usr/lib/openssh/sshd-auth",
+    "/usr/libexec/openssh/sshd-session",
+    "/usr/libexec/openssh/sshd-auth",
+];
+
 /// Why a process is never stopped or blocked by the switch, whatever the
 /// scope (`None`: it may be).
 pub fn never_held(pid: u32, exe: &str, daemon_pid: u32, is_god: bool) -> Option<&'static str> {
@@ -74,7 +85,9 @@ pub fn never_held(pid: u32, exe: &str, daemon_pid: u32, is_god: bool) -> Option<
         Some("governor itself")
     } else if is_god {
         Some("a pm2 God daemon (its apps are stopped through it)")
-    } else if exe.rsplit('/').next() == Some("sshd") {
+    } else if SSHD.contains(&exe) {
+        // By the kernel's path of a root-owned binary, never by name: an
+        // agent's own `/tmp/x/sshd` is held like the rest of its service.
         Some("sshd")
     } else {
         None
@@ -347,6 +360,11 @@ mod tests {
         );
         assert!(never_held(5, "/usr/bin/node", 99, true).is_some());
         assert_eq!(never_held(6, "/usr/sbin/sshd", 99, false), Some("sshd"));
+        assert_eq!(
+            never_held(6, "/tmp/x/sshd", 99, false),
+            None,
+            "by path, not name"
+        );
         assert_eq!(never_held(7, "/usr/bin/node", 99, false), None);
     }
 

@@ -317,10 +317,21 @@ fn print_declared(data: &Value) {
 
 /// `governor drift [--json]`, `governor drift accept TARGET --reason`.
 pub fn drift(target: &Target, accept: Option<&str>, reason: &str, json: bool) -> Result<()> {
+    // A path (anything with a slash, or an existing file) is made
+    // absolute here: the daemon's working directory is not the caller's.
+    let accept = accept.map(|t| {
+        if t.contains('/') || Path::new(t).is_file() {
+            std::path::absolute(t)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| t.to_string())
+        } else {
+            t.to_string()
+        }
+    });
     let data = ask(
         target,
         &Request::Drift {
-            accept: accept.map(String::from),
+            accept: accept.clone(),
             reason: reason.into(),
         },
         accept.is_some(),
@@ -329,7 +340,7 @@ pub fn drift(target: &Target, accept: Option<&str>, reason: &str, json: bool) ->
         println!("{}", serde_json::to_string_pretty(&data)?);
         return Ok(());
     }
-    if let Some(t) = accept {
+    if let Some(t) = &accept {
         println!("drift on {t} accepted (audited)");
         return Ok(());
     }

@@ -1467,7 +1467,13 @@ impl Daemon {
                 let paths: Vec<std::path::PathBuf> =
                     files.iter().map(std::path::PathBuf::from).collect();
                 if finish {
-                    let closed = protector.deploy_close(&paths).await;
+                    let closed = match protector.deploy_close(&paths, &service).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = reply.send(Response::err(format!("{e:#}")));
+                            return;
+                        }
+                    };
                     let head = self
                         .audit(
                             "deploy.files",
@@ -1504,7 +1510,9 @@ impl Daemon {
                     &service,
                     &reason,
                     peer.uid,
-                    Duration::from_secs(grace_s.max(60)),
+                    // Long enough for a deploy command; `--finish` (or the
+                    // command's end) closes it sooner.
+                    Duration::from_secs(grace_s.max(600)),
                 ) {
                     Ok(k) => k,
                     Err(e) => {
@@ -1558,7 +1566,7 @@ impl Daemon {
                 let head = match out.head {
                     Ok(h) => h,
                     Err(e) => {
-                        protector.deploy_close(&deploying).await;
+                        let _ = protector.deploy_close(&deploying, &service).await;
                         let _ = reply.send(Response::err(format!(
                             "deploy not recorded: the audit entry could not be written ({e}); nothing changed"
                         )));
@@ -2104,6 +2112,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             _ = term.recv() => { stop_reason = "SIGTERM"; break; }
             _ = int.recv() => { stop_reason = "SIGINT"; break; }
             _ = tick.tick() => {
+                d.killswitch_timeouts();
                 let now = monotonic_ns();
                 let live: HashMap<String, Vec<Live>> = d
                     .velocity

@@ -280,14 +280,18 @@ impl SupervisorOps for RealSupervisors {
                 }
             }
         }
-        let mut outcome: HashMap<(u32, u32), std::result::Result<String, String>> = HashMap::new();
+        let mut outcome: HashMap<(u32, u32, Option<String>), std::result::Result<String, String>> =
+            HashMap::new();
         for ((god_pid, god_uid, daemon_js), ids) in groups {
             let r = pm2_cli(god_pid, god_uid, daemon_js.as_deref()).and_then(|pm2| {
                 let mut args = vec!["stop"];
                 args.extend(ids.iter().map(String::as_str));
                 run(pm2.command(&args), &format!("pm2 stop {}", ids.join(" ")))
             });
-            outcome.insert((god_pid, god_uid), r.map_err(|e| format!("{e:#}")));
+            outcome.insert(
+                (god_pid, god_uid, daemon_js),
+                r.map_err(|e| format!("{e:#}")),
+            );
         }
         all.iter()
             .map(|s| match s {
@@ -296,9 +300,9 @@ impl SupervisorOps for RealSupervisors {
                     god_pid,
                     god_uid,
                     name,
-                    ..
+                    daemon_js,
                 } if check_name("pm2 app", name).is_ok() => {
-                    match outcome.get(&(*god_pid, *god_uid)) {
+                    match outcome.get(&(*god_pid, *god_uid, daemon_js.clone())) {
                         Some(Ok(out)) => Ok(out.clone()),
                         Some(Err(e)) => Err(anyhow::anyhow!("{e}")),
                         None => self.stop(s),

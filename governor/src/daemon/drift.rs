@@ -117,12 +117,15 @@ impl Uptime {
 }
 
 impl Daemon {
-    /// The oldest live instance of a configured service.
-    fn current_instance(&self, service: &str) -> Option<(u32, u64)> {
-        self.table
+    /// The live instances of a configured service, newest last.
+    fn current_instances(&self, service: &str) -> Vec<(u32, u64)> {
+        let mut v: Vec<(u32, u64)> = self
+            .table
             .instances_of(service)
-            .min_by_key(|p| p.start_ns)
             .map(|p| (p.pid, p.start_ns))
+            .collect();
+        v.sort_by_key(|&(_, start)| start);
+        v
     }
 
     /// At start: every configured service's running instance against the
@@ -133,13 +136,19 @@ impl Daemon {
         let now = crate::events::rfc3339(std::time::SystemTime::now());
         let mut changed = false;
         for name in names {
-            let Some((pid, start_ns)) = self.current_instance(&name) else {
+            let live = self.current_instances(&name);
+            let Some(&(pid, start_ns)) = live.last() else {
                 continue;
             };
             let boot = self.uptime.boot_id.clone();
             let rec = self.uptime.records.services.get(&name).cloned();
+            // The one governor last saw start is still running (a cluster
+            // app has several; governor recorded the newest it saw).
             let same = rec.as_ref().is_some_and(|r| {
-                r.boot_id == boot && r.pid == pid && r.start_ns.abs_diff(start_ns) <= SAME_START_NS
+                r.boot_id == boot
+                    && live
+                        .iter()
+                        .any(|&(p, s)| r.pid == p && r.start_ns.abs_diff(s) <= SAME_START_NS)
             });
             if same {
                 continue;

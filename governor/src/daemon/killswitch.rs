@@ -22,6 +22,7 @@ use crate::velocity::Supervisor;
 
 /// A reply that waits for every stop (or restart) to report.
 pub(super) struct Pending {
+    since: std::time::Instant,
     reply: std::sync::mpsc::SyncSender<Response>,
     waiting: BTreeSet<String>,
     results: Vec<Value>,
@@ -32,7 +33,7 @@ pub(super) struct Pending {
 /// a release deferred until that stop reports.
 #[derive(Default)]
 pub(super) struct Busy {
-    stopping: BTreeSet<String>,
+    stopping: std::collections::BTreeMap<String, std::time::Instant>,
     deferred: std::collections::BTreeMap<String, Supervisor>,
     /// Held starts killed and not yet seen exit: pid → (service, the
     /// kernel's exec timestamp).
@@ -260,7 +261,22 @@ impl Daemon {
         // One stop at a time per service: pm2 may respawn it several
         // times before the first stop lands; each respawn is killed, and
         // the stop's confirmation catches the last.
-        let stop = instance && self.ks_busy.stopping.insert(service.clone());
+        if instance {
+            // A held start's death is the switch's, not a crash.
+            let info = crate::velocity::InstanceInfo {
+                service: service.clone(),
+                configured: self.service_index.contains_key(&service),
+                supervisor: supervisor.clone(),
+                limits: self.limits_of(&service),
+            };
+            self.velocity.expect_planned(&info, 1);
+        }
+        let stop = instance
+            && self
+                .ks_busy
+                .stopping
+                .insert(service.clone(), std::time::Instant::now())
+                .is_none();
         if let Some(ns) = exec_ns {
             if self.ks_busy.killing.len() < 4096 {
                 self.ks_busy.killing.insert(pid, (service.clone(), ns));
@@ -428,12 +444,22 @@ impl Daemon {
         names.sort();
         names.dedup();
         for name in names {
-            let procs: Vec<&crate::proctable::Process> =
+            let all: Vec<&crate::proctable::Process> =
                 self.table.iter().filter(|p| p.service == name).collect();
-            if let Some(why) = procs.iter().find_map(|p| self.never_held(p.pid)) {
+            // A service whose instance is never held (sshd's unit) is
+            // passed over; a never-held helper only is left alone.
+            if let Some(why) = all
+                .iter()
+                .filter(|p| p.instance)
+                .find_map(|p| self.never_held(p.pid))
+            {
                 passed.push(json!({"service": name, "why": why}));
                 continue;
             }
+            let procs: Vec<&crate::proctable::Process> = all
+                .into_iter()
+                .filter(|p| self.never_held(p.pid).is_none())
+                .collect();
             let Some(first) = procs.iter().find(|p| p.instance) else {
                 continue;
             };
@@ -483,6 +509,7 @@ impl Daemon {
             .await;
         let grace = self.config.defaults.kill_timeout.0;
         self.ks_pending = Some(Pending {
+            since: std::time::Instant::now(),
             reply,
             waiting: to_stop.iter().map(|c| c.service.clone()).collect(),
             results: Vec::new(),
@@ -569,13 +596,14 @@ impl Daemon {
             )
             .await;
         self.ks_pending = Some(Pending {
+            since: std::time::Instant::now(),
             reply,
             waiting: e.stopped.keys().cloned().collect(),
             results: Vec::new(),
             head: json!({"engaged": false, "audit_head": head.map(|h| h.to_string())}),
         });
         for (service, stopped) in e.stopped {
-            if self.ks_busy.stopping.contains(&service) {
+            if self.ks_busy.stopping.contains_key(&service) {
                 self.ks_busy.deferred.insert(service, stopped.supervisor);
                 continue;
             }
@@ -601,6 +629,48 @@ impl Daemon {
                         says,
                     });
                 });
+        }
+    }
+
+    /// On the 1 s tick: a stop or restart that never reported (its audit
+    /// entry failed, a thread could not start, a supervisor hung past its
+    /// own timeout) must not wedge the switch. The reply goes out with
+    /// what is known, naming what didn't report.
+    pub(super) fn killswitch_timeouts(&mut self) {
+        let limit = self.config.defaults.kill_timeout.0 + std::time::Duration::from_secs(90);
+        let stale: Vec<String> = self
+            .ks_busy
+            .stopping
+            .iter()
+            .filter(|(_, t)| t.elapsed() > limit)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in stale {
+            self.ks_busy.stopping.remove(&s);
+            log::warn!("kill switch: the stop of {s} after a held start never reported");
+            if let Some(sv) = self.ks_busy.deferred.remove(&s) {
+                self.restart_released(s, sv);
+            }
+        }
+        if self
+            .ks_pending
+            .as_ref()
+            .is_none_or(|p| p.since.elapsed() <= limit)
+        {
+            return;
+        }
+        if let Some(p) = self.ks_pending.take() {
+            let missing: Vec<String> = p.waiting.into_iter().collect();
+            self.record(
+                "killswitch.timeout",
+                None,
+                json!({"no_report_from": missing, "after_s": limit.as_secs()}),
+                None,
+            );
+            let mut data = p.head;
+            data["services"] = Value::Array(p.results);
+            data["no_report_from"] = json!(missing);
+            let _ = p.reply.send(Response::ok(data));
         }
     }
 

@@ -598,7 +598,10 @@ impl Protector {
             (&self.implicit.binary_path, "the daemon's binary"),
         ] {
             if let Some(p) = p {
-                if !targets.iter().any(|t| &t.path == p) {
+                // UNTOUCHABLE whatever a glob in [protect] or [drift] says.
+                if let Some(t) = targets.iter_mut().find(|t| &t.path == p) {
+                    t.tier = Tier::Untouchable;
+                } else {
                     targets.push(Target {
                         path: p.clone(),
                         tier: Tier::Untouchable,
@@ -1568,9 +1571,23 @@ impl Protector {
 
     /// The end of a deploy: each file's new content is declared; its
     /// drift item (if any) closes. Returns each file's old and new SHA-256.
-    pub async fn deploy_close(&mut self, keys: &[PathBuf]) -> Vec<Value> {
+    pub async fn deploy_close(&mut self, paths: &[PathBuf], service: &str) -> Result<Vec<Value>> {
+        let via = format!("deploy {service}");
+        let mut keys = Vec::new();
+        for p in paths {
+            let k = self
+                .find(p)
+                .filter(|k| self.windows.get(k).is_some_and(|w| w.via == via))
+                .with_context(|| {
+                    format!(
+                        "{} has no open deploy of {service} (it ended, or never began)",
+                        p.display()
+                    )
+                })?;
+            keys.push(k);
+        }
         let mut out = Vec::new();
-        for k in keys {
+        for k in &keys {
             if let Ok(d) = self.close_window(k, "deployed").await {
                 self.drift.remove(k);
                 if let Some(x) = self.files.get_mut(k) {
@@ -1581,7 +1598,7 @@ impl Protector {
         }
         self.save_state();
         self.state_file.synced().await;
-        out
+        Ok(out)
     }
 
     /// Re-reads the inode behind a protected path (after a rename over it).
@@ -2060,7 +2077,21 @@ impl Protector {
         }
         for (p, t) in &wanted {
             match self.files.get_mut(p) {
-                Some(e) => e.tier = t.tier,
+                Some(e) if e.tier != t.tier => {
+                    // Watched files are never flagged; the others are,
+                    // below. The kernel maps follow the new tier.
+                    if t.tier == Tier::Watched {
+                        if e.flag == FlagState::Set {
+                            let _ = set_immutable(&e.real, false);
+                        }
+                        e.flag = FlagState::Watched;
+                    } else if e.flag == FlagState::Watched {
+                        e.flag = FlagState::Failed("not flagged yet".into());
+                    }
+                    e.tier = t.tier;
+                    self.register(p);
+                }
+                Some(_) => {}
                 None => {
                     self.add_entry(t, &mut report);
                     if let Some(e) = self.files.get_mut(p) {
@@ -2079,7 +2110,11 @@ impl Protector {
             }
             self.refresh_key(&p);
             if let Some(e) = self.files.get_mut(&p) {
-                if e.key.is_some() && !matches!(e.flag, FlagState::Unsupported(_)) {
+                if e.tier == Tier::Watched {
+                    if e.key.is_none() {
+                        report.missing.push(p.display().to_string());
+                    }
+                } else if e.key.is_some() && !matches!(e.flag, FlagState::Unsupported(_)) {
                     match set_immutable(&e.real, true) {
                         Ok(()) => e.flag = FlagState::Set,
                         Err(err) => e.flag = FlagState::Failed(err.to_string()),
