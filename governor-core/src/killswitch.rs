@@ -144,6 +144,10 @@ pub struct Engaged {
     pub since_ms: i64,
     /// What the switch stopped, by service: release restarts these only.
     pub stopped: BTreeMap<String, Stopped>,
+    /// Services released from an `all` / `non-critical` scope by a
+    /// partial release: no longer held.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub released: BTreeSet<String>,
 }
 
 /// The switch.
@@ -210,11 +214,15 @@ impl KillSwitch {
                             )
                         })
                         .collect(),
+                    released: BTreeSet::new(),
                 });
                 Ok(to_stop)
             }
             Some(e) => match (&mut e.scope, scope) {
                 (Scope::Services(have), Scope::Services(more)) => {
+                    for m in &more {
+                        e.released.remove(m);
+                    }
                     have.extend(more);
                     for c in &to_stop {
                         e.stopped.entry(c.service.clone()).or_insert(Stopped {
@@ -237,7 +245,7 @@ impl KillSwitch {
     pub fn holds(&self, service: &str, critical: bool) -> bool {
         self.engaged
             .as_ref()
-            .is_some_and(|e| e.scope.covers(service, critical))
+            .is_some_and(|e| e.scope.covers(service, critical) && !e.released.contains(service))
     }
 
     /// Records that the switch stopped `service` again (a blocked start):
@@ -253,6 +261,52 @@ impl KillSwitch {
                     });
             }
         }
+    }
+
+    /// Releases some services only (`release --scope SERVICE…`): they are
+    /// no longer held, and those the switch stopped are returned, to be
+    /// restarted. The switch stays engaged for the rest; releasing the
+    /// last service of a `Services` scope releases it all.
+    pub fn release_some(
+        &mut self,
+        services: &BTreeSet<String>,
+        reason: &str,
+    ) -> Result<BTreeMap<String, Stopped>, String> {
+        check_reason(reason)?;
+        let e = self
+            .engaged
+            .as_mut()
+            .ok_or_else(|| "the kill switch is not engaged".to_string())?;
+        if let Some(bad) = services.iter().find(|s| {
+            !e.stopped.contains_key(*s)
+                && match &e.scope {
+                    Scope::Services(have) => !have.contains(*s),
+                    _ => false,
+                }
+        }) {
+            return Err(format!(
+                "{bad:?} is not held by the switch (scope {})",
+                e.scope.describe()
+            ));
+        }
+        let mut back = BTreeMap::new();
+        for s in services {
+            if let Some(st) = e.stopped.remove(s) {
+                back.insert(s.clone(), st);
+            }
+            match &mut e.scope {
+                Scope::Services(have) => {
+                    have.remove(s);
+                }
+                _ => {
+                    e.released.insert(s.clone());
+                }
+            }
+        }
+        if matches!(&e.scope, Scope::Services(have) if have.is_empty()) {
+            self.engaged = None;
+        }
+        Ok(back)
     }
 
     /// Releases the switch: what it stopped, to be restarted.
@@ -382,5 +436,43 @@ mod tests {
         let j = serde_json::to_string(&k).unwrap();
         let back: KillSwitch = serde_json::from_str(&j).unwrap();
         assert_eq!(back, k);
+    }
+
+    #[test]
+    fn partial_release_brings_back_only_what_it_names() {
+        let mut k = KillSwitch::default();
+        let stop = k
+            .engage(Scope::NonCritical, "runaway", "op", 1, &running())
+            .unwrap();
+        assert!(stop.iter().any(|c| c.service == "bot"));
+        let names: BTreeSet<String> = ["bot".to_string()].into();
+        let back = k.release_some(&names, "bot is fixed").unwrap();
+        assert!(back.contains_key("bot"));
+        assert!(!k.holds("bot", false), "released");
+        assert!(k.engaged.is_some(), "still engaged for the rest");
+        assert!(k.holds("other", false));
+        // Not held: refused, naming why.
+        let nope: BTreeSet<String> = ["nobody".to_string()].into();
+        assert!(
+            k.release_some(&nope, "x").is_ok(),
+            "non-critical scope: any name"
+        );
+        // A Services scope: releasing its last name releases the switch.
+        let mut k = KillSwitch::default();
+        k.engage(Scope::Services(names.clone()), "r", "op", 1, &running())
+            .unwrap();
+        assert!(k.release_some(&nope, "x").unwrap_err().contains("not held"));
+        k.release_some(&names, "done").unwrap();
+        assert!(k.engaged.is_none());
+        // Re-engaging a released name holds it again.
+        let mut k = KillSwitch::default();
+        let two: BTreeSet<String> = ["bot".to_string(), "db".to_string()].into();
+        k.engage(Scope::Services(two), "r", "op", 1, &running())
+            .unwrap();
+        k.release_some(&names, "bot ok").unwrap();
+        assert!(!k.holds("bot", false) && k.holds("db", true));
+        k.engage(Scope::Services(names.clone()), "again", "op", 2, &running())
+            .unwrap();
+        assert!(k.holds("bot", false));
     }
 }

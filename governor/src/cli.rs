@@ -419,10 +419,10 @@ pub fn kill_switch(
         _ => {
             println!(
                 "kill switch {} (audit {})",
-                if data["engaged"] == true {
-                    "ENGAGED"
-                } else {
-                    "released"
+                match (action, data["engaged"] == true) {
+                    (KillAction::Release, true) => "partly released; still ENGAGED for the rest",
+                    (_, true) => "ENGAGED",
+                    (_, false) => "released",
                 },
                 data["audit_head"].as_str().unwrap_or("?")
             );

@@ -209,6 +209,10 @@ enum KillCmd {
     /// Release the switch and restart what it stopped (a person at a login
     /// terminal only).
     Release {
+        /// Release only these services (the rest stays held); what the
+        /// switch stopped of them is restarted.
+        #[arg(long, num_args = 1..)]
+        scope: Vec<String>,
         /// Why (required, audited).
         #[arg(long)]
         reason: String,
@@ -425,14 +429,12 @@ fn main() -> ExitCode {
                 cli::kill_switch(&target.target(), KillAction::Engage, scope, &reason, false),
                 "kill-switch engage",
             ),
-            KillCmd::Release { reason, target } => report(
-                cli::kill_switch(
-                    &target.target(),
-                    KillAction::Release,
-                    vec![],
-                    &reason,
-                    false,
-                ),
+            KillCmd::Release {
+                scope,
+                reason,
+                target,
+            } => report(
+                cli::kill_switch(&target.target(), KillAction::Release, scope, &reason, false),
                 "kill-switch release",
             ),
             KillCmd::Status { json, target } => report(

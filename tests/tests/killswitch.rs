@@ -248,7 +248,8 @@ fn an_agent_may_engage_but_never_release() {
     let dir = pm2.home.path().to_path_buf();
     let mut d = DaemonProc::start(
         "[[service]]\nname = \"agent\"\npm2 = \"ks2-agent\"\n\
-         [[service]]\nname = \"worker\"\npm2 = \"ks2-worker\"\n",
+         [[service]]\nname = \"worker\"\npm2 = \"ks2-worker\"\n\
+         [[service]]\nname = \"worker2\"\npm2 = \"ks2-worker2\"\n",
     );
     let sock = d.socket.to_str().unwrap().to_string();
     let idle = dir.join("idle.js");
@@ -261,7 +262,7 @@ fn an_agent_may_engage_but_never_release() {
             "const {{ spawnSync }} = require('child_process');\n\
              const fs = require('fs');\n\
              const gov = (a) => {{ const r = spawnSync({gov:?}, a.concat(['--socket', {sock:?}]), {{ encoding: 'utf8' }}); return {{ code: r.status, out: r.stdout, err: r.stderr }}; }};\n\
-             const e = gov(['kill-switch', 'engage', '--scope', 'worker', '--reason', 'I see my worker loop']);\n\
+             const e = gov(['kill-switch', 'engage', '--scope', 'worker', 'worker2', '--reason', 'I see my workers loop']);\n\
              const r = gov(['kill-switch', 'release', '--reason', 'let me go on']);\n\
              fs.writeFileSync({out:?}, JSON.stringify({{ engage: e, release: r }}));\n\
              setInterval(() => {{}}, 1000);\n",
@@ -271,10 +272,11 @@ fn an_agent_may_engage_but_never_release() {
     )
     .unwrap();
     pm2.run(&["start", idle.to_str().unwrap(), "--name", "ks2-worker"]);
-    d.wait_status("worker", Duration::from_secs(30), |s| {
-        svc(s, "worker")["pids"]
-            .as_array()
-            .is_some_and(|p| !p.is_empty())
+    pm2.run(&["start", idle.to_str().unwrap(), "--name", "ks2-worker2"]);
+    d.wait_status("workers", Duration::from_secs(30), |s| {
+        ["worker", "worker2"]
+            .iter()
+            .all(|n| svc(s, n)["pids"].as_array().is_some_and(|p| !p.is_empty()))
     });
     pm2.run(&["start", agent.to_str().unwrap(), "--name", "ks2-agent"]);
     assert!(
@@ -288,6 +290,7 @@ fn an_agent_may_engage_but_never_release() {
     let why = r["release"]["err"].as_str().unwrap();
     assert!(why.contains("login terminal"), "{why}");
     assert_eq!(pm2_status(&pm2, "ks2-worker").0, "stopped");
+    assert_eq!(pm2_status(&pm2, "ks2-worker2").0, "stopped");
     assert_eq!(pm2_status(&pm2, "ks2-agent").0, "online");
     let engage = d.entries_of("killswitch.engage");
     assert_eq!(engage.len(), 1);
@@ -323,5 +326,37 @@ fn an_agent_may_engage_but_never_release() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("root only"));
     assert_eq!(d.entries_of("killswitch.engage").len(), 1);
+    // A person releases one worker: it comes back, the other stays held.
+    let (code, out) = governor_in_login(
+        &[
+            "kill-switch",
+            "release",
+            "--scope",
+            "worker",
+            "--reason",
+            "worker fixed",
+            "--socket",
+            &sock,
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("still ENGAGED"), "{out}");
+    assert!(wait_until(Duration::from_secs(20), || pm2_status(
+        &pm2,
+        "ks2-worker"
+    )
+    .0 == "online"));
+    assert_eq!(pm2_status(&pm2, "ks2-worker2").0, "stopped");
+    let (_, out, _) = governor(&["kill-switch", "status", "--json", "--socket", &sock]);
+    let st: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        st["engaged"]["scope"]["services"],
+        serde_json::json!(["worker2"]),
+        "{st:#}"
+    );
+    let rel = d.entries_of("killswitch.release");
+    assert_eq!(rel.len(), 1);
+    assert_eq!(rel[0]["detail"]["partial"], true);
     d.stop();
 }

@@ -402,6 +402,9 @@ impl Daemon {
         );
         match act {
             Action::Engage => self.engage(scope, reason, by, caller, reply).await,
+            Action::Release if !scope.is_empty() => {
+                self.release_some(scope, reason, by, caller, reply).await
+            }
             Action::Release => self.release(reason, by, caller, reply).await,
         }
     }
@@ -603,6 +606,89 @@ impl Daemon {
             head: json!({"engaged": false, "audit_head": head.map(|h| h.to_string())}),
         });
         for (service, stopped) in e.stopped {
+            if self.ks_busy.stopping.contains_key(&service) {
+                self.ks_busy.deferred.insert(service, stopped.supervisor);
+                continue;
+            }
+            self.restart_released(service, stopped.supervisor);
+        }
+        self.finish_pending();
+    }
+
+    /// `release --scope SERVICE…`: those services only; the switch stays
+    /// engaged for the rest.
+    async fn release_some(
+        &mut self,
+        words: Vec<String>,
+        reason: String,
+        by: String,
+        caller: Value,
+        reply: std::sync::mpsc::SyncSender<Response>,
+    ) {
+        let names: BTreeSet<String> = match Scope::parse(&words) {
+            Ok(Scope::Services(n)) => n,
+            Ok(_) => {
+                let _ = reply.send(Response::err(
+                    "release --scope takes service names; to release everything, leave --scope out",
+                ));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Response::err(e));
+                return;
+            }
+        };
+        let scope_before = self.killswitch.engaged.as_ref().map(|e| e.scope.describe());
+        let back = match self.killswitch.release_some(&names, &reason) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = reply.send(Response::err(e));
+                return;
+            }
+        };
+        self.save_killswitch();
+        self.killswitch_file.synced().await;
+        let still = self.killswitch.engaged.is_some();
+        let services: Vec<&String> = back.keys().collect();
+        let alert = alert_of(
+            Severity::Critical,
+            "kill switch",
+            None,
+            format!(
+                "kill switch partly released ({}): {reason}",
+                names.iter().cloned().collect::<Vec<_>>().join(" ")
+            ),
+            format!(
+                "by {by}; restarting {}; {}",
+                services
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if still {
+                    "the rest stays held"
+                } else {
+                    "nothing is held any more"
+                }
+            ),
+        );
+        let head = self
+            .audit_with_alert(
+                "killswitch.release",
+                json!({"partial": true, "services": names, "scope_before": scope_before,
+                       "still_engaged": still, "reason": reason, "caller": caller, "by": by,
+                       "restarting": services}),
+                alert,
+            )
+            .await;
+        self.ks_pending = Some(Pending {
+            since: std::time::Instant::now(),
+            reply,
+            waiting: back.keys().cloned().collect(),
+            results: Vec::new(),
+            head: json!({"engaged": still, "audit_head": head.map(|h| h.to_string())}),
+        });
+        for (service, stopped) in back {
             if self.ks_busy.stopping.contains_key(&service) {
                 self.ks_busy.deferred.insert(service, stopped.supervisor);
                 continue;
