@@ -173,6 +173,24 @@ fn watched_files_drift_with_who_unless_deployed() {
     d.spawn();
     assert_eq!(d.entries_of("drift.config").len(), 4);
     assert!(drift_items(&d).iter().any(|i| i["kind"] == "config"));
+
+    // 6. Removed: drift with no new hash, naming the unlink; still open
+    // (and not reported again) after a restart.
+    std::fs::remove_file(&f).unwrap();
+    let e = nth_drift(&d, 5);
+    assert!(e["detail"]["sha256"].is_null(), "{e:#}");
+    assert_eq!(e["detail"]["writer"]["op"], "unlink", "{e:#}");
+    d.stop();
+    d.spawn();
+    assert_eq!(d.entries_of("drift.config").len(), 5, "{}", d.log());
+    assert!(
+        drift_items(&d)
+            .iter()
+            .any(|i| i["kind"] == "config" && i["sha256"].is_null()),
+        "{}\n{}",
+        std::fs::read_to_string(d.state.join("protect.json")).unwrap_or_default(),
+        d.log()
+    );
     d.stop();
 }
 

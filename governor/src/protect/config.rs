@@ -279,9 +279,25 @@ pub fn expand(cfg: &ProtectConfig, file: &Path, src: &str) -> Expanded {
             let (line, _) = line_col(src, e.span().start);
             match entry_files(e.get_ref()) {
                 Ok(paths) => add(&mut out, paths, tier, format!("{}:{line}", file.display())),
-                Err(reason) => out
-                    .problems
-                    .push(err_at(file, src, e.span().start, key, reason)),
+                Err(reason) => {
+                    // A watched file that is gone stays an entry: its
+                    // removal is drift until it is back or accepted.
+                    let p = PathBuf::from(e.get_ref());
+                    if tier == Tier::Watched
+                        && p.is_absolute()
+                        && !e.get_ref().contains(['*', '?', '['])
+                        && !p.exists()
+                    {
+                        add(
+                            &mut out,
+                            vec![p],
+                            tier,
+                            format!("{}:{line}", file.display()),
+                        );
+                    }
+                    out.problems
+                        .push(err_at(file, src, e.span().start, key, reason))
+                }
             }
         }
     }

@@ -178,6 +178,9 @@ struct Entry {
     writer: Option<Value>,
 }
 
+/// What a watched file's reported content is when it was removed.
+const REMOVED: &str = "(removed)";
+
 /// An open drift item on a watched file.
 #[derive(Debug, Clone, Serialize)]
 pub struct DriftItem {
@@ -461,7 +464,7 @@ impl Protector {
             }
         }
         for (path, e) in p.files.iter_mut() {
-            if e.flag == FlagState::Missing {
+            if e.flag == FlagState::Missing && e.tier != Tier::Watched {
                 continue;
             }
             if report.windows_closed.iter().any(|w| Path::new(w) == path) {
@@ -480,8 +483,10 @@ impl Protector {
                 match (declared, current) {
                     (Some(d), c) if Some(&d) != c.as_ref() => {
                         e.declared = Some(d.clone());
-                        e.reported = c.clone();
-                        let why = if reported.is_some() && reported == c {
+                        let marker = c.clone().unwrap_or_else(|| REMOVED.to_string());
+                        e.reported = Some(marker.clone());
+                        let seen = reported.as_deref() == Some(marker.as_str());
+                        let why = if seen {
                             "reported earlier, not yet accepted".to_string()
                         } else {
                             report.changed.push(path.display().to_string());
@@ -495,7 +500,7 @@ impl Protector {
                             why: why.clone(),
                             writer: None,
                         };
-                        if reported.is_none() || reported != c {
+                        if !seen {
                             p.effects.submit(
                                 Effect::audit("drift.config", None, json!(item)).with_alert(
                                     Alert::new(
@@ -844,7 +849,16 @@ impl Protector {
     fn save_state(&self) {
         let mut st = State::default();
         for (p, e) in &self.files {
-            if let (Some(sha), Some(k)) = (&e.declared, e.key) {
+            // A watched file that is gone keeps its declared content (its
+            // removal is drift until accepted), under no inode.
+            let key = e.key.or_else(|| {
+                (e.tier == Tier::Watched).then_some(InodeKey {
+                    dev: 0,
+                    _pad: 0,
+                    ino: 0,
+                })
+            });
+            if let (Some(sha), Some(k)) = (&e.declared, key) {
                 st.files.insert(
                     p.display().to_string(),
                     Declared {
@@ -1180,9 +1194,9 @@ impl Protector {
                 } else if watched {
                     // Allowed: who did it is kept for the drift entry the
                     // re-hash may bring (a rename over it is a new inode).
-                    if matches!(a.op, Op::Rename | Op::Link | Op::Unlink) {
-                        self.refresh_key(p);
-                    }
+                    // A rename over it, an unlink, a re-creation: the
+                    // inode behind the path may have changed.
+                    self.refresh_key(p);
                     if let Some(e) = self.files.get_mut(p) {
                         e.writer = Some(json!({
                             "pid": a.pid, "ppid": a.ppid, "comm": a.comm, "exe": a.exe,
@@ -1431,7 +1445,7 @@ impl Protector {
         if now.is_none() && self.drift.get(path).is_some_and(|d| d.sha256.is_none()) {
             return;
         }
-        e.reported = now.clone();
+        e.reported = Some(now.clone().unwrap_or_else(|| REMOVED.to_string()));
         let item = DriftItem {
             path: path.to_path_buf(),
             since: now_rfc3339(),
