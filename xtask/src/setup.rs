@@ -111,7 +111,16 @@ fn check_system() -> Result<()> {
 }
 
 fn apt_packages(needs: &Needs) -> Result<()> {
-    let mut pkgs = vec!["llvm-22-dev", "bpftool", "libc6-dev", "pkg-config", "time"];
+    // python3: the tests write files the way agents do (open('w'), a
+    // temp file renamed over).
+    let mut pkgs = vec![
+        "llvm-22-dev",
+        "bpftool",
+        "libc6-dev",
+        "pkg-config",
+        "time",
+        "python3",
+    ];
     if needs.vm {
         pkgs.extend(["qemu-system-x86", "busybox-static", "cpio", "zstd"]);
     }
