@@ -2030,6 +2030,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     // (100 ms doubled the daemon's idle CPU to 0.2% of a core.)
     let mut drain = tokio::time::interval(Duration::from_millis(500));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // While the kill switch is engaged, a held service's new process must
+    // die within ~50 ms of its exec even when nothing wakes us (a helper's
+    // exec, a cron job's): the queue is read every 20 ms then.
+    let mut drain_held = tokio::time::interval(Duration::from_millis(20));
+    drain_held.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_drops = 0;
     let mut state_writer = StateWriter::spawn(&state_dir, d.effects.clone())?;
@@ -2062,6 +2067,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             _ = logs.forward() => {}
             w = protector.wait() => protector.handle(w).await,
             _ = drain.tick() => {
+                probes.drain(|ev| d.on_event(ev));
+                probes.sync_supervisors(&mut d.table);
+                d.carry_out().await;
+            }
+            _ = drain_held.tick(), if d.killswitch.engaged.is_some() => {
                 probes.drain(|ev| d.on_event(ev));
                 probes.sync_supervisors(&mut d.table);
                 d.carry_out().await;

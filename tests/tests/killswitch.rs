@@ -182,6 +182,13 @@ fn engage_holds_across_restarts_and_only_a_person_releases() {
     let us = held["exec_to_exit_us"].as_u64().unwrap();
     println!("blocked start: exec → exit {us} µs");
     assert!(us <= 100_000, "{held}");
+    // Every held start since the restart (pm2's respawns of it too) died
+    // within 100 ms of its exec.
+    let all = st["held_starts"].as_array().unwrap();
+    assert!(all.len() > 1, "{st:#}");
+    for h in all {
+        assert!(h["exec_to_exit_us"].as_u64().unwrap() <= 100_000, "{h}");
+    }
     // pm2 is told to stop it again: it stays down.
     let down = wait_until(Duration::from_secs(15), || {
         pm2_status(&pm2, "ks-api").0 == "stopped"
