@@ -12,6 +12,7 @@ pub const PROTECT_RUNTIME_SYMBOL: &str = "GOVERNOR_PROTECT_RUNTIME";
 pub const PROTECT_EVENTS_MAP: &str = "PROTECT_EVENTS";
 /// Per-CPU counter of attempt events lost to a full ring.
 pub const PROTECT_DROPS_MAP: &str = "PROTECT_DROPS";
+pub const ATTEMPT_BUDGET_MAP: &str = "ATTEMPT_BUDGET";
 /// `InodeKey` → `u32` of `INODE_*` bits.
 pub const PROTECTED_INODES_MAP: &str = "PROTECTED_INODES";
 /// FNV-1a 64 of a protected file's basename → 1. Lets a *successful*
@@ -164,6 +165,31 @@ pub const VALID_PATH1: u32 = 4;
 pub const VALID_BASE0: u32 = 8;
 pub const VALID_BASE1: u32 = 16;
 
+/// Attempt records one uid may put on the ring per second per CPU; beyond, its
+/// attempts are counted in its [`AttemptBudget`] instead. A flood costs
+/// the flooder, not the record: another uid's attempt in the middle of
+/// it still has room on the ring.
+pub const ATTEMPT_BURST: u32 = 16;
+/// Uids with a budget (an LRU map: the least recently active goes).
+pub const ATTEMPT_BUDGET_ENTRIES: u32 = 4096;
+
+/// Per uid and CPU (`ATTEMPT_BUDGET`, an LRU per-CPU hash the kernel
+/// writes without atomics): the current one-second window and the running
+/// count of attempts it didn't report one by one (user space sums the
+/// CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttemptBudget {
+    /// `bpf_ktime_get_ns()` when the window began.
+    pub window_ns: u64,
+    /// Attempts counted and not reported, since the map entry was made
+    /// (only ever grows; user space keeps what it has reported).
+    pub suppressed_total: u64,
+    /// Records put on the ring in this window.
+    pub emitted: u32,
+    pub _pad: u32,
+}
+
 /// One attempt to modify a file, reported at syscall exit with its result.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -256,4 +282,6 @@ mod pod {
     unsafe impl aya::Pod for super::SyscallDesc {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LsmArgs {}
+    // SAFETY: as above (two u64, two u32).
+    unsafe impl aya::Pod for super::AttemptBudget {}
 }

@@ -26,6 +26,18 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Whether `self` holds everything `other` holds and more: all ⊃
+    /// non-critical ⊃ any list of services (a list may name a critical
+    /// service, which non-critical wouldn't hold: still wider by intent,
+    /// and the list's services stay stopped).
+    pub fn wider_than(&self, other: &Scope) -> bool {
+        matches!(
+            (self, other),
+            (Scope::All, Scope::NonCritical | Scope::Services(_))
+                | (Scope::NonCritical, Scope::Services(_))
+        )
+    }
+
     /// `all`, `non-critical`, or service names (validated by the caller
     /// against the config and the table).
     pub fn parse(words: &[String]) -> Result<Scope, String> {
@@ -178,9 +190,9 @@ fn check_reason(reason: &str) -> Result<(), String> {
 
 impl KillSwitch {
     /// Engages the switch: the services of `running` that `scope` covers
-    /// are returned, to be stopped. Engaging an engaged switch widens it
-    /// only by naming more services of a `Services` scope; anything else is
-    /// refused (release first).
+    /// are returned, to be stopped. Engaging an engaged switch widens it:
+    /// more services of a `Services` scope, or a wider scope
+    /// ([`Scope::wider_than`]); a narrower one is refused (release first).
     pub fn engage(
         &mut self,
         scope: Scope,
@@ -232,8 +244,24 @@ impl KillSwitch {
                     }
                     Ok(to_stop)
                 }
+                // Widening to a broader scope is always allowed: an agent
+                // that stopped itself must never keep the operator from
+                // pulling the whole brake. What was stopped stays stopped.
+                (have, wider @ (Scope::All | Scope::NonCritical))
+                    if wider.wider_than(have) =>
+                {
+                    *have = wider;
+                    e.released.clear();
+                    for c in &to_stop {
+                        e.stopped.entry(c.service.clone()).or_insert(Stopped {
+                            supervisor: c.supervisor.clone(),
+                            pids: c.pids.clone(),
+                        });
+                    }
+                    Ok(to_stop)
+                }
                 (have, _) => Err(format!(
-                    "the kill switch is already engaged (scope {}, by {}): release it first",
+                    "the kill switch is already engaged (scope {}, by {}): release it first, or engage a wider scope",
                     have.describe(),
                     e.by
                 )),
@@ -378,17 +406,23 @@ mod tests {
         assert_eq!(stop[0].service, "bot");
         assert!(k.holds("bot", false));
         assert!(!k.holds("db", true));
-        // Engaged already: a different scope is refused.
+        // Engaged already: a narrower scope is refused...
+        let only_bot = Scope::Services(["bot".to_string()].into());
         assert!(k
-            .engage(Scope::All, "more", "root", 2, &running())
+            .engage(only_bot.clone(), "less", "root", 2, &running())
             .unwrap_err()
             .contains("already engaged"));
+        // ...a wider one widens it (an agent's own brake never blocks the
+        // operator's), keeping what was stopped.
+        let stop = k.engage(Scope::All, "more", "root", 2, &running()).unwrap();
+        assert!(stop.iter().any(|c| c.service == "db"));
+        assert!(k.holds("db", true) && k.holds("bot", false));
         // A blocked start of a service it didn't stop is brought back too.
         k.stopped_again("late", &pm2("late", 5));
         let e = k.release("fixed").unwrap();
         assert_eq!(
             e.stopped.keys().cloned().collect::<Vec<_>>(),
-            vec!["bot".to_string(), "late".to_string()]
+            vec!["bot".to_string(), "db".to_string(), "late".to_string()]
         );
         assert!(!k.holds("bot", false));
         assert!(k.release("again").unwrap_err().contains("not engaged"));

@@ -543,7 +543,10 @@ impl Flush {
             }
             _ => {
                 self.active = false;
-                self.spent = true;
+                // Spent only when it ended below the floor itself (as
+                // documented); above the floor, short of the hysteresis,
+                // the next fall may start a cycle.
+                self.spent = available < fl.floor;
                 out.push(FloorDecision::Done {
                     available,
                     restarted: std::mem::take(&mut self.restarted),

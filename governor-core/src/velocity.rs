@@ -148,6 +148,10 @@ pub struct Track {
     pub planned_until_ns: u64,
     /// Restarts the governor itself is about to cause.
     pub expected_planned: u32,
+    /// Counted restarts since tracking began (kept across daemon
+    /// restarts): the counter `/metrics` exports.
+    #[serde(default)]
+    pub restarts_total: u64,
     #[serde(skip)]
     pub limits: Option<Limits>,
 }
@@ -200,6 +204,8 @@ pub struct ServiceStatus {
     pub state: State,
     pub configured: bool,
     pub restarts_in_window: u32,
+    /// Counted restarts since governor began tracking the service.
+    pub restarts_total: u64,
     pub planned_in_window: u32,
     pub window_s: u64,
     pub max_restarts: u32,
@@ -240,6 +246,7 @@ impl Track {
             longest_clean_ns: 0,
             planned_until_ns: 0,
             expected_planned: 0,
+            restarts_total: 0,
             limits: Some(info.limits),
         }
     }
@@ -282,6 +289,10 @@ impl Velocity {
 
     /// Tell the policy the next `n` deaths of `service` are the governor's own.
     pub fn expect_planned(&mut self, info: &InstanceInfo, n: u32) {
+        if !info.configured && !self.services.contains_key(&info.service) {
+            // The newest track: nothing sorts after "now".
+            self.make_room(u64::MAX);
+        }
         let t = self
             .services
             .entry(info.service.clone())
@@ -291,6 +302,9 @@ impl Velocity {
 
     /// A deploy: deaths in the next `grace` are planned.
     pub fn deploy(&mut self, info: &InstanceInfo, now_ns: u64, grace_ns: u64) {
+        if !info.configured && !self.services.contains_key(&info.service) {
+            self.make_room(now_ns);
+        }
         let t = self
             .services
             .entry(info.service.clone())
@@ -336,6 +350,7 @@ impl Velocity {
         }
         t.last_crash_ns = Some(d.ts_ns);
         t.longest_clean_ns = 0;
+        t.restarts_total += 1;
         let restarts = t.restarts(d.ts_ns, window_ns);
         let mut out = Vec::new();
         match &mut t.episode {
@@ -447,6 +462,7 @@ impl Velocity {
                 && t.deaths.is_empty()
                 && !t.configured
                 && t.expected_planned == 0
+                && t.planned_until_ns <= now_ns
                 && instances.is_empty()
             {
                 forget.push(name.clone());
@@ -509,6 +525,7 @@ impl Velocity {
             state,
             configured,
             restarts_in_window: restarts,
+            restarts_total: t.map(|t| t.restarts_total).unwrap_or(0),
             planned_in_window: planned,
             window_s: limits.window.as_secs(),
             max_restarts: limits.max_restarts,

@@ -35,16 +35,17 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{fexit, lsm, map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{FExitContext, LsmContext, TracePointContext},
     EbpfContext,
 };
 use governor_common::{
     protect::{
-        AttemptEvent, ProtectRuntime, SyscallDesc, ARG_NONE, ATTEMPT_PATH_MAX, EXE_DEPTH,
-        FNV_OFFSET, FNV_PRIME, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS, INODE_DENY,
-        INODE_DIR_GUARD, INODE_SESSION, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH,
-        SYSCALL_TABLE_SIZE, VALID_BASE0, VALID_BASE1, VALID_KEY, VALID_PATH0, VALID_PATH1,
+        AttemptBudget, AttemptEvent, ProtectRuntime, SyscallDesc, ARG_NONE, ATTEMPT_BUDGET_ENTRIES,
+        ATTEMPT_BURST, ATTEMPT_PATH_MAX, EXE_DEPTH, FNV_OFFSET, FNV_PRIME, FS_IOC32_SETFLAGS,
+        FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS, INODE_DENY, INODE_DIR_GUARD, INODE_SESSION, KIND_FD,
+        KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE, VALID_BASE0, VALID_BASE1, VALID_KEY,
+        VALID_PATH0, VALID_PATH1,
     },
     InodeKey, PIDTYPE_SID,
 };
@@ -142,6 +143,48 @@ fn active() -> bool {
 #[inline(always)]
 fn is_daemon() -> bool {
     (bpf_get_current_pid_tgid() >> 32) as u32 == rt!(daemon_tgid)
+}
+
+/// Per-uid attempt budgets (see `ATTEMPT_BURST`).
+#[map]
+static ATTEMPT_BUDGET: LruPerCpuHashMap<u32, AttemptBudget> =
+    LruPerCpuHashMap::with_max_entries(ATTEMPT_BUDGET_ENTRIES, 0);
+
+/// Takes one ring record from `uid`'s budget for this second on this
+/// CPU: `false` when it is spent, and this attempt was counted instead.
+#[inline(always)]
+fn take_budget(uid: u32) -> bool {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match ATTEMPT_BUDGET.get_ptr_mut(&uid) {
+        Some(b) => {
+            // SAFETY: this CPU's copy of the map value, from the lookup,
+            // valid for this program run (no other program touches it
+            // while this one runs on this CPU).
+            unsafe {
+                if now.wrapping_sub((*b).window_ns) >= 1_000_000_000 {
+                    (*b).window_ns = now;
+                    (*b).emitted = 0;
+                }
+                if (*b).emitted >= ATTEMPT_BURST {
+                    (*b).suppressed_total += 1;
+                    return false;
+                }
+                (*b).emitted += 1;
+                true
+            }
+        }
+        None => {
+            let fresh = AttemptBudget {
+                window_ns: now,
+                suppressed_total: 0,
+                emitted: 1,
+                _pad: 0,
+            };
+            let _ = ATTEMPT_BUDGET.insert(&uid, &fresh, 0);
+            true
+        }
+    }
 }
 
 #[inline(always)]
@@ -642,6 +685,10 @@ fn emit(p: &Work, task: u64) {
     let id = bpf_get_current_pid_tgid();
     let d = p.desc;
     let mut valid = p.valid;
+    let uid = bpf_get_current_uid_gid() as u32;
+    if !take_budget(uid) {
+        return;
+    }
     let Some(mut entry) = PROTECT_EVENTS.reserve::<AttemptEvent>(0) else {
         count_drop();
         return;
@@ -656,7 +703,7 @@ fn emit(p: &Work, task: u64) {
         (*ev).tid = id as u32;
         let parent: u64 = read_at(task, kc!(task_real_parent));
         (*ev).ppid = read_at::<i32>(parent, kc!(task_tgid)) as u32;
-        (*ev).uid = bpf_get_current_uid_gid() as u32;
+        (*ev).uid = uid;
         (*ev).ret = p.ret;
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).key = p.key;

@@ -224,7 +224,9 @@ impl Btf {
                 if let Some(inner) = self.resolve(m.type_id) {
                     if matches!(inner.kind, KIND_STRUCT | KIND_UNION) {
                         if let Some((bits, size)) = self.member_bits(inner, member, depth + 1) {
-                            return Some((m.bit_offset + bits, size));
+                            // Checked: a hostile BTF file must not wrap
+                            // an offset (found by the proc_parsers fuzzer).
+                            return m.bit_offset.checked_add(bits).map(|b| (b, size));
                         }
                     }
                 }

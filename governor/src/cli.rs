@@ -57,6 +57,51 @@ impl Target {
     }
 }
 
+/// The socket `governor mcp` talks to: `--socket`; else, for root, the
+/// control socket; for anyone else the config's `[mcp] socket`, or
+/// `/run/governor/mcp.sock` when the config can't be read (it is root's).
+pub fn mcp_socket(target: &Target) -> Result<PathBuf> {
+    if let Some(s) = &target.socket {
+        return Ok(s.clone());
+    }
+    let root = rustix::process::geteuid().is_root();
+    match target.load_config() {
+        Ok(Some(c)) if root => Ok(c.daemon.socket),
+        Ok(Some(c)) => c
+            .mcp
+            .socket
+            .context("the config has no [mcp] socket: non-root agents need one (or pass --socket)"),
+        Ok(None) if root => Ok(crate::config::Daemon::default().socket),
+        Ok(None) => Ok(PathBuf::from(DEFAULT_MCP_SOCKET)),
+        Err(_) if !root => Ok(PathBuf::from(DEFAULT_MCP_SOCKET)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where non-root agents find the MCP socket when the config says nothing
+/// they can read.
+pub const DEFAULT_MCP_SOCKET: &str = "/run/governor/mcp.sock";
+
+/// `governor mcp`'s way to the daemon: one control-socket request per
+/// tool call.
+pub struct SocketBackend {
+    pub socket: PathBuf,
+}
+
+impl governor_mcp::Backend for SocketBackend {
+    fn call(&self, call: Value) -> std::result::Result<Value, String> {
+        let call: control::McpCall =
+            serde_json::from_value(call).map_err(|e| format!("bad arguments: {e}"))?;
+        let resp = control::request(&self.socket, &Request::Mcp { call }, false)
+            .map_err(|e| format!("{e:#}"))?;
+        if resp.ok {
+            Ok(resp.data)
+        } else {
+            Err(resp.error.unwrap_or_else(|| "the daemon refused".into()))
+        }
+    }
+}
+
 /// Sends a request; prints the daemon's refusal (or our failure) clearly.
 fn ask(target: &Target, req: &Request, pass_stdin: bool) -> Result<Value> {
     let socket = target.socket()?;
@@ -143,19 +188,29 @@ fn memory_str(s: &Value) -> String {
     out
 }
 
-/// Renders `governor status` as a table a person reads at a glance.
-pub fn render_status(data: &Value) -> String {
-    let mut rows = vec![[
-        "SERVICE".to_string(),
-        "STATE".into(),
-        "RESTARTS".into(),
-        "RATE/MIN".into(),
-        "UPTIME".into(),
-        "MEMORY".into(),
-        "PIDS".into(),
-        "LAST EXIT".into(),
-        "SUPERVISOR SAYS".into(),
-    ]];
+/// `governor status` as a table a person reads at a glance. `colour`: states in colour (only when
+/// stdout is a terminal and NO_COLOR is unset; see [`status`]).
+pub fn render_status(data: &Value, colour: bool) -> String {
+    use comfy_table::{presets::NOTHING, Cell, Color, ContentArrangement, Table};
+    let mut t = Table::new();
+    t.load_style(NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled);
+    if colour {
+        t.enforce_styling();
+    } else {
+        t.force_no_tty();
+    }
+    t.set_header(vec![
+        "SERVICE",
+        "STATE",
+        "RESTARTS",
+        "RATE/MIN",
+        "UPTIME",
+        "MEMORY",
+        "PIDS",
+        "LAST EXIT",
+        "SUPERVISOR SAYS",
+    ]);
     for s in data["services"]
         .as_array()
         .map(Vec::as_slice)
@@ -165,20 +220,53 @@ pub fn render_status(data: &Value) -> String {
             .as_array()
             .map(|a| a.iter().map(|p| p.to_string()).collect())
             .unwrap_or_default();
-        let mut state = s["state"].as_str().unwrap_or("?").to_string();
-        if state == "crash-loop" {
-            state = "CRASH-LOOP".into();
+        let raw = s["state"].as_str().unwrap_or("?");
+        let mut state = if raw == "crash-loop" {
+            "CRASH-LOOP".to_string()
+        } else {
+            raw.to_string()
+        };
+        if s["killswitch_held"] == true {
+            state.push_str(" [HELD]");
         }
-        if s["drift"]
+        // Restart and memory drift show in the state and MEMORY columns.
+        let drift: Vec<&str> = s["drift"]
             .as_array()
-            .is_some_and(|d| d.iter().any(|k| k == "uptime"))
-        {
-            state.push_str(" [drift: uptime]");
+            .map(|d| {
+                d.iter()
+                    .filter_map(Value::as_str)
+                    .filter(|k| !matches!(*k, "restart" | "memory"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !drift.is_empty() {
+            state.push_str(&format!(" [drift: {}]", drift.join(",")));
         }
-        rows.push([
-            s["name"].as_str().unwrap_or("?").to_string(),
-            state,
-            format!(
+        let state_colour = match raw {
+            "crash-loop" | "down" => Color::Red,
+            "restarting" => Color::Yellow,
+            _ => Color::Green,
+        };
+        let mem_colour = match s["memory_state"].as_str() {
+            Some("over-ceiling") | Some("memory-loop") => Color::Red,
+            Some("drift") => Color::Yellow,
+            _ => Color::Reset,
+        };
+        // Names come from other users' processes: no control characters
+        // reach root's terminal.
+        let mut name: String = s["name"]
+            .as_str()
+            .unwrap_or("?")
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        if s["critical"] == true {
+            name.push_str(" *");
+        }
+        t.add_row(vec![
+            Cell::new(name),
+            Cell::new(state).fg(state_colour),
+            Cell::new(format!(
                 "{}/{} in {}{}",
                 s["restarts_in_window"],
                 s["max_restarts"],
@@ -187,20 +275,22 @@ pub fn render_status(data: &Value) -> String {
                     Some(n) if n > 0 => format!(" (+{n} planned)"),
                     _ => String::new(),
                 }
+            )),
+            Cell::new(format!("{:.1}", s["rate_per_min"].as_f64().unwrap_or(0.0))),
+            Cell::new(
+                s["uptime_ms"]
+                    .as_u64()
+                    .map(ms_human)
+                    .unwrap_or_else(|| "-".into()),
             ),
-            format!("{:.1}", s["rate_per_min"].as_f64().unwrap_or(0.0)),
-            s["uptime_ms"]
-                .as_u64()
-                .map(ms_human)
-                .unwrap_or_else(|| "-".into()),
-            memory_str(s),
-            if pids.is_empty() {
+            Cell::new(memory_str(s)).fg(mem_colour),
+            Cell::new(if pids.is_empty() {
                 "-".into()
             } else {
                 pids.join(",")
-            },
-            last_exit_str(&s["last_exit"]),
-            s["supervisor_view"].as_str().unwrap_or("-").to_string(),
+            }),
+            Cell::new(last_exit_str(&s["last_exit"])),
+            Cell::new(s["supervisor_view"].as_str().unwrap_or("-")),
         ]);
     }
     let mut out = String::new();
@@ -218,21 +308,71 @@ pub fn render_status(data: &Value) -> String {
         }
         out.push('\n');
     }
-    out.push_str(&render_table(&rows));
+    let ks = &data["kill_switch"];
+    if ks["engaged"] == true {
+        out.push_str(&format!(
+            "KILL SWITCH ENGAGED (scope {}): held services are marked [HELD]\n",
+            ks["scope"]
+        ));
+    }
+    if let Some(n) = data["drift_files"].as_u64().filter(|&n| n > 0) {
+        out.push_str(&format!(
+            "{n} watched file(s) drifted: see `governor drift`\n"
+        ));
+    }
+    for line in t.lines() {
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
     if let Some(h) = data["audit_head"].as_str() {
-        out.push_str(&format!("audit head {h}\n"));
+        out.push_str(&format!(
+            "audit head {h}   (* critical: never restarted for memory)\n"
+        ));
     }
     out
 }
 
-pub fn status(target: &Target, json: bool, all: bool) -> Result<()> {
-    let data = ask(target, &Request::Status { all }, false)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&data)?);
-    } else {
-        print!("{}", render_status(&data));
+/// `governor status [--json] [--all] [--watch D]`.
+pub fn status(
+    target: &Target,
+    json: bool,
+    all: bool,
+    watch: Option<std::time::Duration>,
+) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal();
+    let colour = tty && std::env::var_os("NO_COLOR").is_none();
+    // Each redraw asks pm2 for its view: not more than once a second.
+    let watch = watch.map(|w| w.max(std::time::Duration::from_secs(1)));
+    loop {
+        let data = ask(target, &Request::Status { all }, false)?;
+        let text = if json {
+            format!("{}\n", serde_json::to_string_pretty(&data)?)
+        } else {
+            render_status(&data, colour)
+        };
+        let Some(every) = watch else {
+            print!("{text}");
+            return Ok(());
+        };
+        let mut out = std::io::stdout().lock();
+        if tty {
+            // Home, draw over the last frame line by line, clear what it
+            // left below: in place, without a blank flash.
+            write!(out, "\x1b[H{}", text.replace('\n', "\x1b[K\n"))?;
+            write!(
+                out,
+                "\x1b[J(every {} s; Ctrl-C stops) {}\x1b[K",
+                every.as_secs_f64(),
+                crate::events::rfc3339(std::time::SystemTime::now())
+            )?;
+        } else {
+            writeln!(out, "{text}")?;
+        }
+        out.flush()?;
+        drop(out);
+        std::thread::sleep(every);
     }
-    Ok(())
 }
 
 /// `governor deploy SERVICE [--files F…] [-- COMMAND…]`: records the

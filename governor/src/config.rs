@@ -48,6 +48,116 @@ pub struct Config {
     /// action (issue 12).
     #[serde(default)]
     pub drift: Drift,
+    /// `[metrics]`: Prometheus `/metrics` on loopback (off by default).
+    #[serde(default)]
+    pub metrics: Metrics,
+    /// `[mcp]`: the socket non-root agents' `governor mcp` reaches.
+    #[serde(default)]
+    pub mcp: Mcp,
+    /// `[dispatch]`: the `may_start_job` gate agents ask before a job.
+    #[serde(default)]
+    pub dispatch: Dispatch,
+    /// `[export]`: kernel events as JSON lines for a log stack.
+    #[serde(default)]
+    pub export: Export,
+}
+
+/// `[metrics]`.
+///
+/// ```toml
+/// [metrics]
+/// listen = "127.0.0.1:9464"   # loopback only; absent: no listener
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub listen: Option<Spanned<String>>,
+}
+
+impl Metrics {
+    /// The validated listen address (checked at parse time).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.as_ref().and_then(|l| l.get_ref().parse().ok())
+    }
+}
+
+/// `[mcp]`.
+///
+/// ```toml
+/// [mcp]
+/// socket = "/run/governor/mcp.sock"   # absent: root's agents only (control socket)
+/// group = "agents"                     # who may connect (mode 0660); absent: root only
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mcp {
+    pub socket: Option<PathBuf>,
+    pub group: Option<Spanned<String>>,
+}
+
+/// `[dispatch]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dispatch {
+    /// Jobs (helper processes) a service may run at once before
+    /// `may_start_job` says no.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: u32,
+    /// MemAvailable must stay this far above `system.memory_floor` after
+    /// the job's expected bytes.
+    #[serde(default = "default_dispatch_margin")]
+    pub margin: ByteSize,
+}
+
+fn default_max_concurrent() -> u32 {
+    4
+}
+fn default_dispatch_margin() -> ByteSize {
+    ByteSize(100 << 20)
+}
+
+impl Default for Dispatch {
+    fn default() -> Self {
+        Dispatch {
+            max_concurrent: default_max_concurrent(),
+            margin: default_dispatch_margin(),
+        }
+    }
+}
+
+/// `[export]`.
+///
+/// ```toml
+/// [export]
+/// events = "/var/log/governor/events.jsonl"   # absent: no export
+/// rotate_size = "64MiB"                         # then events.jsonl.1 … .keep
+/// keep = 5
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    pub events: Option<PathBuf>,
+    #[serde(default = "default_export_rotate")]
+    pub rotate_size: ByteSize,
+    #[serde(default = "default_export_keep")]
+    pub keep: u32,
+}
+
+fn default_export_rotate() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_export_keep() -> u32 {
+    5
+}
+
+impl Default for Export {
+    fn default() -> Self {
+        Export {
+            events: None,
+            rotate_size: default_export_rotate(),
+            keep: default_export_keep(),
+        }
+    }
 }
 
 /// `[drift]`.
@@ -470,6 +580,74 @@ impl Config {
                     "defaults.memory_startup_allowance = {a} must be a number from 1.0 (off) to 10.0 (1.5: half again the ceiling while an instance starts)"
                 ),
             );
+        }
+        if let Some(l) = &self.metrics.listen {
+            let at = l.span().start;
+            let addr: std::net::SocketAddr = l.get_ref().parse().map_err(|e| {
+                ConfigError::at(
+                    file,
+                    src,
+                    at,
+                    format!(
+                        "metrics.listen = \"{}\" is not an address:port ({e}); e.g. \"127.0.0.1:9464\"",
+                        l.get_ref()
+                    ),
+                )
+            })?;
+            if let Err(why) = governor_metrics::check_listen(&addr) {
+                return err(at, format!("metrics.listen: {why}"));
+            }
+            if addr.port() < 1024 {
+                return err(
+                    at,
+                    format!(
+                        "metrics.listen: port {} is privileged, and the service unit grants no CAP_NET_BIND_SERVICE; use 9464",
+                        addr.port()
+                    ),
+                );
+            }
+        }
+        if let Some(g) = &self.mcp.group {
+            if self.mcp.socket.is_none() {
+                return err(g.span().start, "mcp.group goes with mcp.socket".into());
+            }
+            if crate::users::gid_of(g.get_ref()).is_none() {
+                return err(
+                    g.span().start,
+                    format!(
+                        "mcp.group: no group \"{}\" on this host (create it with groupadd)",
+                        g.get_ref()
+                    ),
+                );
+            }
+        }
+        if let Some(s) = &self.mcp.socket {
+            if !s.is_absolute() || *s == self.daemon.socket {
+                return err(
+                    key_offset(src, "[mcp]", "socket"),
+                    "mcp.socket must be an absolute path other than daemon.socket".into(),
+                );
+            }
+        }
+        if self.dispatch.max_concurrent == 0 {
+            return err(
+                key_offset(src, "[dispatch]", "max_concurrent"),
+                "dispatch.max_concurrent = 0 would refuse every job; at least 1".into(),
+            );
+        }
+        if let Some(e) = &self.export.events {
+            if !e.is_absolute() {
+                return err(
+                    key_offset(src, "[export]", "events"),
+                    "export.events must be an absolute path".into(),
+                );
+            }
+            if self.export.rotate_size.0 < 4096 || self.export.keep == 0 {
+                return err(
+                    key_offset(src, "[export]", "rotate_size"),
+                    "export.rotate_size must be at least 4KiB and export.keep at least 1".into(),
+                );
+            }
         }
         let mut seen = BTreeMap::new();
         for svc in &self.services {

@@ -34,6 +34,8 @@ use serde_json::Value;
 
 /// Longest request accepted.
 const MAX_REQUEST: usize = 64 * 1024;
+/// MCP calls served at once (each holds a thread while the daemon answers).
+const MAX_MCP_CONNECTIONS: usize = 8;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
@@ -79,6 +81,73 @@ pub enum Request {
         #[serde(default)]
         reason: String,
     },
+    /// One tool call of `governor mcp` (an agent's MCP client), answered
+    /// for the calling agent: the only request the MCP socket accepts.
+    Mcp {
+        call: McpCall,
+    },
+    /// The numbers `/metrics` renders (also answered on the control socket,
+    /// root only, for `curl`-less debugging).
+    Metrics,
+}
+
+/// The MCP tools, as `governor mcp` forwards them (`governor-mcp` builds
+/// `{"tool": NAME, ...args}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "tool", rename_all = "snake_case", deny_unknown_fields)]
+pub enum McpCall {
+    /// All services, or one; without one, from a supervised caller, its own.
+    Status {
+        #[serde(default)]
+        service: Option<String>,
+    },
+    /// A file's tier and whether a write would be refused now.
+    ProtectCheck {
+        path: String,
+    },
+    /// Ask a person (Telegram) for a write window; never opens one itself.
+    RequestApproval {
+        path: String,
+        reason: String,
+        /// Like `10m`.
+        duration: String,
+    },
+    MemoryHeadroom {},
+    MayStartJob {
+        expected_bytes: u64,
+    },
+    AuditTail {
+        #[serde(default)]
+        n: Option<u32>,
+    },
+    KillSwitchEngage {
+        scope: Vec<String>,
+        reason: String,
+    },
+}
+
+impl McpCall {
+    pub fn tool(&self) -> &'static str {
+        match self {
+            McpCall::Status { .. } => "status",
+            McpCall::ProtectCheck { .. } => "protect_check",
+            McpCall::RequestApproval { .. } => "request_approval",
+            McpCall::MemoryHeadroom {} => "memory_headroom",
+            McpCall::MayStartJob { .. } => "may_start_job",
+            McpCall::AuditTail { .. } => "audit_tail",
+            McpCall::KillSwitchEngage { .. } => "kill_switch_engage",
+        }
+    }
+}
+
+/// Which socket a request came in on: what it may ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The control socket: root only, every request.
+    Control,
+    /// `[mcp] socket`: any member of its group, MCP requests only,
+    /// answered for the caller's own service.
+    Mcp,
 }
 
 /// `governor kill-switch engage|release|status`.
@@ -131,6 +200,7 @@ pub struct Incoming {
     /// The client's stdin, when it passed it.
     pub stdin: Option<OwnedFd>,
     pub reply: std::sync::mpsc::SyncSender<Response>,
+    pub via: Via,
 }
 
 // Not rustix's `socket_peercred`: its `UCred` holds the pid as a non-zero
@@ -232,11 +302,15 @@ fn write_response(stream: &mut UnixStream, resp: &Response) {
     }
 }
 
-fn handle(mut stream: UnixStream, tx: &tokio::sync::mpsc::Sender<Incoming>) -> Result<()> {
+fn handle(
+    mut stream: UnixStream,
+    tx: &tokio::sync::mpsc::Sender<Incoming>,
+    via: Via,
+) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let peer = peer_cred(stream.as_raw_fd())?;
-    if peer.uid != 0 {
+    if via == Via::Control && peer.uid != 0 {
         write_response(
             &mut stream,
             &Response::err(format!(
@@ -248,11 +322,20 @@ fn handle(mut stream: UnixStream, tx: &tokio::sync::mpsc::Sender<Incoming>) -> R
     }
     let mut buf = vec![0u8; MAX_REQUEST];
     let (mut n, stdin) = recv_with_fd(&stream, &mut buf)?;
+    // The whole request within 5 s, not 5 s per byte: a client that
+    // trickles must not hold a connection slot.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !buf[..n].contains(&b'\n') {
         if n == buf.len() {
             write_response(&mut stream, &Response::err("request too long"));
             return Ok(());
         }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            write_response(&mut stream, &Response::err("request too slow"));
+            return Ok(());
+        }
+        stream.set_read_timeout(Some(left))?;
         let m = stream.read(&mut buf[n..])?;
         if m == 0 {
             break;
@@ -267,6 +350,16 @@ fn handle(mut stream: UnixStream, tx: &tokio::sync::mpsc::Sender<Incoming>) -> R
             return Ok(());
         }
     };
+    if via == Via::Mcp && !matches!(req, Request::Mcp { .. }) {
+        write_response(
+            &mut stream,
+            &Response::err(
+                "the MCP socket answers MCP tool calls only (governor mcp); \
+                 other commands need root on the control socket",
+            ),
+        );
+        return Ok(());
+    }
     let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
     if tx
         .blocking_send(Incoming {
@@ -274,6 +367,7 @@ fn handle(mut stream: UnixStream, tx: &tokio::sync::mpsc::Sender<Incoming>) -> R
             peer,
             stdin,
             reply: reply_tx,
+            via,
         })
         .is_err()
     {
@@ -287,10 +381,64 @@ fn handle(mut stream: UnixStream, tx: &tokio::sync::mpsc::Sender<Incoming>) -> R
     Ok(())
 }
 
-/// Binds the socket (replacing a stale one) and serves it on a thread.
+/// Binds the control socket (replacing a stale one) and serves it on a
+/// thread.
 pub fn serve(path: &Path, tx: tokio::sync::mpsc::Sender<Incoming>) -> Result<PathBuf> {
+    // Anyone may connect so that refusals are explained; SO_PEERCRED decides.
+    serve_on(path, tx, Via::Control, 0o666, None)
+}
+
+/// Binds the MCP socket: mode 0660, owned by root and `gid` (the group
+/// whose members' agents may ask), so only they can connect at all;
+/// SO_PEERCRED still says who each caller is.
+pub fn serve_mcp(
+    path: &Path,
+    gid: Option<u32>,
+    tx: tokio::sync::mpsc::Sender<Incoming>,
+) -> Result<PathBuf> {
+    serve_on(
+        path,
+        tx,
+        Via::Mcp,
+        if gid.is_some() { 0o660 } else { 0o600 },
+        gid,
+    )
+}
+
+fn serve_on(
+    path: &Path,
+    tx: tokio::sync::mpsc::Sender<Incoming>,
+    via: Via,
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<PathBuf> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if via == Via::Mcp {
+            // Agents can reach this socket: its directory must be root's
+            // and writable by nobody else, or one could plant a socket or
+            // a symlink where the daemon binds and chowns.
+            use std::os::unix::fs::MetadataExt;
+            let md = std::fs::symlink_metadata(dir)?;
+            let m = md.permissions().mode();
+            if md.uid() != 0 || m & 0o022 != 0 || !md.is_dir() {
+                bail!(
+                    "mcp.socket {}: its directory must be a root-owned directory nobody else can write (it is uid {}, mode {:o}); use /run/governor/mcp.sock",
+                    path.display(),
+                    md.uid(),
+                    m & 0o7777
+                );
+            }
+            // Group members must be able to reach the socket through its
+            // directory (created 0755 by default; make sure of o+x).
+            if m & 0o001 == 0 && gid.is_some() {
+                log::warn!(
+                    "{}: the MCP socket's directory is not searchable by others (mode {:o}); agents may not reach it",
+                    dir.display(),
+                    m & 0o7777
+                );
+            }
+        }
     }
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
@@ -304,15 +452,50 @@ pub fn serve(path: &Path, tx: tokio::sync::mpsc::Sender<Incoming>) -> Result<Pat
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    // Anyone may connect so that refusals are explained; SO_PEERCRED decides.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    if let Some(gid) = gid {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    let name = match via {
+        Via::Control => "governor-control",
+        Via::Mcp => "governor-mcp-socket",
+    };
     std::thread::Builder::new()
-        .name("governor-control".into())
+        .name(name.into())
         .spawn(move || {
+            // The MCP socket's callers aren't root: one that connects and
+            // says nothing must not hold up the others, so each connection
+            // gets its own thread, at most MAX_MCP_CONNECTIONS at once.
+            let busy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for conn in listener.incoming() {
                 match conn {
+                    Ok(mut s) if via == Via::Mcp => {
+                        use std::sync::atomic::Ordering;
+                        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_MCP_CONNECTIONS {
+                            busy.fetch_sub(1, Ordering::SeqCst);
+                            write_response(
+                                &mut s,
+                                &Response::err("too many MCP calls in flight; try again"),
+                            );
+                            continue;
+                        }
+                        let (tx, b) = (tx.clone(), busy.clone());
+                        let spawned = std::thread::Builder::new()
+                            .name("governor-mcp-call".into())
+                            .spawn(move || {
+                                if let Err(e) = handle(s, &tx, via) {
+                                    log::warn!("MCP connection: {e:#}");
+                                }
+                                b.fetch_sub(1, Ordering::SeqCst);
+                            });
+                        if let Err(e) = spawned {
+                            busy.fetch_sub(1, Ordering::SeqCst);
+                            log::warn!("MCP connection: no thread: {e}");
+                        }
+                    }
                     Ok(s) => {
-                        if let Err(e) = handle(s, &tx) {
+                        if let Err(e) = handle(s, &tx, via) {
                             log::warn!("control connection: {e:#}");
                         }
                     }
@@ -325,6 +508,37 @@ pub fn serve(path: &Path, tx: tokio::sync::mpsc::Sender<Incoming>) -> Result<Pat
         })
         .context("starting the control thread")?;
     Ok(path.to_path_buf())
+}
+
+/// Asks the event loop from inside the daemon (the metrics server), as
+/// root on the control socket would; the answer's `data` or its error.
+pub async fn ask_loop(
+    tx: &tokio::sync::mpsc::Sender<Incoming>,
+    req: Request,
+) -> std::result::Result<Value, String> {
+    let (reply, rx) = std::sync::mpsc::sync_channel(1);
+    tx.send(Incoming {
+        req,
+        peer: Peer {
+            pid: std::process::id() as i32,
+            uid: 0,
+            gid: 0,
+        },
+        stdin: None,
+        reply,
+        via: Via::Control,
+    })
+    .await
+    .map_err(|_| "the daemon is shutting down".to_string())?;
+    let resp = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the daemon did not answer in time".to_string())?;
+    if resp.ok {
+        Ok(resp.data)
+    } else {
+        Err(resp.error.unwrap_or_else(|| "refused".into()))
+    }
 }
 
 /// Sends one request to the daemon at `socket` and returns its response.

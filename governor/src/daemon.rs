@@ -64,6 +64,8 @@ pub fn init_logging(json: bool) {
 
 mod drift;
 mod killswitch;
+mod mcp;
+mod views;
 
 /// Results of work done off the event loop, coming back to it.
 enum Side {
@@ -185,6 +187,13 @@ pub struct Daemon {
     /// Uptime drift: the instance of each configured service governor
     /// last saw start.
     uptime: drift::Uptime,
+    /// What `/metrics` counts, and the MCP callers' rate limit.
+    counters: views::Counters,
+    lifecycle_lost: u64,
+    mcp_rate: mcp::RateLimit,
+    /// `[export] events`.
+    export: Option<crate::export::Exporter>,
+    clock: crate::events::Clock,
 }
 
 fn host_name() -> String {
@@ -438,6 +447,7 @@ impl Daemon {
     /// Applies one kernel event; decisions are collected and carried out
     /// after the batch (they await the audit writer).
     fn on_event(&mut self, ev: Event) {
+        self.counters.lifecycle_events += 1;
         match &ev {
             Event::Exit(e) => {
                 self.ks_busy.exited(e.pid, e.ts_ns);
@@ -447,6 +457,14 @@ impl Daemon {
                 self.sampler.forget(e.pid);
                 if let Ok(a) = &mut self.mem_arms {
                     a.forget(e.pid);
+                }
+                if self.export.is_some() {
+                    let service = self
+                        .table
+                        .get(e.pid)
+                        .map(|p| p.service.clone())
+                        .unwrap_or_else(|| self.table.resolve_unknown(e.uid, &e.comm));
+                    self.export_event(&ev, &service);
                 }
                 let Some(p) = self.table.on_exit(e) else {
                     return;
@@ -473,6 +491,7 @@ impl Daemon {
             }
             _ => {
                 let service = watch::track(&mut self.table, &ev);
+                self.export_event(&ev, &service);
                 // A new process of a configured service (a new instance, a
                 // helper): read the service soon, which also has the kernel
                 // tracker count the newcomer.
@@ -491,6 +510,14 @@ impl Daemon {
                     self.uptime_seen(ev.pid());
                 }
             }
+        }
+    }
+
+    /// `[export] events`: the event as `governor watch --json` prints it.
+    fn export_event(&self, ev: &Event, service: &str) {
+        let Some(x) = &self.export else { return };
+        if let Some(v) = watch::event_json(ev, &self.table, service, &self.clock) {
+            x.send(v.to_string());
         }
     }
 
@@ -942,6 +969,7 @@ impl Daemon {
         let Ok(arms) = &mut self.mem_arms else {
             return;
         };
+        self.counters.memory_events += crossed.len() as u64;
         for c in crossed {
             if let Some(service) = arms.service_of(&c) {
                 log::debug!("memory: {service} crossed its budget (pid {})", c.tgid);
@@ -1334,6 +1362,11 @@ impl Daemon {
     fn reload(&mut self) -> std::result::Result<String, String> {
         let src = std::fs::read_to_string(&self.config_path).unwrap_or_default();
         match Config::load(&self.config_path) {
+            Ok(cfg) if start_only_keys(&cfg) != start_only_keys(&self.config) => Err(
+                "[metrics], [mcp] and [export] take effect at start only (a listener, a socket \
+                 and its group, a file): restart governor to change them"
+                    .into(),
+            ),
             Ok(cfg) => {
                 self.table.set_matcher(crate::proctable::matcher(&cfg));
                 self.service_index = Self::index_services(&cfg);
@@ -1372,36 +1405,30 @@ impl Daemon {
             peer,
             reply,
             stdin,
+            via,
         } = inc;
         match req {
+            Request::Mcp { call } => self.on_mcp(call, peer, via, protector, reply).await,
+            Request::Metrics => {
+                let _ = reply.send(Response::ok(
+                    self.metrics_data(protector, self.lifecycle_lost),
+                ));
+            }
             Request::Status { all } => {
                 let snap = self.snapshot(all);
                 let latency = self.latency.summary();
                 let head = self.audit.head().map(|h| h.to_string());
                 let layers = self.layers.clone();
-                let memory = json!({
-                    "available_bytes": crate::memsample::mem_available(),
-                    "floor_bytes": self.config.system.memory_floor.0,
-                    "psi_some_avg10": crate::psi::some_avg10(),
-                    "pressure_trigger": match &self.psi_problem {
-                        None => json!("armed"),
-                        Some(e) => json!(format!("not armed: {e}")),
-                    },
-                    "tracker": match &self.mem_arms {
-                        Ok(a) => json!({"kind": "kernel (kmem/rss_stat)", "watched_pids": a.watched(),
-                                        "armings": a.arms, "crossings": a.crossings}),
-                        Err(e) => json!({"kind": "/proc only", "why": e}),
-                    },
-                    "flush_active": self.flush.active(),
-                });
+                let memory = self.memory_json();
                 let ops = self.supervisors.clone();
                 let cached = self.views.clone();
-                let uptime_drift: std::collections::BTreeSet<String> = snap
-                    .services
-                    .iter()
-                    .filter(|r| self.uptime.is_open(&r.status.name))
-                    .map(|r| r.status.name.clone())
-                    .collect();
+                let rows: Vec<Value> = snap.services.iter().map(|r| self.service_json(r)).collect();
+                let kill_switch = json!({
+                    "engaged": self.killswitch.engaged.is_some(),
+                    "scope": self.killswitch.engaged.as_ref().map(|e| &e.scope),
+                    "since_ms": self.killswitch.engaged.as_ref().map(|e| e.since_ms),
+                });
+                let drift_files = protector.drift_items().len();
                 // Supervisor views take a pm2/systemctl round trip: off the loop.
                 tokio::task::spawn_blocking(move || {
                     let mut services = Vec::new();
@@ -1412,24 +1439,7 @@ impl Daemon {
                         .filter(|s| !matches!(s, Supervisor::None))
                         .collect();
                     let mut fetched = ops.views(&supervised).into_iter();
-                    for r in &snap.services {
-                        let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
-                        // Which kinds of drift the service shows (governor drift).
-                        let mut drift = Vec::new();
-                        if uptime_drift.contains(&r.status.name) {
-                            drift.push("uptime");
-                        }
-                        if matches!(
-                            r.status.state,
-                            governor_core::velocity::State::CrashLoop
-                                | governor_core::velocity::State::Restarting
-                        ) {
-                            drift.push("restart");
-                        }
-                        if !matches!(r.memory_state, governor_core::memory::MemState::Ok) {
-                            drift.push("memory");
-                        }
-                        v["drift"] = json!(drift);
+                    for (r, mut v) in snap.services.iter().zip(rows) {
                         let view = match &r.status.supervisor {
                             Supervisor::None => None,
                             _ => fetched
@@ -1450,6 +1460,8 @@ impl Daemon {
                         "detection_latency": latency,
                         "bounds": snap.bounds,
                         "memory": memory,
+                        "kill_switch": kill_switch,
+                        "drift_files": drift_files,
                     })));
                     // The reply (pm2's list, every row as JSON) was this
                     // request's peak; what it freed goes back now, not at
@@ -1618,7 +1630,7 @@ impl Daemon {
                 scope,
                 reason,
             } => {
-                self.on_killswitch(action, scope, reason, peer, stdin, reply)
+                self.on_killswitch(action, scope, reason, peer, stdin, None, reply)
                     .await
             }
             Request::ApproveEnd { path } => {
@@ -1630,6 +1642,20 @@ impl Daemon {
             }
         }
     }
+}
+
+/// What a reload can't change (set up once at start): compared, so a
+/// reload that would change them is refused rather than ignored.
+fn start_only_keys(c: &Config) -> String {
+    format!(
+        "{:?}|{:?}|{:?}|{:?}|{}|{}",
+        c.metrics.listen.as_ref().map(|l| l.get_ref()),
+        c.mcp.socket,
+        c.mcp.group.as_ref().map(|g| g.get_ref()),
+        c.export.events,
+        c.export.rotate_size.0,
+        c.export.keep
+    )
 }
 
 /// The config as the core's snapshot sees it.
@@ -1926,6 +1952,16 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     .await
     .context("starting file protection")?;
     report_protection(&protect_report, &effects);
+    let export = match &config.export.events {
+        Some(p) => {
+            let x =
+                crate::export::Exporter::spawn(p, config.export.rotate_size.0, config.export.keep)
+                    .with_context(|| format!("export.events = {}", p.display()))?;
+            protector.export = Some(x.clone());
+            Some(x)
+        }
+        None => None,
+    };
     release_startup_memory();
     let mut layers = vec!["ebpf-lifecycle".to_string()];
     layers.extend(protector.layers());
@@ -1959,6 +1995,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         ks_pending: None,
         ks_busy: Default::default(),
         uptime,
+        counters: Default::default(),
+        lifecycle_lost: 0,
+        mcp_rate: Default::default(),
+        export,
+        clock: crate::events::Clock::new(),
     };
     if let Some(p) = uptime_problem {
         log::warn!("uptime drift: {p}");
@@ -2016,8 +2057,67 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     // An engaged kill switch holds again before anyone can ask anything.
     d.reapply_killswitch();
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Incoming>(16);
-    let socket = control::serve(&d.config.daemon.socket, ctl_tx)?;
+    let socket = control::serve(&d.config.daemon.socket, ctl_tx.clone())?;
     log::info!("control socket {}", socket.display());
+    let mcp_socket = match &d.config.mcp.socket {
+        Some(path) => {
+            let gid = d
+                .config
+                .mcp
+                .group
+                .as_ref()
+                .and_then(|g| crate::users::gid_of(g.get_ref()));
+            let p = control::serve_mcp(path, gid, ctl_tx.clone())?;
+            log::info!(
+                "MCP socket {} (group {})",
+                p.display(),
+                d.config
+                    .mcp
+                    .group
+                    .as_ref()
+                    .map(|g| g.get_ref().as_str())
+                    .unwrap_or("root only")
+            );
+            Some(p)
+        }
+        None => None,
+    };
+    if let Some(addr) = d.config.metrics.addr() {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics.listen = {addr}: cannot listen"))?;
+        log::info!("metrics on http://{addr}/metrics");
+        let tx = ctl_tx.clone();
+        // Anyone on the host can reach loopback: a snapshot is built at
+        // most once a second however often it is scraped.
+        let cache: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Value)>>> = Arc::default();
+        tokio::spawn(async move {
+            let fetch = move || {
+                let (tx, cache) = (tx.clone(), cache.clone());
+                async move {
+                    let mut c = cache.lock().await;
+                    if let Some((at, v)) = c.as_ref() {
+                        if at.elapsed() < Duration::from_secs(1) {
+                            return Ok(v.clone());
+                        }
+                    }
+                    let v = control::ask_loop(&tx, Request::Metrics).await?;
+                    *c = Some((tokio::time::Instant::now(), v.clone()));
+                    Ok(v)
+                }
+            };
+            if let Err(e) = governor_metrics::serve(listener, fetch).await {
+                log::error!("metrics server stopped: {e:#}");
+            }
+        });
+    }
+    // systemd (Type=notify): ready once the programs are loaded, the flags
+    // applied and the socket answers; then the watchdog is fed from this
+    // loop, so a wedged loop gets the daemon restarted.
+    let mut watchdog = crate::notify::Watchdog::from_env();
+    crate::notify::ready(&socket);
+    let test_hooks = std::env::var_os("GOVERNOR_TEST_HOOKS").is_some();
+    let mut usr1 = signal(SignalKind::user_defined1())?;
 
     let mut logs = probes.take_log_forwarder();
     let mut hup = signal(SignalKind::hangup())?;
@@ -2119,6 +2219,15 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     Err(_) => std::future::pending().await,
                 }
             } => d.floor_check(monotonic_ns()),
+            _ = watchdog.tick() => watchdog.ping(),
+            _ = usr1.recv() => {
+                if test_hooks {
+                    // Test hook (GOVERNOR_TEST_HOOKS): wedge the loop, as a
+                    // bug would, so the watchdog test sees pings stop.
+                    log::warn!("test hook: blocking the event loop for 5 s");
+                    std::thread::sleep(Duration::from_secs(5));
+                }
+            }
             _ = term.recv() => { stop_reason = "SIGTERM"; break; }
             _ = int.recv() => { stop_reason = "SIGINT"; break; }
             _ = tick.tick() => {
@@ -2146,6 +2255,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     }
                 }
                 let drops = probes.dropped()?;
+                d.lifecycle_lost = drops;
                 if drops > last_drops {
                     let lost = drops - last_drops;
                     last_drops = drops;
@@ -2176,6 +2286,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         }
     }
     log::info!("governor stopping ({stop_reason})");
+    crate::notify::stopping();
     state_writer.finish(&d.velocity);
     if let Ok(b) = serde_json::to_vec(&d.memory) {
         memory_file.save(b);
@@ -2198,5 +2309,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     d.effects.flush().await;
     d.audit.shutdown().await;
     let _ = std::fs::remove_file(&socket);
+    if let Some(p) = mcp_socket {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
 }

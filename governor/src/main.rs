@@ -70,6 +70,9 @@ enum Cmd {
         /// Also list every unmanaged process group the daemon tracks.
         #[arg(long)]
         all: bool,
+        /// Redraw in place every D (default 2s) until Ctrl-C.
+        #[arg(long, value_parser = dur, num_args = 0..=1, default_missing_value = "2s")]
+        watch: Option<std::time::Duration>,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -144,6 +147,43 @@ enum Cmd {
     Audit {
         #[command(subcommand)]
         cmd: AuditCmd,
+    },
+    /// Install governor as the host's root daemon under systemd: the
+    /// binary to PREFIX/sbin/governor, the config to
+    /// /etc/governor/governor.toml (never overwriting one), and
+    /// /etc/systemd/system/governor.service (Type=notify, watchdog,
+    /// hardening, exactly the capabilities it uses), enabled. Root only.
+    Install {
+        /// The config to install (default: the example config); an
+        /// installed one is kept.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where the binary goes (PREFIX/sbin/governor).
+        #[arg(long, default_value = governor::install::DEFAULT_PREFIX)]
+        prefix: PathBuf,
+        /// Print every file it would write and every command it would run;
+        /// change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Disable and remove the systemd service and the binary; the config
+    /// and the state directory (the audit chain) are kept.
+    Uninstall {
+        #[arg(long, default_value = governor::install::DEFAULT_PREFIX)]
+        prefix: PathBuf,
+        /// Say what it would do; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The MCP server (Model Context Protocol over stdio) for agents: an
+    /// agent's MCP client spawns `governor mcp`, which asks the daemon.
+    /// Tools: status, protect_check, request_approval, memory_headroom,
+    /// may_start_job, audit_tail, kill_switch_engage. Root reaches the
+    /// control socket; other users the [mcp] socket (default
+    /// /run/governor/mcp.sock when the config isn't readable).
+    Mcp {
+        #[command(flatten)]
+        target: TargetArgs,
     },
     /// Report kernel features and which enforcement layers `governor run`
     /// would use.
@@ -361,9 +401,12 @@ fn main() -> ExitCode {
             };
             block_on(watch::run(json, matcher))
         }
-        Cmd::Status { json, all, target } => {
-            report(cli::status(&target.target(), json, all), "status")
-        }
+        Cmd::Status {
+            json,
+            all,
+            watch,
+            target,
+        } => report(cli::status(&target.target(), json, all, watch), "status"),
         Cmd::Deploy {
             service,
             grace,
@@ -472,6 +515,33 @@ fn main() -> ExitCode {
                 "audit tail",
             ),
         },
+        Cmd::Install {
+            config,
+            prefix,
+            dry_run,
+        } => report(
+            governor::install::install(&governor::install::Options {
+                config,
+                prefix,
+                dry_run,
+            }),
+            "install",
+        ),
+        Cmd::Uninstall { prefix, dry_run } => {
+            report(governor::install::uninstall(&prefix, dry_run), "uninstall")
+        }
+        Cmd::Mcp { target } => {
+            let socket = match cli::mcp_socket(&target.target()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("governor mcp: {e:#}");
+                    return ExitCode::from(1);
+                }
+            };
+            block_on(governor_mcp::serve_stdio(std::sync::Arc::new(
+                cli::SocketBackend { socket },
+            )))
+        }
         Cmd::Run { config, log_format } => {
             daemon::tune_allocator();
             daemon::init_logging(matches!(log_format, LogFormat::Json));

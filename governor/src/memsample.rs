@@ -133,7 +133,7 @@ impl Sampler {
     /// mm lock (~0.5 ms), so it is read only to confirm a breach, never
     /// polled.
     pub fn pss(&mut self, pids: &[u32]) -> Option<u64> {
-        let mut total = 0;
+        let mut total: u64 = 0;
         for &pid in pids {
             let dir = self.dirs.get(&pid)?;
             let f = rustix::fs::openat(
@@ -145,7 +145,8 @@ impl Sampler {
             .ok()?;
             let mut buf = [0u8; 2048];
             let n = rustix::io::read(&f, &mut buf).ok()?;
-            total += parse_meminfo(std::str::from_utf8(&buf[..n]).ok()?, "Pss:")?;
+            total =
+                total.checked_add(parse_meminfo(std::str::from_utf8(&buf[..n]).ok()?, "Pss:")?)?;
         }
         Some(total)
     }
@@ -266,7 +267,9 @@ pub fn parse_meminfo(s: &str, key: &str) -> Option<u64> {
     s.lines()
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
+        // Checked: a value past u64 in bytes is no reading (found by the
+        // proc_parsers fuzzer).
+        .and_then(|kb| kb.checked_mul(1024))
 }
 
 #[cfg(test)]
@@ -283,6 +286,11 @@ mod tests {
                 "MemAvailable:"
             ),
             Some(2 << 20)
+        );
+        // fuzz/regressions/proc_parsers/meminfo-kb-overflow
+        assert_eq!(
+            parse_meminfo("MemTotal: 18014398509481984 kB\n", "MemTotal:"),
+            None
         );
     }
 

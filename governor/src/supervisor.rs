@@ -226,7 +226,33 @@ impl Pm2Cli {
         }
         // Least privilege: act as pm2's owner, not as root.
         c.uid(self.uid).gid(self.gid);
+        reset_oom_score(&mut c);
         c
+    }
+}
+
+/// The daemon runs with oom_score_adj -1000 (systemd's OOMScoreAdjust):
+/// pm2's CLI — and a God it may start, and that God's apps — must not
+/// inherit it and become the processes the OOM killer can't take.
+fn reset_oom_score(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (open, write, close) on a static
+    // path and buffer; it allocates nothing and touches no lock. It runs
+    // after the uid change, and raising one's own score needs no
+    // privilege.
+    unsafe {
+        c.pre_exec(|| {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
+            Ok(())
+        });
     }
 }
 

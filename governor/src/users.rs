@@ -58,6 +58,21 @@ pub fn uid_of(user: &str) -> Option<u32> {
         .map(|(_, u)| u)
 }
 
+/// The gid of a group given by name or number (`/etc/group`, root-owned);
+/// `None` when unknown.
+pub fn gid_of(group: &str) -> Option<u32> {
+    if let Ok(n) = group.parse::<u32>() {
+        return Some(n);
+    }
+    std::fs::read_to_string("/etc/group")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next()? == group).then(|| f.nth(1)?.parse().ok())?
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +83,7 @@ mod tests {
         assert_eq!(name_of(0), "root");
         assert_eq!(uid_of("4242"), Some(4242));
         assert_eq!(uid_of("no-such-user-here"), None);
+        assert_eq!(gid_of("root"), Some(0));
+        assert_eq!(gid_of("no-such-group-here"), None);
     }
 }

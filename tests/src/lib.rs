@@ -347,6 +347,10 @@ pub struct DaemonProc {
     pub socket: PathBuf,
     pub state: PathBuf,
     child: Option<std::process::Child>,
+    /// Runs the daemon under this command (e.g. `setpriv …`), argv first.
+    pub wrapper: Vec<String>,
+    /// Extra environment for the daemon (NOTIFY_SOCKET, …).
+    pub env: Vec<(String, String)>,
 }
 
 impl DaemonProc {
@@ -389,6 +393,8 @@ impl DaemonProc {
             socket,
             state,
             child: None,
+            wrapper: Vec::new(),
+            env: Vec::new(),
         };
         if spawn {
             d.spawn();
@@ -434,7 +440,16 @@ impl DaemonProc {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .expect("daemon log");
-        let child = Command::new(bin)
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("run")
             .arg("--config")
             .arg(&self.config)
@@ -630,6 +645,49 @@ impl Drop for DaemonProc {
             clear_append_only(&f);
         }
         clear_immutable(&self.config);
+    }
+}
+
+/// A service's row in `status --json` (Null when absent).
+pub fn row<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+/// Runs `sh -c 'while true; do <app>; done'` in the background: a script
+/// that keeps dying, restarted by a shell loop.
+pub struct ShellLoop(std::process::Child);
+
+impl ShellLoop {
+    /// Writes `body` as the script `dir/name` and starts the loop; returns
+    /// it and the script's path.
+    pub fn start(dir: &std::path::Path, name: &str, body: &str) -> (Self, String) {
+        use std::os::unix::process::CommandExt;
+        let app = dir.join(name);
+        std::fs::write(&app, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        std::fs::set_permissions(&app, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod script");
+        let child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg("while true; do \"$0\"; done")
+            .arg(&app)
+            .stderr(std::process::Stdio::null())
+            // Its own group, so dropping it kills the running script too
+            // (an orphan dying later would be counted as one more crash).
+            .process_group(0)
+            .spawn()
+            .expect("spawn shell loop");
+        (ShellLoop(child), app.display().to_string())
+    }
+}
+
+impl Drop for ShellLoop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group we created at spawn.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        self.0.wait().ok();
     }
 }
 

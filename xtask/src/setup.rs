@@ -17,6 +17,10 @@ pub const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// pm2 version the tests drive (from npm).
 pub const PM2_VERSION: &str = "7.0.4";
+/// The official MCP Python SDK the tests drive `governor mcp` with (PyPI).
+pub const MCP_PY_VERSION: &str = "2.3.0";
+/// cargo-fuzz for the fuzz targets in fuzz/ (run with `PINNED_NIGHTLY`).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Which parts of the setup a command needs.
 pub struct Needs {
@@ -123,6 +127,14 @@ fn apt_packages(needs: &Needs) -> Result<()> {
     ];
     if needs.vm {
         pkgs.extend(["qemu-system-x86", "busybox-static", "cpio", "zstd"]);
+    }
+    if needs.pm2 {
+        // The real clients of governor's interfaces: promtool (metrics),
+        // systemd-analyze (the unit), tmux (status --watch), a venv for
+        // the MCP Python SDK.
+        pkgs.extend(["prometheus", "systemd", "tmux", "python3-venv"]);
+        // libFuzzer (C++), built by the fuzz targets' libfuzzer-sys.
+        pkgs.push("g++");
     }
     let missing: Vec<&str> = pkgs
         .into_iter()
@@ -283,6 +295,68 @@ pub fn setup(needs: &Needs) -> Result<()> {
     mounts()?;
     if needs.pm2 {
         pm2()?;
+        mcp_sdk()?;
     }
     Ok(())
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz`.
+pub fn cargo_fuzz() -> Result<()> {
+    let bin = home_cargo_bin().join("cargo-fuzz");
+    let v = output(Command::new(&bin).arg("--version")).unwrap_or_default();
+    if v.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION) {
+        step(&format!(
+            "cargo-fuzz {CARGO_FUZZ_VERSION}: present, skipping"
+        ));
+        return Ok(());
+    }
+    step(&format!(
+        "cargo-fuzz: installing {CARGO_FUZZ_VERSION} (about 1 min)"
+    ));
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]);
+    run_cmd(&mut c)
+}
+
+/// Where the tests find the MCP Python SDK's interpreter.
+pub fn mcp_venv() -> PathBuf {
+    workspace_root().join("target/mcp-venv")
+}
+
+fn mcp_sdk() -> Result<()> {
+    let venv = mcp_venv();
+    let py = venv.join("bin/python3");
+    let have = output(Command::new(&py).args([
+        "-c",
+        "import importlib.metadata as m; print(m.version('mcp'))",
+    ]));
+    if have.as_deref().map(str::trim) == Some(MCP_PY_VERSION) {
+        step(&format!(
+            "mcp (Python SDK) {MCP_PY_VERSION}: present in {}, skipping",
+            venv.display()
+        ));
+        return Ok(());
+    }
+    step(&format!(
+        "mcp (Python SDK): installing {MCP_PY_VERSION} from PyPI into {}",
+        venv.display()
+    ));
+    // Debian's interpreter (python3-venv), not whatever python3 is first
+    // on PATH: the same on every fresh host.
+    run_cmd(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )?;
+    run_cmd(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("mcp=={MCP_PY_VERSION}")),
+    )
 }

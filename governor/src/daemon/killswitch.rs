@@ -41,9 +41,15 @@ pub(super) struct Busy {
     /// The last held starts: service, pid, exec → exit in µs by the
     /// kernel's clock (what `kill-switch status` and the benchmark show).
     held: std::collections::VecDeque<(String, u32, u64)>,
+    /// Held starts killed since the daemon started (`/metrics`).
+    blocked: u64,
 }
 
 impl Busy {
+    pub(super) fn blocked_total(&self) -> u64 {
+        self.blocked
+    }
+
     /// A process exited: if it was a held start, how long it lived.
     pub(super) fn exited(&mut self, pid: u32, ts_ns: u64) {
         if let Some((service, exec_ns)) = self.killing.remove(&pid) {
@@ -277,6 +283,7 @@ impl Daemon {
                 .stopping
                 .insert(service.clone(), std::time::Instant::now())
                 .is_none();
+        self.ks_busy.blocked += 1;
         if let Some(ns) = exec_ns {
             if self.ks_busy.killing.len() < 4096 {
                 self.ks_busy.killing.insert(pid, (service.clone(), ns));
@@ -340,6 +347,9 @@ impl Daemon {
         }
     }
 
+    /// `agent`: an MCP caller the daemon has already placed (its own
+    /// service, over the MCP socket), engaging for itself.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn on_killswitch(
         &mut self,
         action: KillAction,
@@ -347,6 +357,7 @@ impl Daemon {
         reason: String,
         peer: Peer,
         stdin: Option<OwnedFd>,
+        agent: Option<String>,
         reply: std::sync::mpsc::SyncSender<Response>,
     ) {
         let caller = self.caller(peer.pid, peer.uid);
@@ -375,7 +386,10 @@ impl Daemon {
             ));
             return;
         }
-        let who = self.who(&peer, stdin.as_ref());
+        let who = match agent {
+            Some(a) => Who::Supervised(a),
+            None => self.who(&peer, stdin.as_ref()),
+        };
         let act = if matches!(action, KillAction::Engage) {
             Action::Engage
         } else {

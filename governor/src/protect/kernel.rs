@@ -17,16 +17,18 @@ use std::{collections::BTreeMap, os::fd::AsRawFd, path::Path};
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{
+        Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
+    },
     programs::{FExit, Lsm, TracePoint},
     Ebpf,
 };
 use governor_common::{
     protect::{
-        AttemptEvent, Op, SyscallDesc, ARG_NONE, FEXIT_SLOTS, FEXIT_WORKER_MAP, KIND_FD,
-        KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP, PROTECTED_NAMES_MAP,
-        PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP, SYSCALL_DESCS_MAP, SYSCALL_TABLE_SIZE,
-        WINDOW_SESSIONS_MAP,
+        AttemptBudget, AttemptEvent, Op, SyscallDesc, ARG_NONE, ATTEMPT_BUDGET_MAP, FEXIT_SLOTS,
+        FEXIT_WORKER_MAP, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP,
+        PROTECTED_NAMES_MAP, PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP, SYSCALL_DESCS_MAP,
+        SYSCALL_TABLE_SIZE, WINDOW_SESSIONS_MAP,
     },
     InodeKey, KernelConfig, EVENTS_MAP,
 };
@@ -351,6 +353,7 @@ pub struct KernelLayer {
     _ebpf: Ebpf,
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
+    budgets: PerCpuHashMap<MapData, u32, AttemptBudget>,
     inodes: BpfHashMap<MapData, InodeKey, u32>,
     names: BpfHashMap<MapData, u64, u32>,
     sessions: BpfHashMap<MapData, InodeKey, u32>,
@@ -529,6 +532,10 @@ impl KernelLayer {
             ebpf.take_map(PROTECT_DROPS_MAP)
                 .context("PROTECT_DROPS map missing")?,
         )?;
+        let budgets = PerCpuHashMap::try_from(
+            ebpf.take_map(ATTEMPT_BUDGET_MAP)
+                .context("ATTEMPT_BUDGET map missing")?,
+        )?;
         let inodes = BpfHashMap::try_from(
             ebpf.take_map(PROTECTED_INODES_MAP)
                 .context("PROTECTED_INODES map missing")?,
@@ -545,6 +552,7 @@ impl KernelLayer {
             _ebpf: ebpf,
             ring,
             drops,
+            budgets,
             inodes,
             names,
             sessions,
@@ -769,6 +777,17 @@ impl KernelLayer {
             .get(&0, 0)
             .context("reading the protect drop counter")?;
         Ok(per_cpu.iter().sum())
+    }
+
+    /// Each uid's running count of attempts the kernel counted instead of
+    /// reporting (its per-second budget spent: a flood).
+    pub fn suppressed(&self) -> Vec<(u32, u64)> {
+        self.budgets
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(uid, per_cpu)| (uid, per_cpu.iter().map(|b| b.suppressed_total).sum()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     /// Waits for attempt events and returns them decoded (raw records).

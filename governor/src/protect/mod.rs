@@ -30,6 +30,7 @@ pub mod attempt;
 pub mod config;
 pub mod glob;
 pub mod kernel;
+mod newfiles;
 pub mod state;
 
 use std::{
@@ -250,6 +251,8 @@ enum WakeKind {
     Approval(ApprovalAnswer),
     Hashed(Hashed),
     Timer,
+    /// Names created in a directory a protected glob covers.
+    NewFiles(Vec<PathBuf>),
 }
 
 /// The protected-files engine the daemon owns.
@@ -290,6 +293,17 @@ pub struct Protector {
     syscall_names: BTreeMap<u32, &'static str>,
     /// Attempts reported (for tests and status).
     pub attempts_seen: u64,
+    /// Attempts by (tier, result), for `/metrics`.
+    pub attempt_counts: BTreeMap<(&'static str, &'static str), u64>,
+    /// Attempt events read from the kernel ring (matched or not).
+    pub attempt_events: u64,
+    /// `[export] events`: attempts go there too.
+    pub export: Option<crate::export::Exporter>,
+    /// Per uid: the kernel's count of its unreported attempts, as far as
+    /// audited.
+    counted: HashMap<u32, u64>,
+    /// inotify on the directories of protected globs.
+    new_files: Option<newfiles::NewFiles>,
     /// Open drift items of watched files, by configured path.
     drift: BTreeMap<PathBuf, DriftItem>,
 }
@@ -386,10 +400,15 @@ impl Protector {
             state_file,
             suppressed: 0,
             services,
-            next_drop_check: Instant::now() + Duration::from_secs(5),
+            next_drop_check: Instant::now() + Duration::from_secs(1),
             last_drops: 0,
             syscall_names: kernel::syscall_names(),
             attempts_seen: 0,
+            attempt_counts: BTreeMap::new(),
+            attempt_events: 0,
+            export: None,
+            counted: HashMap::new(),
+            new_files: None,
             drift: BTreeMap::new(),
         };
         let mut report = StartReport::default();
@@ -554,6 +573,7 @@ impl Protector {
             }
         }
         p.save_state();
+        p.rewatch(&mut report);
         p.finish_report(&mut report);
         report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         p.audit(
@@ -969,7 +989,14 @@ impl Protector {
         let ring = self.kernel.as_mut();
         let rx = &mut self.approvals_rx;
         let hashed = &mut self.hashed_rx;
+        let created = self.new_files.as_mut();
         Wake(tokio::select! {
+            n = async move {
+                match created {
+                    Some(w) => w.next().await,
+                    None => std::future::pending().await,
+                }
+            } => WakeKind::NewFiles(n),
             r = async move {
                 match ring {
                     Some(k) => k.next_batch().await,
@@ -1000,7 +1027,77 @@ impl Protector {
             WakeKind::Approval(a) => self.on_approval(a).await,
             WakeKind::Hashed(h) => self.on_hashed(h),
             WakeKind::Timer => self.on_timers().await,
+            WakeKind::NewFiles(paths) => self.on_new_files(paths).await,
         }
+    }
+
+    /// (Re)watches the directories of the protected globs.
+    fn rewatch(&mut self, report: &mut StartReport) {
+        let patterns: Vec<String> = self
+            .cfg
+            .untouchable
+            .iter()
+            .chain(&self.cfg.protected)
+            .chain(&self.cfg.watch)
+            .map(|p| p.get_ref().clone())
+            .collect();
+        let (w, problems) = newfiles::NewFiles::watch(&newfiles::dirs_for(&patterns));
+        self.new_files = w;
+        report.problems.extend(problems);
+    }
+
+    /// Names appeared in a protected glob's directory: if `[protect]` now
+    /// covers a file it didn't, it is flagged (through a reload of the
+    /// same config) and audited with how long that took.
+    async fn on_new_files(&mut self, created: Vec<PathBuf>) {
+        let t0 = Instant::now();
+        let mut report = StartReport::default();
+        let wanted = self.targets(&mut report);
+        let new: Vec<&Target> = wanted
+            .iter()
+            .filter(|t| !self.files.contains_key(&t.path))
+            .collect();
+        log::debug!(
+            "protect: {} name(s) appeared in watched directories, {} newly protected",
+            created.len(),
+            new.len()
+        );
+        if new.is_empty() {
+            return;
+        }
+        let paths: Vec<String> = new.iter().map(|t| t.path.display().to_string()).collect();
+        let tiers: Vec<&str> = new.iter().map(|t| t.tier.name()).collect();
+        let new: Vec<Target> = new.into_iter().cloned().collect();
+        // Only the new files: flagged first, then hashed (a full reload
+        // would re-hash every protected file, the daemon's binary too).
+        let mut flagged = Vec::new();
+        for t in &new {
+            self.add_entry(t, &mut report);
+            self.register(&t.path);
+            if let Some(e) = self.files.get_mut(&t.path) {
+                if e.tier != Tier::Watched && e.key.is_some() && e.flag != FlagState::Set {
+                    match set_immutable(&e.real, true) {
+                        Ok(()) => e.flag = FlagState::Set,
+                        Err(err) => e.flag = FlagState::Failed(err.to_string()),
+                    }
+                }
+                flagged.push(json!({"path": e.path, "flag": e.flag.name()}));
+            }
+        }
+        let flagged_ms = t0.elapsed().as_secs_f64() * 1e3;
+        for t in &new {
+            if let Some(e) = self.files.get_mut(&t.path) {
+                e.declared = sha256_file(&e.real).ok();
+            }
+        }
+        self.save_state();
+        self.audit(
+            "protect.new_file",
+            None,
+            json!({"paths": paths, "tiers": tiers, "seen": created.len(),
+                   "flagged_ms": flagged_ms, "flags": flagged, "problems": report.problems,
+                   "why": "created after start in a directory a protected glob covers"}),
+        );
     }
 
     /// Hashes `path` on the blocking pool; the result comes back through
@@ -1043,7 +1140,18 @@ impl Protector {
             }
         }
         if now >= self.next_drop_check {
-            self.next_drop_check = now + Duration::from_secs(5);
+            // Every second: the ring's losses, and the uids whose attempts
+            // the kernel counted instead of reporting (a flood that ended
+            // reports its tail here).
+            self.next_drop_check = now + Duration::from_secs(1);
+            let counted = self
+                .kernel
+                .as_ref()
+                .map(|k| k.suppressed())
+                .unwrap_or_default();
+            for (uid, total) in counted {
+                self.counted_in_kernel(uid, total);
+            }
             if let Some(k) = &self.kernel {
                 if let Ok(d) = k.dropped() {
                     if d > self.last_drops {
@@ -1064,6 +1172,49 @@ impl Protector {
                 }
             }
         }
+    }
+
+    /// `uid`'s running count of attempts the kernel counted instead of
+    /// reporting (over `ATTEMPT_BURST` a second): what is new since the
+    /// last report becomes one entry, "uid N tried M more times".
+    fn counted_in_kernel(&mut self, uid: u32, total: u64) {
+        let last = self.counted.entry(uid).or_insert(0);
+        if total <= *last {
+            return;
+        }
+        let n = total - *last;
+        *last = total;
+        *self
+            .attempt_counts
+            .entry(("any", "counted-in-kernel"))
+            .or_default() += n;
+        // Counted attempts may include changes to watched files (allowed,
+        // so nothing refused them): re-hash those, or drift could hide in a
+        // flood.
+        let watched: Vec<PathBuf> = self
+            .files
+            .values()
+            .filter(|e| e.tier == Tier::Watched)
+            .map(|e| e.path.clone())
+            .collect();
+        for w in watched {
+            self.schedule_rehash(&w);
+        }
+        let user = crate::users::name_of(uid);
+        self.audit(
+            "protect.attempts_counted",
+            None,
+            json!({"uid": uid, "user": user, "count": n, "total": total,
+                   "why": format!("more than {} attempt records a second from this uid: the kernel counted these instead of reporting each (refused or on watched files)", abi::ATTEMPT_BURST)}),
+        );
+        self.alert(
+            Alert::new(
+                Severity::Warning,
+                "protected files",
+                format!("uid {uid} ({user}) is hammering: {n} more attempts counted"),
+            )
+            .with_body(format!("{total} in all since governor started; its first {} a second are audited one by one", abi::ATTEMPT_BURST)),
+        );
     }
 
     /// Which protected thing an attempt concerns.
@@ -1118,6 +1269,7 @@ impl Protector {
     }
 
     fn on_event(&mut self, ev: &abi::AttemptEvent) {
+        self.attempt_events += 1;
         let spec = kernel::spec_of(ev.nr);
         let name = self.syscall_names.get(&ev.nr).copied().unwrap_or("?");
         let Some(a) = attempt::decode(
@@ -1140,6 +1292,11 @@ impl Protector {
             .map(|p| self.windows.contains_key(p))
             .unwrap_or(false);
         let result = if a.allowed() { "allowed" } else { "denied" };
+        let tier = entry
+            .as_ref()
+            .map(|e| e.tier.name())
+            .unwrap_or("untouchable");
+        *self.attempt_counts.entry((tier, result)).or_default() += 1;
         let mut d = json!({
             "op": a.op.name(),
             "syscall": a.syscall,
@@ -1171,6 +1328,14 @@ impl Protector {
                 }
                 _ => {}
             }
+        }
+        if let Some(x) = &self.export {
+            let mut line = json!({"type": "attempt",
+                "ts": crate::events::rfc3339(std::time::SystemTime::now())});
+            if let (Some(l), Some(o)) = (line.as_object_mut(), d.as_object()) {
+                l.extend(o.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            x.send(line.to_string());
         }
         // Tampering: the flag came off outside a window.
         let watched = entry.as_ref().map(|e| e.tier) == Some(Tier::Watched);
@@ -1770,6 +1935,175 @@ impl Protector {
         r
     }
 
+    /// `protect_check` (MCP): the file's tier and whether a write would
+    /// be refused right now, and why — what an agent asks before it
+    /// touches a file.
+    ///
+    /// `restricted` (a non-root agent on the MCP socket): the answer
+    /// leaves out who opened a window, why, and where the file really is.
+    pub fn check(&self, path: &Path, restricted: bool) -> Value {
+        let Some(key) = self.find(path) else {
+            let in_state = path.starts_with(&self.implicit.state_dir)
+                || std::fs::canonicalize(path)
+                    .ok()
+                    .is_some_and(|r| r.starts_with(&self.implicit.state_dir));
+            if in_state {
+                return json!({"path": path, "tier": "untouchable", "origin": "governor's state directory",
+                    "write_refused": true,
+                    "why": "governor's own state (audit chain, declared state); only the daemon writes it"});
+            }
+            return json!({"path": path, "tier": "none", "write_refused": false,
+                "why": "not protected or watched by governor; ordinary permissions apply"});
+        };
+        let Some(e) = self.files.get(&key) else {
+            return json!({"path": path, "tier": "none", "write_refused": false});
+        };
+        let window = self.windows.get(&key).map(|w| {
+            let mut v = json!({
+                "until": crate::events::rfc3339(w.until_wall),
+                "remaining_s": w.until.saturating_duration_since(Instant::now()).as_secs(),
+                "session_enforced": w.session.is_some() && self.lsm_active(),
+            });
+            if !restricted {
+                v["reason"] = json!(w.reason);
+                v["by_uid"] = json!(w.by_uid);
+                v["via"] = json!(w.via);
+                v["session"] = json!(w.session);
+            }
+            v
+        });
+        let pending = self.pending.values().any(|p| p.path == key);
+        let (refused, why) = match (&e.tier, &e.flag, &window) {
+            (Tier::Watched, _, _) => (
+                false,
+                "watched: the write is allowed but logged; new content outside `governor deploy --files` or `drift accept` is drift".to_string(),
+            ),
+            (_, FlagState::Lifted, Some(_)) => (
+                false,
+                "an approved window is open: writes are allowed (and counted) until it ends".to_string(),
+            ),
+            (_, FlagState::Set, _) => (
+                true,
+                format!(
+                    "{}: the kernel refuses writes (immutable flag{}); {}",
+                    e.tier.name().to_uppercase(),
+                    if self.lsm_active() { ", BPF LSM" } else { "" },
+                    if e.tier == Tier::Untouchable {
+                        "no automated process may modify it; a person approves at a terminal"
+                    } else {
+                        "ask for a window with request_approval"
+                    }
+                ),
+            ),
+            (_, f, _) => (
+                false,
+                format!(
+                    "{}, but its flag is not in place ({}): the write would go through and be reported",
+                    e.tier.name().to_uppercase(),
+                    f.name()
+                ),
+            ),
+        };
+        let mut v = json!({
+            "path": path, "protected_path": e.path,
+            "tier": e.tier.name(), "flag": e.flag.name(),
+            "write_refused": refused, "why": why, "window": window,
+            "approval_pending": pending, "layers": self.layers(),
+        });
+        if !restricted {
+            v["real_path"] = json!(e.real);
+            v["origin"] = json!(e.origin);
+        }
+        v
+    }
+
+    /// `request_approval` (MCP): an agent asks a person for a window on a
+    /// PROTECTED file. Only Telegram approvals can answer an agent (an
+    /// approver's tap opens the window, never this call); UNTOUCHABLE files
+    /// are refused outright: no automated process may modify them.
+    pub async fn request_for_agent(
+        &mut self,
+        path: &Path,
+        dur: Duration,
+        reason: &str,
+        uid: u32,
+        agent: &str,
+    ) -> Result<Value> {
+        let refuse = |this: &Self, why: &str| {
+            this.audit(
+                "protect.approve_refused",
+                None,
+                json!({"path": path, "reason": reason, "by_uid": uid, "agent": agent, "why": why}),
+            );
+        };
+        let Some(key) = self.find(path) else {
+            refuse(self, "not a protected file");
+            bail!(
+                "{} is not a protected file: no approval needed",
+                path.display()
+            );
+        };
+        let Some(e) = self.files.get(&key).cloned() else {
+            bail!("{} is not a protected file", path.display());
+        };
+        if reason.trim().is_empty() {
+            bail!("the reason must say why the file needs to change");
+        }
+        match e.tier {
+            Tier::Untouchable => {
+                refuse(self, "UNTOUCHABLE: agents may not ask");
+                self.effects.flush().await;
+                bail!(
+                    "{} is UNTOUCHABLE: no automated process may modify it, and agents can't ask; a person at a login terminal uses `governor approve`",
+                    e.path.display()
+                );
+            }
+            Tier::Watched => bail!(
+                "{} is watched, not protected: writes are allowed; declare them with `governor deploy --files`",
+                e.path.display()
+            ),
+            Tier::Protected => {}
+        }
+        if dur.is_zero() || dur > self.cfg.max_window.0 {
+            bail!(
+                "the duration must be between 1s and max_window ({}s)",
+                self.cfg.max_window.0.as_secs()
+            );
+        }
+        if self.windows.contains_key(&key) {
+            bail!("a window on {} is already open", key.display());
+        }
+        if self.pending.values().any(|p| p.path == key) {
+            bail!(
+                "an approval for {} is already waiting for an answer",
+                key.display()
+            );
+        }
+        // One open request per user: an agent can't hold every file's
+        // request slot or flood the approvers.
+        if uid != 0 && self.pending.values().any(|p| p.uid == uid) {
+            bail!("uid {uid} already has an approval request waiting for an answer");
+        }
+        if self.cfg.approve_via != ApproveVia::Telegram {
+            refuse(self, "approvals are by terminal (protect.approve_via)");
+            self.effects.flush().await;
+            bail!(
+                "approvals on this host are given at a login terminal (protect.approve_via = \"terminal\"): ask an operator to run `governor approve {} --for ... --reason ...`",
+                e.path.display()
+            );
+        }
+        let r = self.request_telegram(
+            &key,
+            &e,
+            dur,
+            &format!("[asked by {agent}] {reason}"),
+            uid,
+            None,
+        );
+        self.effects.flush().await;
+        r
+    }
+
     fn request_telegram(
         &mut self,
         key: &Path,
@@ -1798,18 +2132,31 @@ impl Protector {
             approvers: self.cfg.telegram_approvers.clone(),
             timeout: self.cfg.approval_timeout.0,
         };
+        // The request's entry is durable before the message goes out.
         let tx = self.approvals_tx.clone();
         let c = cancel.clone();
-        std::thread::Builder::new()
-            .name("tg-approval".into())
-            .spawn(move || {
-                let outcome = request_approval(&tg, &req, &c);
-                let _ = tx.send(ApprovalAnswer {
-                    id: req.id.clone(),
-                    outcome,
-                });
-            })
-            .context("spawning the Telegram approval thread")?;
+        self.effects.submit(
+            Effect::audit(
+                "protect.approve_requested",
+                None,
+                json!({"path": key, "reason": reason, "by_uid": uid, "via": "telegram", "request": id,
+                       "duration_s": dur.as_secs()}),
+            )
+            .then(move |_| {
+                let spawned = std::thread::Builder::new()
+                    .name("tg-approval".into())
+                    .spawn(move || {
+                        let outcome = request_approval(&tg, &req, &c);
+                        let _ = tx.send(ApprovalAnswer {
+                            id: req.id.clone(),
+                            outcome,
+                        });
+                    });
+                if let Err(e) = spawned {
+                    log::error!("spawning the Telegram approval thread: {e}");
+                }
+            }),
+        );
         self.pending.insert(
             id.clone(),
             PendingApproval {
@@ -1820,12 +2167,6 @@ impl Protector {
                 session,
                 cancel,
             },
-        );
-        self.audit(
-            "protect.approve_requested",
-            None,
-            json!({"path": key, "reason": reason, "by_uid": uid, "via": "telegram", "request": id,
-                   "duration_s": dur.as_secs()}),
         );
         Ok(json!({"status": "pending", "request": id, "path": key,
                   "message": "approval requested on Telegram; the window opens when an approver taps Approve"}))
@@ -2145,6 +2486,7 @@ impl Protector {
             }
         }
         self.save_state();
+        self.rewatch(&mut report);
         self.finish_report(&mut report);
         report.flags_ms = t0.elapsed().as_secs_f64() * 1e3;
         report.total_ms = report.flags_ms;

@@ -7,6 +7,11 @@
 //!
 //! `governor-fixture threads N`: N threads that sleep until killed.
 //!
+//! `governor-fixture flood UID SECS PATH…`: as UID, opens the PATHs for
+//! writing round-robin for SECS seconds (each refused by the immutable
+//! flag), then prints how many opens it made: an unprivileged flood of
+//! attempts.
+//!
 //! `governor-fixture grow RATE MAX`: touches RATE MiB/s of new memory (in
 //! 1 MiB steps) up to MAX MiB, then holds it until killed — a leak without
 //! node, for the guest.
@@ -50,6 +55,36 @@ fn main() {
                 std::thread::sleep(Duration::from_secs(3600));
                 held[0][0] = held[0][0].wrapping_add(1);
             }
+        }
+        Some("flood") => {
+            let uid = num(2, "uid") as u32;
+            let secs = num(3, "seconds");
+            let paths: Vec<std::ffi::CString> = std::env::args()
+                .skip(4)
+                .map(|p| std::ffi::CString::new(p).expect("no NUL in a path"))
+                .collect();
+            assert!(!paths.is_empty(), "governor-fixture flood: no paths");
+            // SAFETY: plain system calls dropping privileges for good.
+            let dropped = unsafe {
+                libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setgid(uid) == 0
+                    && libc::setuid(uid) == 0
+            };
+            assert!(dropped, "governor-fixture flood: cannot become uid {uid}");
+            let end = std::time::Instant::now() + Duration::from_secs(secs);
+            let mut made: u64 = 0;
+            while std::time::Instant::now() < end {
+                for p in &paths {
+                    // SAFETY: a NUL-terminated path; the fd (if any) is closed.
+                    let fd = unsafe { libc::open(p.as_ptr(), libc::O_WRONLY) };
+                    if fd >= 0 {
+                        // SAFETY: our own descriptor.
+                        unsafe { libc::close(fd) };
+                    }
+                    made += 1;
+                }
+            }
+            println!("{made}");
         }
         Some("threads") => {
             for _ in 1..num(2, "threads") {
