@@ -84,6 +84,10 @@ pub enum VerifyReason {
     LineTooLong {
         limit: usize,
     },
+    /// A rotated file whose last line has no newline. Rotation closes only
+    /// complete, fsynced files, so this is damage (bytes cut off or glued
+    /// on), never a crash; only the live file may end torn.
+    UnterminatedRotated,
     /// The log ends before the expected head: entries were cut off the end.
     HeadNotReached {
         expected: Head,
@@ -132,6 +136,11 @@ impl fmt::Display for VerifyReason {
             VerifyReason::LineTooLong { limit } => {
                 write!(f, "line longer than {limit} bytes")
             }
+            VerifyReason::UnterminatedRotated => write!(
+                f,
+                "last line of a rotated file has no newline (rotated files are closed \
+                 complete; only the live file may end torn)"
+            ),
             VerifyReason::HeadNotReached { expected, last } => write!(
                 f,
                 "head not reached: log ends at seq {}, expected head {}:{}",
@@ -243,6 +252,10 @@ fn walk(
                     torn_tail_bytes = Some(buf.len() as u64);
                     lineno -= 1;
                     break;
+                }
+                LineRead::Unterminated => {
+                    let seq = seq_of_broken_line(&buf);
+                    return Err(at(seq, VerifyReason::UnterminatedRotated));
                 }
                 _ => {}
             }

@@ -570,8 +570,25 @@ impl AuditLog {
             let Some(nl) =
                 rfind_newline(&f, len).with_context(|| format!("reading {}", p.display()))?
             else {
-                continue;
+                if len == 0 {
+                    continue;
+                }
+                bail!(
+                    "{}: it holds {len} bytes and no complete line, so the chain cannot be \
+                     continued; run `governor audit verify`",
+                    p.display()
+                );
             };
+            if nl + 1 != len {
+                // Rotation closes files complete: bytes after the last
+                // newline are damage, and the chain's head is not known.
+                bail!(
+                    "{}: its last line has no newline ({} bytes after the last complete \
+                     line), so the chain cannot be continued; run `governor audit verify`",
+                    p.display(),
+                    len - nl - 1
+                );
+            }
             let (_, bytes) =
                 last_line(&f, nl + 1).with_context(|| format!("reading {}", p.display()))?;
             let e = parse_opt(bytes.as_deref()).map_err(|why| {

@@ -750,6 +750,40 @@ fn crash_between_rotation_steps_is_handled() {
     assert_eq!((ok.entries, ok.files), (6, 2));
 }
 
+/// Found by the audit_line fuzz target (fuzz/regressions/audit_line/
+/// rotated-file-without-final-newline): a rotated file whose last line had
+/// lost its newline verified, while open took the line before it as the
+/// head, so the next append broke the chain. Rotation closes files complete,
+/// so both now refuse it as damage and name the file.
+#[test]
+fn rotated_file_without_final_newline_is_damage_for_verify_and_open() {
+    for entries in [1u64, 3] {
+        let d = Dir::new();
+        write_entries(d.path(), opts(None, false), entries);
+        let rotated = d.path().join("audit.jsonl.1");
+        fs::rename(d.log(), &rotated).unwrap();
+        let mut text = fs::read(&rotated).unwrap();
+        assert_eq!(text.pop(), Some(b'\n'));
+        fs::write(&rotated, &text).unwrap();
+        fs::write(d.log(), b"").unwrap();
+        let e = expect_err(&d.log(), None);
+        assert_eq!(e.file, rotated);
+        assert_eq!(e.line, entries);
+        assert_eq!(e.reason, VerifyReason::UnterminatedRotated, "{e}");
+        assert!(e.to_string().contains("audit.jsonl.1:"), "{e}");
+        let err = AuditLog::open(d.path(), opts(None, false))
+            .err()
+            .expect("open refuses a chain whose head is unknown");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("audit.jsonl.1") && msg.contains("governor audit verify"),
+            "{msg}"
+        );
+        // Nothing was appended behind the damage.
+        assert_eq!(fs::read(d.log()).unwrap(), b"");
+    }
+}
+
 // ----------------------------------------------------------- append-only ---
 
 #[test]

@@ -125,10 +125,17 @@ fn the_floor_flushes_the_non_critical_service_and_stops_above_hysteresis() {
             "the host kept {} MiB of what the victim freed; the cycle ended below floor + hysteresis",
             (start.saturating_sub(after)) >> 20
         );
-        assert_eq!(done[0]["detail"]["below_floor"], after < floor, "{:#}", done[0]);
+        assert_eq!(
+            done[0]["detail"]["below_floor"],
+            after < floor,
+            "{:#}",
+            done[0]
+        );
         let results = d.entries_of("memory.restart_result");
         assert!(
-            results.iter().any(|r| r["service"] == "hog" && r["detail"]["state"] == "done"),
+            results
+                .iter()
+                .any(|r| r["service"] == "hog" && r["detail"]["state"] == "done"),
             "{results:#?}"
         );
     }
