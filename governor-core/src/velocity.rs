@@ -73,7 +73,15 @@ pub struct Episode {
     /// Counted deaths since the loop was entered.
     pub crashes_since: u32,
     pub stop_issued: bool,
+    /// Stops issued in this episode (a failed one is retried at the next
+    /// crash, up to [`STOP_ATTEMPTS`]).
+    #[serde(default)]
+    pub stop_attempts: u32,
 }
+
+/// Stops tried per crash-loop episode: a supervisor that fails (wedged,
+/// killed, timing out) gets this many chances, one per further crash.
+pub const STOP_ATTEMPTS: u32 = 3;
 
 /// What the policy decided; the daemon audits, alerts and acts on each.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -359,6 +367,7 @@ impl Velocity {
                     started_ns: d.ts_ns,
                     crashes_since: 0,
                     stop_issued: false,
+                    stop_attempts: 0,
                 });
                 out.push(Decision::EnteredCrashLoop {
                     service: info.service.clone(),
@@ -384,10 +393,12 @@ impl Velocity {
                 if limits.action == CrashLoopAction::Stop
                     && t.configured
                     && !ep.stop_issued
+                    && ep.stop_attempts < STOP_ATTEMPTS
                     && ep.crashes_since >= limits.stop_after
                     && t.supervisor != Supervisor::None
                 {
                     ep.stop_issued = true;
+                    ep.stop_attempts += 1;
                     out.push(Decision::Stop {
                         service: info.service.clone(),
                         supervisor: t.supervisor.clone(),
@@ -397,6 +408,16 @@ impl Velocity {
             }
         }
         out
+    }
+
+    /// A stop failed (the supervisor timed out, was gone or refused): the
+    /// next crash of the same episode issues it again, up to
+    /// [`STOP_ATTEMPTS`] per episode. Returns the attempts made so far, or
+    /// `None` when no episode is in progress.
+    pub fn stop_failed(&mut self, service: &str) -> Option<u32> {
+        let ep = self.services.get_mut(service)?.episode.as_mut()?;
+        ep.stop_issued = false;
+        Some(ep.stop_attempts)
     }
 
     /// Unconfigured services with history, now.
@@ -822,6 +843,34 @@ mod tests {
             !d.iter().any(|x| matches!(x, Decision::Stop { .. })),
             "stop only once"
         );
+    }
+
+    #[test]
+    fn a_failed_stop_is_retried_at_the_next_crash_up_to_the_limit() {
+        let mut v = Velocity::default();
+        let mut info = pm2("bot", 1);
+        info.limits.action = CrashLoopAction::Stop;
+        info.limits.stop_after = 1;
+        let stops = |d: &[Decision]| {
+            d.iter()
+                .filter(|x| matches!(x, Decision::Stop { .. }))
+                .count()
+        };
+        let mut issued = 0;
+        for s in 1..40 {
+            let d = v.on_death(&info, death(s, 1, 10));
+            if stops(&d) == 1 {
+                issued += 1;
+                // The supervisor timed out: retried at the next crash.
+                assert_eq!(v.stop_failed("bot"), Some(issued));
+            }
+        }
+        assert_eq!(
+            issued, STOP_ATTEMPTS,
+            "retried until the limit, then no more"
+        );
+        // No episode: nothing to retry.
+        assert_eq!(v.stop_failed("web"), None);
     }
 
     #[test]

@@ -320,6 +320,9 @@ pub fn render_status(data: &Value, colour: bool) -> String {
             "{n} watched file(s) drifted: see `governor drift`\n"
         ));
     }
+    if let Some(note) = data["supervisor_views"].as_str() {
+        out.push_str(&format!("supervisors: {note}\n"));
+    }
     for line in t.lines() {
         out.push_str(line.trim_end());
         out.push('\n');

@@ -374,6 +374,13 @@ pub struct System {
     /// Wait after each flush restart before reading MemAvailable again.
     #[serde(default = "default_flush_cooldown")]
     pub flush_cooldown: HumanDuration,
+    /// How long a supervisor command (`pm2 restart`, `pm2 jlist`,
+    /// `systemctl …`) may take before it is killed and its action audited
+    /// as failed: a pm2 God daemon that is stopped or wedged never answers.
+    /// The action is retried by its policy (a memory restart at the next
+    /// confirmed breach, a crash-loop stop at the next crash).
+    #[serde(default = "default_supervisor_timeout")]
+    pub supervisor_timeout: HumanDuration,
 }
 
 fn default_floor() -> ByteSize {
@@ -388,6 +395,9 @@ fn default_flush_max() -> u32 {
 fn default_flush_cooldown() -> HumanDuration {
     HumanDuration(Duration::from_secs(5))
 }
+fn default_supervisor_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(20))
+}
 
 impl Default for System {
     fn default() -> Self {
@@ -397,6 +407,7 @@ impl Default for System {
             emergency_floor: None,
             flush_max: default_flush_max(),
             flush_cooldown: default_flush_cooldown(),
+            supervisor_timeout: default_supervisor_timeout(),
         }
     }
 }
@@ -562,6 +573,16 @@ impl Config {
                     ),
                 );
             }
+        }
+        let t = self.system.supervisor_timeout.0;
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&t) {
+            return err(
+                key_offset(src, "[system]", "supervisor_timeout"),
+                format!(
+                    "system.supervisor_timeout = {t:?} must be from 1s to 10m (pm2 answers in \
+                     about a second; 20s is the default)"
+                ),
+            );
         }
         if !(self.defaults.drift_ratio.is_finite() && self.defaults.drift_ratio >= 1.0) {
             return err(

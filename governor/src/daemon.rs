@@ -88,6 +88,12 @@ enum Side {
         result: std::result::Result<String, String>,
         killed: Vec<u32>,
     },
+    /// After a failed memory restart: the old instances that outlived
+    /// `kill_timeout` and got SIGKILL (empty: they ended by themselves).
+    MemKilled {
+        service: String,
+        killed: Vec<u32>,
+    },
     /// The kill switch stopped a service (or, `blocked`, a held start's
     /// supervisor was told to stop it again); `ended`: how each process
     /// ended.
@@ -157,6 +163,12 @@ pub struct Daemon {
     effects: Effects,
     telegram: Option<Arc<TelegramSender>>,
     supervisors: Arc<dyn SupervisorOps>,
+    /// `[system] supervisor_timeout` as the real supervisors read it
+    /// (milliseconds), set again on reload.
+    supervisor_timeout_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// A status request's supervisor views are being fetched (one at a
+    /// time: a wedged pm2 must not collect a CLI per `status --watch` tick).
+    status_views_busy: Arc<std::sync::atomic::AtomicBool>,
     side_tx: mpsc::UnboundedSender<Side>,
     layers: Vec<String>,
     views: HashMap<String, Value>,
@@ -469,7 +481,9 @@ impl Daemon {
                 let Some(p) = self.table.on_exit(e) else {
                     return;
                 };
-                if !p.instance {
+                // Governor's own commands (pm2's CLI, systemctl) are not
+                // services: one killed at supervisor_timeout is no crash.
+                if !p.instance || p.ppid == std::process::id() {
                     return;
                 }
                 let info = self.instance_info(&p);
@@ -799,6 +813,29 @@ impl Daemon {
                     alert,
                 );
             }
+            Side::MemKilled { service, killed } => {
+                if killed.is_empty() {
+                    return;
+                }
+                let alert = alert_of(
+                    Severity::Critical,
+                    "memory restart",
+                    Some(&service),
+                    format!("{service}: SIGKILL after a failed memory restart"),
+                    format!(
+                        "pid(s) {killed:?} still alive {} after the supervisor's restart \
+                         failed; the supervisor brings it back once it answers",
+                        human_secs(self.config.defaults.kill_timeout.0.as_secs())
+                    ),
+                );
+                self.record(
+                    "memory.killed",
+                    Some(&service),
+                    json!({"killed": killed, "why": "the supervisor's restart failed and the \
+                           old instances outlived kill_timeout"}),
+                    Some(alert),
+                );
+            }
             Side::KsStopped {
                 service,
                 supervisor,
@@ -863,10 +900,28 @@ impl Daemon {
                     format!("stop {service}: {state}"),
                     msg.clone(),
                 );
+                // A failed stop is retried at the next crash of the episode
+                // (the policy's bound), and the entry says so.
+                let retry = match &result {
+                    Ok(_) => Value::Null,
+                    Err(_) => match self.velocity.stop_failed(&service) {
+                        Some(n) if n < governor_core::velocity::STOP_ATTEMPTS => {
+                            self.velocity_dirty = true;
+                            json!(format!(
+                                "at the next crash (attempt {} of {})",
+                                n + 1,
+                                governor_core::velocity::STOP_ATTEMPTS
+                            ))
+                        }
+                        Some(n) => json!(format!("no: {n} attempts made, the most per episode")),
+                        None => json!("no: the crash loop is over"),
+                    },
+                };
                 self.record(
                     "crash_loop.action",
                     Some(&service),
-                    json!({"action": "stop", "supervisor": supervisor, "state": state, "output": msg}),
+                    json!({"action": "stop", "supervisor": supervisor, "state": state,
+                           "output": msg, "retry": retry}),
                     Some(alert),
                 );
             }
@@ -1206,17 +1261,37 @@ impl Daemon {
                     } else {
                         ops.restart(&sv).map_err(|e| format!("{e:#}"))
                     };
+                    // A failed restart (pm2 wedged, gone, refusing) is
+                    // reported now, so it is audited and retried at once;
+                    // the old instances are still reaped below, so the
+                    // budget holds while the supervisor is out.
+                    let failed = result.is_err();
+                    if failed {
+                        let _ = tx.send(Side::MemRestarted {
+                            service: name.clone(),
+                            supervisor: sv.clone(),
+                            result: result.clone(),
+                            killed: Vec::new(),
+                        });
+                    }
                     // Waiting for the old instances is not the act thread's job.
                     let spawned =
                         std::thread::Builder::new()
                             .name("mem-reap".into())
                             .spawn(move || {
                                 let killed = crate::memsample::reap(pidfds, kill_timeout);
-                                let _ = tx.send(Side::MemRestarted {
-                                    service: name,
-                                    supervisor: sv,
-                                    result,
-                                    killed,
+                                let _ = tx.send(if failed {
+                                    Side::MemKilled {
+                                        service: name,
+                                        killed,
+                                    }
+                                } else {
+                                    Side::MemRestarted {
+                                        service: name,
+                                        supervisor: sv,
+                                        result,
+                                        killed,
+                                    }
                                 });
                             });
                     if let Err(e) = spawned {
@@ -1375,6 +1450,10 @@ impl Daemon {
                 self.reload_protect = cfg.protect != self.config.protect;
                 self.config = cfg;
                 self.config_hash = config_hash(&src);
+                self.supervisor_timeout_ms.store(
+                    self.config.system.supervisor_timeout.0.as_millis() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 // New limits apply to the history too.
                 self.velocity.cap = self.config.daemon.max_unconfigured_services;
                 self.refresh_history_limits();
@@ -1429,6 +1508,7 @@ impl Daemon {
                     "since_ms": self.killswitch.engaged.as_ref().map(|e| e.since_ms),
                 });
                 let drift_files = protector.drift_items().len();
+                let busy = self.status_views_busy.clone();
                 // Supervisor views take a pm2/systemctl round trip: off the loop.
                 tokio::task::spawn_blocking(move || {
                     let mut services = Vec::new();
@@ -1438,7 +1518,8 @@ impl Daemon {
                         .map(|r| &r.status.supervisor)
                         .filter(|s| !matches!(s, Supervisor::None))
                         .collect();
-                    let mut fetched = ops.views(&supervised).into_iter();
+                    let (fetched, views_note) = fetch_views_bounded(ops, &supervised, &busy);
+                    let mut fetched = fetched.into_iter();
                     for (r, mut v) in snap.services.iter().zip(rows) {
                         let view = match &r.status.supervisor {
                             Supervisor::None => None,
@@ -1462,6 +1543,7 @@ impl Daemon {
                         "memory": memory,
                         "kill_switch": kill_switch,
                         "drift_files": drift_files,
+                        "supervisor_views": views_note,
                     })));
                     // The reply (pm2's list, every row as JSON) was this
                     // request's peak; what it freed goes back now, not at
@@ -1641,6 +1723,56 @@ impl Daemon {
                 });
             }
         }
+    }
+}
+
+/// How long `status` waits for the supervisors' own views before it
+/// answers with the last ones seen.
+const STATUS_VIEWS_WAIT: Duration = Duration::from_millis(1500);
+
+/// The supervisors' views for a status answer, waited for at most
+/// [`STATUS_VIEWS_WAIT`]: a wedged pm2 answers nothing until
+/// `supervisor_timeout`, and status must answer anyway. One fetch at a time
+/// (`busy`); a status asked while one runs gets no fresh views. The note
+/// says which (`null`: fresh).
+fn fetch_views_bounded(
+    ops: Arc<dyn SupervisorOps>,
+    supervised: &[&Supervisor],
+    busy: &Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<anyhow::Result<Value>>, Value) {
+    use std::sync::atomic::Ordering;
+    if supervised.is_empty() {
+        return (Vec::new(), Value::Null);
+    }
+    if busy.swap(true, Ordering::SeqCst) {
+        return (
+            Vec::new(),
+            json!("an earlier fetch of the supervisors' views has not finished: last views shown"),
+        );
+    }
+    let owned: Vec<Supervisor> = supervised.iter().map(|s| (*s).clone()).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let flag = busy.clone();
+    let spawned = std::thread::Builder::new()
+        .name("status-views".into())
+        .spawn(move || {
+            let refs: Vec<&Supervisor> = owned.iter().collect();
+            let _ = tx.send(ops.views(&refs));
+            flag.store(false, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        busy.store(false, Ordering::SeqCst);
+        return (Vec::new(), json!(format!("starting the views fetch: {e}")));
+    }
+    match rx.recv_timeout(STATUS_VIEWS_WAIT) {
+        Ok(v) => (v, Value::Null),
+        Err(_) => (
+            Vec::new(),
+            json!(format!(
+                "the supervisors did not answer within {} ms (wedged or stopped?): last views shown",
+                STATUS_VIEWS_WAIT.as_millis()
+            )),
+        ),
     }
 }
 
@@ -1965,6 +2097,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     release_startup_memory();
     let mut layers = vec!["ebpf-lifecycle".to_string()];
     layers.extend(protector.layers());
+    let real = RealSupervisors::new(config.system.supervisor_timeout.0);
+    let real_timeout = real.timeout_ms.clone();
+    let real_supervisors: Arc<dyn SupervisorOps> = Arc::new(real);
     let mut d = Daemon {
         service_index: Daemon::index_services(&config),
         config_path: config_path.clone(),
@@ -1976,7 +2111,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         audit,
         effects,
         telegram,
-        supervisors: Arc::new(RealSupervisors),
+        supervisors: real_supervisors,
+        supervisor_timeout_ms: real_timeout,
+        status_views_busy: Default::default(),
         side_tx,
         layers,
         views: HashMap::new(),

@@ -64,8 +64,30 @@ pub trait SupervisorOps: Send + Sync {
     }
 }
 
-/// The real thing: `pm2` and `systemctl`.
-pub struct RealSupervisors;
+/// The real thing: `pm2` and `systemctl`, each command killed after the
+/// timeout (`[system] supervisor_timeout`, milliseconds; shared with the
+/// daemon so a reload changes it).
+pub struct RealSupervisors {
+    pub timeout_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RealSupervisors {
+    pub fn new(timeout: Duration) -> RealSupervisors {
+        RealSupervisors {
+            timeout_ms: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+                timeout.as_millis() as u64
+            )),
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.timeout_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(1),
+        )
+    }
+}
 
 /// Names we pass to pm2/systemctl: no option injection, no odd bytes.
 fn check_name(what: &str, name: &str) -> Result<()> {
@@ -177,9 +199,13 @@ fn pm2_cli(god_pid: u32, god_uid: u32, daemon_js: Option<&str>) -> Result<Pm2Cli
     })
 }
 
-fn run(mut cmd: Command, what: &str) -> Result<String> {
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(20))
-        .with_context(|| format!("running {what}"))?;
+fn run(mut cmd: Command, what: &str, timeout: Duration) -> Result<String> {
+    let out = run_with_timeout(&mut cmd, timeout).with_context(|| {
+        format!(
+            "running {what}: no answer within {timeout:?}, killed it (a supervisor that \
+             is stopped or wedged answers nothing; [system] supervisor_timeout sets the wait)"
+        )
+    })?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -274,15 +300,15 @@ impl Verb {
 
 impl SupervisorOps for RealSupervisors {
     fn stop(&self, s: &Supervisor) -> Result<String> {
-        control(s, Verb::Stop)
+        control(s, Verb::Stop, self.timeout())
     }
 
     fn restart(&self, s: &Supervisor) -> Result<String> {
-        control(s, Verb::Restart)
+        control(s, Verb::Restart, self.timeout())
     }
 
     fn view(&self, s: &Supervisor) -> Result<serde_json::Value> {
-        view(s)
+        view(s, self.timeout())
     }
 
     fn stop_many(&self, all: &[&Supervisor]) -> Vec<Result<String>> {
@@ -312,7 +338,11 @@ impl SupervisorOps for RealSupervisors {
             let r = pm2_cli(god_pid, god_uid, daemon_js.as_deref()).and_then(|pm2| {
                 let mut args = vec!["stop"];
                 args.extend(ids.iter().map(String::as_str));
-                run(pm2.command(&args), &format!("pm2 stop {}", ids.join(" ")))
+                run(
+                    pm2.command(&args),
+                    &format!("pm2 stop {}", ids.join(" ")),
+                    self.timeout(),
+                )
             });
             outcome.insert(
                 (god_pid, god_uid, daemon_js),
@@ -354,7 +384,7 @@ impl SupervisorOps for RealSupervisors {
                 } => {
                     check_name("pm2 app", name)?;
                     let list = lists.entry((*god_pid, *god_uid)).or_insert_with(|| {
-                        pm2_jlist(*god_pid, *god_uid, daemon_js.as_deref())
+                        pm2_jlist(*god_pid, *god_uid, daemon_js.as_deref(), self.timeout())
                             .map_err(|e| format!("{e:#}"))
                     });
                     match list {
@@ -362,14 +392,14 @@ impl SupervisorOps for RealSupervisors {
                         Err(e) => Err(anyhow::anyhow!("{e}")),
                     }
                 }
-                other => view(other),
+                other => view(other, self.timeout()),
             })
             .collect()
     }
 }
 
 /// `pm2 stop|restart <pm_id>` as pm2's owner, `systemctl stop|restart UNIT`.
-fn control(s: &Supervisor, verb: Verb) -> Result<String> {
+fn control(s: &Supervisor, verb: Verb, timeout: Duration) -> Result<String> {
     {
         match s {
             Supervisor::Pm2 {
@@ -390,13 +420,14 @@ fn control(s: &Supervisor, verb: Verb) -> Result<String> {
                 run(
                     pm2.command(&[verb.word(), &id]),
                     &format!("pm2 {} {id} ({name})", verb.word()),
+                    timeout,
                 )
             }
             Supervisor::Systemd { unit } => {
                 check_name("unit", unit)?;
                 let mut c = Command::new("systemctl");
                 c.args([verb.word(), "--no-block", "--", unit]);
-                run(c, &format!("systemctl {} {unit}", verb.word()))
+                run(c, &format!("systemctl {} {unit}", verb.word()), timeout)
             }
             Supervisor::None => bail!("no supervisor to {} this service through", verb.word()),
         }
@@ -406,9 +437,14 @@ fn control(s: &Supervisor, verb: Verb) -> Result<String> {
 /// The supervisor's own view of a service.
 /// `pm2 jlist` of one God, as its owner, keeping only what a view needs
 /// (the full list carries every app's environment).
-fn pm2_jlist(god_pid: u32, god_uid: u32, daemon_js: Option<&str>) -> Result<serde_json::Value> {
+fn pm2_jlist(
+    god_pid: u32,
+    god_uid: u32,
+    daemon_js: Option<&str>,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
     let pm2 = pm2_cli(god_pid, god_uid, daemon_js)?;
-    let out = run(pm2.command(&["jlist"]), "pm2 jlist")?;
+    let out = run(pm2.command(&["jlist"]), "pm2 jlist", timeout)?;
     let start = out.find('[').context("pm2 jlist printed no JSON")?;
     let list: Vec<serde_json::Value> =
         serde_json::from_str(&out[start..]).context("parsing pm2 jlist")?;
@@ -442,7 +478,7 @@ fn pm2_app_view(list: &serde_json::Value, name: &str) -> Result<serde_json::Valu
     Ok(app)
 }
 
-fn view(s: &Supervisor) -> Result<serde_json::Value> {
+fn view(s: &Supervisor, timeout: Duration) -> Result<serde_json::Value> {
     {
         match s {
             Supervisor::Pm2 {
@@ -453,7 +489,10 @@ fn view(s: &Supervisor) -> Result<serde_json::Value> {
                 ..
             } => {
                 check_name("pm2 app", name)?;
-                pm2_app_view(&pm2_jlist(*god_pid, *god_uid, daemon_js.as_deref())?, name)
+                pm2_app_view(
+                    &pm2_jlist(*god_pid, *god_uid, daemon_js.as_deref(), timeout)?,
+                    name,
+                )
             }
             Supervisor::Systemd { unit } => {
                 check_name("unit", unit)?;
@@ -465,7 +504,7 @@ fn view(s: &Supervisor) -> Result<serde_json::Value> {
                     "--",
                     unit,
                 ]);
-                let out = run(c, &format!("systemctl show {unit}"))?;
+                let out = run(c, &format!("systemctl show {unit}"), timeout)?;
                 let mut v = serde_json::Map::new();
                 v.insert("supervisor".into(), "systemd".into());
                 for line in out.lines() {
