@@ -145,7 +145,8 @@ impl Latency {
         let mut s = self.samples.clone();
         s.sort_unstable();
         let pct = |p: f64| s[((s.len() - 1) as f64 * p).round() as usize];
-        json!({ "count": s.len(), "p50_us": pct(0.5), "p99_us": pct(0.99), "max_us": s[s.len() - 1] })
+        json!({ "count": s.len(), "p50_us": pct(0.5), "p99_us": pct(0.99), "max_us": s[s.len() - 1],
+                "last_us": self.samples.last() })
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use governor_tests::{host_pm2, row, wait_until, DaemonProc};
+use governor_tests::{host_pm2, row, DaemonProc};
 use serde_json::Value;
 
 fn of<'a>(entries: &'a [Value], service: &str, state: &str) -> Vec<&'a Value> {

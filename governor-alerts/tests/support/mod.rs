@@ -52,12 +52,14 @@ impl Recorded {
 pub struct BotServer {
     addr: SocketAddr,
     records: Arc<Mutex<Vec<Recorded>>>,
+    mode: Arc<Mutex<Reply>>,
     taps: Arc<Mutex<VecDeque<(i64, bool)>>>,
     stop: Arc<AtomicBool>,
 }
 
 impl BotServer {
-    /// Starts the server; replies are taken from `script` in order, then 200.
+    /// Starts the server; replies are taken from `script` in order, then
+    /// from the mode (200 until [`set_mode`](Self::set_mode)).
     pub fn start(script: Vec<Reply>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind stand-in");
         let addr = listener.local_addr().expect("local addr");
@@ -65,20 +67,28 @@ impl BotServer {
         let script = Arc::new(Mutex::new(VecDeque::from(script)));
         let taps = Arc::new(Mutex::new(VecDeque::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s, t, st) = (records.clone(), script.clone(), taps.clone(), stop.clone());
+        let mode = Arc::new(Mutex::new(Reply::Ok));
+        let (r, s, t, st, m) = (
+            records.clone(),
+            script.clone(),
+            taps.clone(),
+            stop.clone(),
+            mode.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (r, s, t) = (r.clone(), s.clone(), t.clone());
-                std::thread::spawn(move || handle(conn, &r, &s, &t));
+                let (r, s, t, m) = (r.clone(), s.clone(), t.clone(), m.clone());
+                std::thread::spawn(move || handle(conn, &r, &s, &t, &m));
             }
         });
         BotServer {
             addr,
             records,
+            mode,
             taps,
             stop,
         }
@@ -89,6 +99,12 @@ impl BotServer {
     /// `offset = -1` flush) hands it out as a `callback_query`.
     pub fn tap(&self, user: i64, approve: bool) {
         self.taps.lock().unwrap().push_back((user, approve));
+    }
+
+    /// How every request after the script is answered from now on (a
+    /// Bot API that is down, slow or rate-limiting for a while).
+    pub fn set_mode(&self, reply: Reply) {
+        *self.mode.lock().unwrap() = reply;
     }
 
     pub fn url(&self) -> String {
@@ -124,6 +140,7 @@ fn handle(
     records: &Mutex<Vec<Recorded>>,
     script: &Mutex<VecDeque<Reply>>,
     taps: &Mutex<VecDeque<(i64, bool)>>,
+    mode: &Mutex<Reply>,
 ) {
     conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let mut reader = BufReader::new(conn.try_clone().expect("clone stream"));
@@ -163,7 +180,8 @@ fn handle(
     let reply = if updates {
         Reply::Ok
     } else {
-        script.lock().unwrap().pop_front().unwrap_or(Reply::Ok)
+        let next = script.lock().unwrap().pop_front();
+        next.unwrap_or_else(|| mode.lock().unwrap().clone())
     };
     let result = {
         let mut recs = records.lock().unwrap();
