@@ -55,7 +55,7 @@
 //!                  "killswitch_held": false, "drift": ["uptime","restart","memory","config"]} ],
 //!   "memory": {"available_bytes":1,"floor_bytes":1,"psi_some_avg10":0.5,"flush_active":false},
 //!   "rings": [{"ring":"lifecycle","events":10,"lost":0}],
-//!   "audit": {"entries_total": 12, "head_seq": 11},
+//!   "audit": {"entries_total": 12, "head_seq": 11, "held": 0, "dropped_total": 0},
 //!   "alerts": {"sent":1,"dropped":0,"queued":0,"failed":0},
 //!   "protect_attempts": [{"tier":"untouchable","result":"refused","count":4}],
 //!   "kill_switch": {"engaged": false, "held_services": 0, "blocked_starts_total": 0},

@@ -89,6 +89,10 @@ metrics! {
         "Entries in the hash-chained audit log, across rotations: its length, head seq + 1 (count)";
     AuditHeadSeq => "governor_audit_head_seq", Gauge,
         "Sequence number of the newest entry in the audit log";
+    AuditHeld => "governor_audit_held_entries", Gauge,
+        "Audit entries held in memory because the state directory is full, waiting to be written (count)";
+    AuditDropped => "governor_audit_dropped_total", Counter,
+        "Audit entries dropped beyond the memory buffer while the state directory was full, each counted in audit.backlog_written (count)";
     AlertsSent => "governor_alerts_sent_total", Counter,
         "Alerts delivered to Telegram (count)";
     AlertsDropped => "governor_alerts_dropped_total", Counter,
@@ -373,6 +377,12 @@ fn host(out: &mut Out, snapshot: &Value) {
         num(section("audit", "entries_total")),
     );
     out.add(M::AuditHeadSeq, vec![], num(section("audit", "head_seq")));
+    out.add(M::AuditHeld, vec![], num(section("audit", "held")));
+    out.add(
+        M::AuditDropped,
+        vec![],
+        num(section("audit", "dropped_total")),
+    );
 
     let alerts = |key| num(section("alerts", key));
     out.add(M::AlertsSent, vec![], alerts("sent"));

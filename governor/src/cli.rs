@@ -320,6 +320,17 @@ pub fn render_status(data: &Value, colour: bool) -> String {
             "{n} watched file(s) drifted: see `governor drift`\n"
         ));
     }
+    let held = &data["audit_held"];
+    if !held.is_null() {
+        out.push_str(&format!(
+            "AUDIT LOG NOT WRITABLE since {} ({}): {} entries held in memory, {} dropped — \
+             enforcement continues; free space in the state directory\n",
+            held["since"].as_str().unwrap_or("?"),
+            held["error"].as_str().unwrap_or("?"),
+            held["held"],
+            held["dropped"]
+        ));
+    }
     if let Some(note) = data["supervisor_views"].as_str() {
         out.push_str(&format!("supervisors: {note}\n"));
     }

@@ -469,16 +469,25 @@ pub struct Audit {
     /// the files.
     #[serde(default = "default_rotate")]
     pub rotate_size: ByteSize,
+    /// Entries held in memory while the state directory is full (each
+    /// written late once it has space); beyond this they are dropped and
+    /// counted in `audit.backlog_written`.
+    #[serde(default = "default_memory_buffer")]
+    pub memory_buffer: usize,
 }
 
 fn default_rotate() -> ByteSize {
     ByteSize(64 << 20)
+}
+fn default_memory_buffer() -> usize {
+    10_000
 }
 
 impl Default for Audit {
     fn default() -> Self {
         Audit {
             rotate_size: default_rotate(),
+            memory_buffer: default_memory_buffer(),
         }
     }
 }
@@ -573,6 +582,16 @@ impl Config {
                     ),
                 );
             }
+        }
+        if !(1..=1_000_000).contains(&self.audit.memory_buffer) {
+            return err(
+                key_offset(src, "[audit]", "memory_buffer"),
+                format!(
+                    "audit.memory_buffer = {} must be from 1 to 1000000 entries (about 1 KiB \
+                     each; 10000 is the default)",
+                    self.audit.memory_buffer
+                ),
+            );
         }
         let t = self.system.supervisor_timeout.0;
         if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&t) {

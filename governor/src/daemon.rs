@@ -1439,8 +1439,9 @@ impl Daemon {
         let src = std::fs::read_to_string(&self.config_path).unwrap_or_default();
         match Config::load(&self.config_path) {
             Ok(cfg) if start_only_keys(&cfg) != start_only_keys(&self.config) => Err(
-                "[metrics], [mcp] and [export] take effect at start only (a listener, a socket \
-                 and its group, a file): restart governor to change them"
+                "[metrics], [mcp], [export] and audit.memory_buffer take effect at start only \
+                 (a listener, a socket and its group, a file, a buffer): restart governor to \
+                 change them"
                     .into(),
             ),
             Ok(cfg) => {
@@ -1510,6 +1511,7 @@ impl Daemon {
                 });
                 let drift_files = protector.drift_items().len();
                 let busy = self.status_views_busy.clone();
+                let audit_held = self.effects.held().json();
                 // Supervisor views take a pm2/systemctl round trip: off the loop.
                 tokio::task::spawn_blocking(move || {
                     let mut services = Vec::new();
@@ -1545,6 +1547,7 @@ impl Daemon {
                         "kill_switch": kill_switch,
                         "drift_files": drift_files,
                         "supervisor_views": views_note,
+                        "audit_held": audit_held,
                     })));
                     // The reply (pm2's list, every row as JSON) was this
                     // request's peak; what it freed goes back now, not at
@@ -1781,13 +1784,14 @@ fn fetch_views_bounded(
 /// reload that would change them is refused rather than ignored.
 fn start_only_keys(c: &Config) -> String {
     format!(
-        "{:?}|{:?}|{:?}|{:?}|{}|{}",
+        "{:?}|{:?}|{:?}|{:?}|{}|{}|{}",
         c.metrics.listen.as_ref().map(|l| l.get_ref()),
         c.mcp.socket,
         c.mcp.group.as_ref().map(|g| g.get_ref()),
         c.export.events,
         c.export.rotate_size.0,
-        c.export.keep
+        c.export.keep,
+        c.audit.memory_buffer
     )
 }
 
@@ -2044,7 +2048,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         };
 
     // One ordered pipeline for every entry, alert and act from here on.
-    let effects = Effects::spawn(audit.clone(), alerts)?;
+    let effects = Effects::spawn(audit.clone(), alerts, config.audit.memory_buffer)?;
     let fx = effects.clone();
     let killswitch_file = StateFile::spawn(state_dir.join("killswitch.json"), move |p, e| {
         fx.submit(Effect::alert_only(Alert::new(

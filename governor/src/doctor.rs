@@ -80,6 +80,36 @@ pub fn run_checks(
         },
     ));
 
+    // A full state directory stops the audit log (entries are then held in
+    // memory, up to audit.memory_buffer, until space returns).
+    const SPACE_MIN: u64 = 16 << 20;
+    let probe = std::iter::successors(Some(state_dir), |p| p.parent()).find(|p| p.exists());
+    match probe.map(|p| (p, rustix::fs::statvfs(p))) {
+        Some((p, Ok(v))) => {
+            let free = v.f_bavail.saturating_mul(v.f_frsize);
+            checks.push(check(
+                "state space",
+                free >= SPACE_MIN,
+                if free >= SPACE_MIN {
+                    format!("{} MiB free for {}", free >> 20, p.display())
+                } else {
+                    format!(
+                        "only {} KiB free for {}: the audit log can't grow; governor holds \
+                         entries in memory (audit.memory_buffer) and writes them once there is \
+                         space — free some",
+                        free >> 10,
+                        p.display()
+                    )
+                },
+            ));
+        }
+        Some((p, Err(e))) => checks.push(check(
+            "state space",
+            false,
+            format!("statvfs {}: {e}", p.display()),
+        )),
+        None => {}
+    }
     match Btf::from_sys_fs() {
         Ok(btf) => {
             let ok = btf.has_struct("task_struct");

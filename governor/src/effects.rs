@@ -9,6 +9,17 @@
 //! entry durable returned, and is handed that entry's [`Head`]. If the
 //! entry can't be written, the act is not run.
 //!
+//! One exception, for a full disk: when the state directory has no space
+//! left (ENOSPC, EDQUOT), entries are held in memory, in order, up to a
+//! bound (`[audit] memory_buffer`), and their acts run — enforcement (a
+//! kill-switch hold, a restart) must not stop because a disk filled up.
+//! The held entries are written, in order, as soon as the disk takes them
+//! (retried every second), each marked `written_late` with the time it was
+//! decided, followed by `audit.backlog_written` recording how many were
+//! held and how many were dropped beyond the bound (their kinds counted),
+//! so the chain shows the gap instead of hiding it. Acts of dropped entries
+//! are not run. Status, metrics and an alert say so while it lasts.
+//!
 //! Entries queued together are written as one group (one write, one
 //! fdatasync), so a flood of attempt entries costs one fsync per batch,
 //! not one per entry. Acts run on one thread of their own, in order, so a
@@ -46,8 +57,9 @@ pub struct Effect {
 /// What became of an effect, once its act (if any) has run.
 #[derive(Debug, Clone)]
 pub struct Outcome {
-    /// The durable entry (`None` without one); an error when writing it
-    /// failed, in which case the act was not run.
+    /// The durable entry (`None` without one, or while it is held in
+    /// memory on a full disk); an error when writing it failed, in which
+    /// case the act was not run.
     pub head: Result<Option<Head>, String>,
     /// Whether the act ran.
     pub acted: bool,
@@ -119,11 +131,47 @@ pub struct Effects {
     tx: mpsc::UnboundedSender<Effect>,
     /// Effects submitted and not yet carried out.
     backlog: Arc<AtomicUsize>,
+    /// Entries held in memory on a full disk (shared with the pipeline).
+    held: Arc<std::sync::Mutex<HeldState>>,
+}
+
+/// What status and metrics show of entries held on a full disk.
+#[derive(Debug, Clone, Default)]
+pub struct HeldState {
+    /// Entries in memory now, waiting for space.
+    pub held: usize,
+    /// Dropped beyond the bound since the disk filled (reset once written).
+    pub dropped: u64,
+    /// When the disk was first found full (RFC 3339), and why.
+    pub since: Option<String>,
+    pub error: Option<String>,
+    /// Entries written late, and dropped, since the daemon started.
+    pub written_late_total: u64,
+    pub dropped_total: u64,
+}
+
+impl HeldState {
+    /// The status view: `null` while every entry is durable.
+    pub fn json(&self) -> Value {
+        if self.since.is_none() {
+            return Value::Null;
+        }
+        serde_json::json!({
+            "held": self.held,
+            "dropped": self.dropped,
+            "since": self.since,
+            "error": self.error,
+        })
+    }
 }
 
 impl Effects {
     /// Starts the pipeline on the current tokio runtime.
-    pub fn spawn(audit: AuditHandle, alerts: Arc<dyn AlertSink>) -> anyhow::Result<Effects> {
+    pub fn spawn(
+        audit: AuditHandle,
+        alerts: Arc<dyn AlertSink>,
+        held_max: usize,
+    ) -> anyhow::Result<Effects> {
         let (tx, rx) = mpsc::unbounded_channel::<Effect>();
         let (act_tx, act_rx) = std::sync::mpsc::channel::<ActItem>();
         std::thread::Builder::new()
@@ -149,8 +197,10 @@ impl Effects {
             })
             .map_err(|e| anyhow::anyhow!("starting the effect pipeline's act thread: {e}"))?;
         let backlog = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(rx, audit, alerts, act_tx, backlog.clone()));
-        Ok(Effects { tx, backlog })
+        let held = Arc::new(std::sync::Mutex::new(HeldState::default()));
+        let buffer = Held::new(held_max.max(1), held.clone());
+        tokio::spawn(run(rx, audit, alerts, act_tx, backlog.clone(), buffer));
+        Ok(Effects { tx, backlog, held })
     }
 
     /// Queues `e`; it is carried out after everything submitted before it.
@@ -204,6 +254,192 @@ impl Effects {
     pub fn backlog(&self) -> usize {
         self.backlog.load(Ordering::SeqCst)
     }
+
+    /// Entries held in memory on a full disk, and what was dropped.
+    pub fn held(&self) -> HeldState {
+        self.held.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+}
+
+/// Whether an append failed for want of space (the chain of an
+/// `anyhow::Error` holds the `io::Error`).
+fn no_space(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|code| code == libc::ENOSPC || code == libc::EDQUOT)
+    })
+}
+
+/// What became of one entry of a group.
+enum Fate {
+    Durable(Head),
+    /// Held in memory until the disk takes it; its act runs.
+    Held,
+    /// Beyond the bound: counted, its act not run.
+    Dropped,
+}
+
+/// Entries held in memory while the state directory is full.
+struct Held {
+    items: std::collections::VecDeque<BatchItem>,
+    max: usize,
+    dropped_kinds: std::collections::BTreeMap<String, u64>,
+    shared: Arc<std::sync::Mutex<HeldState>>,
+}
+
+impl Held {
+    fn new(max: usize, shared: Arc<std::sync::Mutex<HeldState>>) -> Held {
+        Held {
+            items: Default::default(),
+            max,
+            dropped_kinds: Default::default(),
+            shared,
+        }
+    }
+
+    /// Whether the disk was found full and not yet written since.
+    fn active(&self) -> bool {
+        self.shared
+            .lock()
+            .map(|h| h.since.is_some())
+            .unwrap_or(false)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut HeldState)) {
+        if let Ok(mut h) = self.shared.lock() {
+            f(&mut h);
+            h.held = self.items.len();
+        }
+    }
+
+    /// The disk is full: starts holding (the first time, with an alert).
+    fn start(&mut self, error: &str, alerts: &dyn AlertSink) {
+        if self.active() {
+            return;
+        }
+        let now = governor_audit::time::format_rfc3339_millis(std::time::SystemTime::now());
+        log::error!(
+            "audit log: the state directory is full ({error}); entries are held in memory \
+             (up to {}) and written when space returns; enforcement continues",
+            self.max
+        );
+        alerts.send(Alert::new(
+            governor_alerts::Severity::Critical,
+            "audit log not writable",
+            format!(
+                "the state directory is full ({error}): audit entries are held in memory (up \
+                 to {}) and written when space returns; enforcement continues. Free space \
+                 there.",
+                self.max
+            ),
+        ));
+        let error = error.to_string();
+        self.update(|h| {
+            h.since = Some(now);
+            h.error = Some(error);
+            h.dropped = 0;
+        });
+    }
+
+    /// Holds `item` (marked as written late) or counts it as dropped.
+    fn hold(&mut self, mut item: BatchItem) -> Fate {
+        if self.items.len() >= self.max {
+            *self.dropped_kinds.entry(item.0).or_default() += 1;
+            self.update(|h| {
+                h.dropped += 1;
+                h.dropped_total += 1;
+            });
+            return Fate::Dropped;
+        }
+        let now = governor_audit::time::format_rfc3339_millis(std::time::SystemTime::now());
+        item.2.insert("written_late".into(), Value::Bool(true));
+        item.2.insert("decided_at".into(), Value::String(now));
+        self.items.push_back(item);
+        self.update(|_| {});
+        Fate::Held
+    }
+
+    /// Writes what is held, then `audit.backlog_written`; false while the
+    /// disk still refuses.
+    async fn flush(&mut self, audit: &AuditHandle, alerts: &dyn AlertSink) -> bool {
+        if !self.active() {
+            return true;
+        }
+        let n = self.items.len();
+        let batch: Vec<BatchItem> = self.items.iter().cloned().collect();
+        if !batch.is_empty() {
+            if let Err(e) = audit.append_batch(batch).await {
+                if !no_space(&e) {
+                    log::error!("audit log: writing {n} held entries failed: {e:#}");
+                }
+                return false;
+            }
+            self.items.clear();
+        }
+        let (since, dropped, error) = self
+            .shared
+            .lock()
+            .map(|h| (h.since.clone(), h.dropped, h.error.clone()))
+            .unwrap_or_default();
+        let until = governor_audit::time::format_rfc3339_millis(std::time::SystemTime::now());
+        let mut d = Detail::new();
+        d.insert("written_late".into(), Value::from(n as u64));
+        d.insert("dropped".into(), Value::from(dropped));
+        d.insert(
+            "dropped_kinds".into(),
+            serde_json::to_value(&self.dropped_kinds).unwrap_or(Value::Null),
+        );
+        d.insert("full_since".into(), Value::from(since));
+        d.insert("until".into(), Value::from(until));
+        d.insert("error".into(), Value::from(error));
+        let recorded = audit
+            .append_batch(vec![("audit.backlog_written".to_string(), None, d)])
+            .await;
+        if let Err(e) = recorded {
+            // The held entries are in; the summary waits for the next try.
+            self.update(|_| {});
+            if !no_space(&e) {
+                log::error!("audit log: recording the backlog failed: {e:#}");
+            }
+            return false;
+        }
+        log::warn!(
+            "audit log writable again: {n} held entries written late, {dropped} dropped (counted \
+             in audit.backlog_written)"
+        );
+        alerts.send(Alert::new(
+            if dropped > 0 {
+                governor_alerts::Severity::Critical
+            } else {
+                governor_alerts::Severity::Warning
+            },
+            "audit log writable again",
+            format!(
+                "{n} held entries written late, {dropped} dropped while the state directory \
+                 was full (recorded in audit.backlog_written)"
+            ),
+        ));
+        self.dropped_kinds.clear();
+        self.update(|h| {
+            h.written_late_total += n as u64;
+            h.since = None;
+            h.error = None;
+            h.dropped = 0;
+        });
+        true
+    }
+
+    /// At shutdown with the disk still full: the journal gets every held
+    /// entry, so none is lost without a trace.
+    fn spill_to_log(&mut self) {
+        for (kind, service, detail) in self.items.drain(..) {
+            log::error!(
+                "audit entry not written (state directory full at shutdown): {}",
+                serde_json::json!({"kind": kind, "service": service, "detail": detail})
+            );
+        }
+    }
 }
 
 struct ActItem {
@@ -220,9 +456,28 @@ async fn run(
     alerts: Arc<dyn AlertSink>,
     acts: ActQueue,
     backlog: Arc<AtomicUsize>,
+    mut held: Held,
 ) {
     let mut group: Vec<Effect> = Vec::with_capacity(MAX_GROUP);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = if held.active() {
+            // Held entries are retried every second, effects or not.
+            match tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await {
+                Ok(x) => x,
+                Err(_) => {
+                    held.flush(&audit, alerts.as_ref()).await;
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(first) = first else {
+            if !held.flush(&audit, alerts.as_ref()).await {
+                held.spill_to_log();
+            }
+            break;
+        };
         group.push(first);
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -234,27 +489,57 @@ async fn run(
         // Audit first: the whole group in one durable write.
         let had_entry: Vec<bool> = group.iter().map(|e| e.audit.is_some()).collect();
         let items: Vec<BatchItem> = group.iter_mut().filter_map(|e| e.audit.take()).collect();
-        let heads: Result<Vec<Head>, String> = if items.is_empty() {
+        let fates: Result<Vec<Fate>, String> = if items.is_empty() {
             Ok(Vec::new())
         } else {
-            let kinds: Vec<String> = items.iter().map(|(k, _, _)| k.clone()).collect();
-            audit.append_batch(items).await.map_err(|e| {
-                let e = format!("{e:#}");
-                log::error!(
-                    "audit append of {} failed: {e}; their acts are not carried out",
-                    kinds.join(", ")
-                );
-                e
-            })
+            if held.active() {
+                // Earlier entries first, if the disk takes them now.
+                held.flush(&audit, alerts.as_ref()).await;
+            }
+            if held.active() {
+                Ok(items.into_iter().map(|i| held.hold(i)).collect())
+            } else {
+                let kinds: Vec<String> = items.iter().map(|(k, _, _)| k.clone()).collect();
+                let copy = items.clone();
+                match audit.append_batch(items).await {
+                    Ok(heads) => Ok(heads.into_iter().map(Fate::Durable).collect()),
+                    Err(e) if no_space(&e) => {
+                        held.start(&format!("{e:#}"), alerts.as_ref());
+                        Ok(copy.into_iter().map(|i| held.hold(i)).collect())
+                    }
+                    Err(e) => {
+                        let e = format!("{e:#}");
+                        log::error!(
+                            "audit append of {} failed: {e}; their acts are not carried out",
+                            kinds.join(", ")
+                        );
+                        Err(e)
+                    }
+                }
+            }
         };
-        let mut heads = heads.map(Vec::into_iter);
+        let mut fates = fates.map(Vec::into_iter);
         // Then, effect by effect in order: the alert, then the act.
         for (e, had) in group.drain(..).zip(had_entry) {
-            let head: Result<Option<Head>, String> = match (&mut heads, had) {
-                (_, false) => Ok(e.proof.clone()),
-                (Ok(it), true) => Ok(it.next()),
-                (Err(err), true) => Err(err.clone()),
-            };
+            // The head reported, and the one the act is handed (a held
+            // entry has none yet: the act gets the chain's last head).
+            let (head, act_head): (Result<Option<Head>, String>, Option<Head>) =
+                match (&mut fates, had) {
+                    (_, false) => (Ok(e.proof.clone()), e.proof.clone()),
+                    (Ok(it), true) => match it.next() {
+                        Some(Fate::Durable(h)) => (Ok(Some(h.clone())), Some(h)),
+                        Some(Fate::Held) => {
+                            (Ok(None), Some(audit.head().unwrap_or_else(Head::genesis)))
+                        }
+                        Some(Fate::Dropped) | None => (
+                            Err("dropped: the state directory is full and so is the audit \
+                                 memory buffer"
+                                .into()),
+                            None,
+                        ),
+                    },
+                    (Err(err), true) => (Err(err.clone()), None),
+                };
             if let Some(mut a) = e.alert {
                 // Its own entry's head, or the chain's for an alert
                 // without one.
@@ -269,20 +554,23 @@ async fn run(
                 }
                 alerts.send(a);
             }
-            let item = match (e.act, head) {
-                (Some(act), Ok(Some(h))) => ActItem {
-                    act: Some((act, h.clone())),
+            let item = match (e.act, act_head) {
+                (Some(act), Some(h)) => ActItem {
+                    act: Some((act, h)),
                     done: e.done,
-                    head: Ok(Some(h)),
+                    head,
                 },
                 // An act always comes with an entry (see Effect::then):
                 // without one it is never run.
-                (Some(_), Ok(None)) => ActItem {
+                (Some(_), None) => ActItem {
                     act: None,
                     done: e.done,
-                    head: Err("an act without an audit entry is not run".into()),
+                    head: match head {
+                        Ok(_) => Err("an act without an audit entry is not run".into()),
+                        Err(e) => Err(e),
+                    },
                 },
-                (_, head) => ActItem {
+                (None, _) => ActItem {
                     act: None,
                     done: e.done,
                     head,
@@ -345,7 +633,7 @@ mod tests {
         .unwrap();
         let audit = governor_audit::spawn_writer(log).unwrap();
         let sink = Arc::new(Sink::default());
-        let fx = Effects::spawn(audit.clone(), sink.clone()).unwrap();
+        let fx = Effects::spawn(audit.clone(), sink.clone(), 10_000).unwrap();
         (fx, audit, sink)
     }
 

@@ -89,7 +89,7 @@ impl Running {
                 };
                 let services: Arc<dyn Fn(u32) -> Option<String> + Send + Sync> =
                     Arc::new(|_| None);
-                let effects = match governor::effects::Effects::spawn(audit.clone(), al) {
+                let effects = match governor::effects::Effects::spawn(audit.clone(), al, 10_000) {
                     Ok(fx) => fx,
                     Err(e) => {
                         ready_tx.send(Err(format!("{e:#}"))).ok();

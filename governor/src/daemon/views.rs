@@ -68,6 +68,7 @@ impl Daemon {
     pub(super) fn metrics_data(&self, protector: &Protector, lifecycle_lost: u64) -> Value {
         let snap = self.snapshot(false);
         let services: Vec<Value> = snap.services.iter().map(|r| self.service_json(r)).collect();
+        let audit_held = self.effects.held();
         let alerts = self
             .telegram
             .as_ref()
@@ -96,6 +97,8 @@ impl Daemon {
                 // The chain's length: seq counts from 0 across rotations.
                 "entries_total": head.as_ref().map(|h| h.seq + 1).unwrap_or(0),
                 "head_seq": head.as_ref().map(|h| h.seq),
+                "held": audit_held.held,
+                "dropped_total": audit_held.dropped_total,
             },
             "alerts": {"sent": alerts.sent, "dropped": alerts.dropped, "queued": alerts.queued,
                        "failed": alerts.failed},
