@@ -130,7 +130,9 @@ pub fn request_approval(
             .iter()
             .filter_map(|u| u.get("update_id").and_then(Value::as_i64))
             .max()
-            .map(|m| m + 1)
+            // A hostile or broken API answering i64::MAX must not panic
+            // (debug) or wrap to a negative offset (release).
+            .map(|m| m.saturating_add(1))
             .unwrap_or(0),
         _ => 0,
     };
@@ -167,7 +169,7 @@ pub fn request_approval(
         };
         for u in updates {
             if let Some(id) = u.get("update_id").and_then(Value::as_i64) {
-                offset = offset.max(id + 1);
+                offset = offset.max(id.saturating_add(1));
             }
             let Some(cb) = u.get("callback_query") else {
                 continue;

@@ -111,8 +111,10 @@ fn read_proc(proc: &procfs::process::Process, ticks: u64) -> Option<Process> {
     let pid = u32::try_from(proc.pid()).ok()?;
     let stat = proc.stat().ok()?;
     // The owner of /proc/PID is the process's effective uid; the real
-    // uid is in status, as the kernel reports it in events.
-    let uid = proc.status().ok()?.ruid;
+    // uid is in status, as the kernel reports it in events. Read as bytes:
+    // a name that is not UTF-8 (any process can set one) must not hide
+    // the process from the table.
+    let uid = real_uid(proc)?;
     let argv = proc.cmdline().unwrap_or_default();
     // Kernel threads have no exe and no argv: not services.
     let exe = proc.exe().ok()?;
@@ -138,6 +140,26 @@ fn read_proc(proc: &procfs::process::Process, ticks: u64) -> Option<Process> {
         configured: false,
         instance: true,
     })
+}
+
+/// The real uid from `/proc/PID/status` (`Uid:` real effective saved fs),
+/// whatever bytes the process put in its name.
+fn real_uid(proc: &procfs::process::Process) -> Option<u32> {
+    use std::io::Read;
+    let mut raw = Vec::with_capacity(2048);
+    proc.open_relative("status")
+        .ok()?
+        .read_to_end(&mut raw)
+        .ok()?;
+    parse_real_uid(&raw)
+}
+
+fn parse_real_uid(status: &[u8]) -> Option<u32> {
+    status
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"Uid:"))
+        .and_then(|rest| std::str::from_utf8(rest).ok())
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
 /// `PM2_HOME` from a live process's environment.
@@ -210,6 +232,20 @@ fn clock_ticks() -> u64 {
 mod tests {
     use super::*;
     use procfs::FromRead;
+
+    /// Found by the proc_parsers fuzz target: a name that is not UTF-8
+    /// made the whole status unreadable, and the process vanished from
+    /// the table. The real uid is read from the bytes.
+    #[test]
+    fn real_uid_from_a_status_with_a_non_utf8_name() {
+        let status = b"Name:\tbad\xff\xfename\nUmask:\t0022\nState:\tS (sleeping)\n\
+                       Tgid:\t77\nUid:\t65534\t0\t0\t0\nGid:\t65534\t65534\t65534\t65534\n";
+        assert_eq!(parse_real_uid(status), Some(65534));
+        assert_eq!(parse_real_uid(b"Name:\tx\nGid:\t1\n"), None);
+        // And a live one: this process.
+        let me = procfs::process::Process::myself().unwrap();
+        assert_eq!(real_uid(&me), Some(rustix::process::getuid().as_raw()));
+    }
 
     #[test]
     fn stat_with_spaces_in_comm() {

@@ -4,7 +4,8 @@
 //! the flags), holds entries in memory up to `audit.memory_buffer` and
 //! counts the rest; once space returns the held entries are written, marked
 //! late, followed by `audit.backlog_written` with the count dropped, and
-//! the chain verifies. Host and guest.
+//! the chain verifies. Host only (tmpfs and ENOSPC are the same on 6.1;
+//! the guest's budget goes to what differs there).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
