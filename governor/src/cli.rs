@@ -699,6 +699,26 @@ pub fn protect_list(target: &Target, json: bool) -> Result<()> {
         ]);
     }
     print!("{}", render_table(&rows));
+    // Protection follows the inode, not the name.
+    for f in data["files"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let path = f["path"].as_str().unwrap_or("?");
+        let real = f["real_path"].as_str().unwrap_or(path);
+        let now = f["now_at"].as_str();
+        let configured = f["configured_path"].as_str().unwrap_or("this file");
+        if configured != "this file" && configured != "missing" {
+            println!(
+                "{path}: the path {configured} (a parent renamed, or a mount laid over one); \
+                 the file is still protected, at {}",
+                now.unwrap_or("an unknown place (no descriptor held)")
+            );
+        } else if let Some(now) = now.filter(|n| *n != real) {
+            println!("{path}: now at {now}");
+        }
+    }
     Ok(())
 }
 

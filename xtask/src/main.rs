@@ -347,8 +347,9 @@ fn guest_plan(binary: &str) -> Option<(&'static [&'static str], u64)> {
         "lifecycle" => Some((&[], 150)),
         "protect" => Some((&[], 330)),
         "lsm" => Some((&[], 60)),
-        // The per-uid attempt budget on 6.1's verifier and ring.
-        "hostile" => Some((&[], 150)),
+        // The per-uid attempt budget on 6.1's verifier and ring; the ways in
+        // (io_uring, int 0x80, long paths, other mounts) on 6.1's hooks.
+        "hostile" => Some((&[], 240)),
         // The memory tracker on 6.1's verifier (no node: pm2 is host-only).
         "memory" => Some((&["--exact", "the_kernel_tracker_sees_a_crossing"], 90)),
         "cli" => Some((&[], 90)),

@@ -145,6 +145,31 @@ fn exe_path(ev: &AttemptEvent) -> String {
     }
 }
 
+/// The executable's path. The kernel side walks dentries only up to the
+/// root of the binary's own mount, so a binary on another mount comes out
+/// relative to it (`/tool` for `/mnt/tools/tool`); the live process's
+/// `/proc/PID/exe` has the whole path and is taken when it ends with what
+/// the kernel saw (a process already gone keeps the kernel's).
+fn exe_of(ev: &AttemptEvent) -> String {
+    let seen = exe_path(ev);
+    let tail = seen.trim_start_matches('…');
+    if tail.is_empty() {
+        return seen;
+    }
+    match std::fs::read_link(format!("/proc/{}/exe", ev.pid)) {
+        Ok(p) => {
+            let p = p.to_string_lossy();
+            let p = p.trim_end_matches(" (deleted)");
+            if p.ends_with(tail) {
+                p.to_string()
+            } else {
+                seen
+            }
+        }
+        Err(_) => seen,
+    }
+}
+
 /// The directory a relative path was resolved from.
 fn base_dir(
     pid: u32,
@@ -220,7 +245,7 @@ pub fn decode(
         ret: ev.ret,
         ts_ns: ev.ts_ns,
         comm: cstr(&ev.comm),
-        exe: exe_path(ev),
+        exe: exe_of(ev),
         key: (ev.valid & VALID_KEY != 0).then_some(ev.key),
         paths,
         flags: ev.flags,

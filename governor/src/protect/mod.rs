@@ -177,6 +177,38 @@ struct Entry {
     /// Watched files: the last process that modified it since its
     /// declared content (pid, comm, exe, uid, service, op).
     writer: Option<Value>,
+    /// An O_PATH descriptor of the file itself: where the kernel says it
+    /// is now, after a parent was renamed or a mount laid over one.
+    pin: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+/// Whether a path from the kernel side was cut at its copy's size.
+fn truncated(given: &str) -> bool {
+    given.len() + 1 >= abi::ATTEMPT_PATH_MAX
+}
+
+/// An O_PATH descriptor of `real` if it still is the inode `key`.
+fn pin_of(real: &Path, key: Option<InodeKey>) -> Option<Arc<std::os::fd::OwnedFd>> {
+    use rustix::fs::{Mode, OFlags};
+    let key = key?;
+    let fd = rustix::fs::open(
+        real,
+        OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
+    .ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    let (major, minor) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
+    let same = st.st_ino == key.ino && (major << 20 | minor) == key.dev;
+    same.then(|| Arc::new(fd))
+}
+
+/// Where the kernel says a pinned file is now (`/proc/self/fd/N`).
+fn now_at(pin: &std::os::fd::OwnedFd) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", pin.as_raw_fd()))
+        .ok()
+        .map(|p| p.display().to_string())
 }
 
 /// What a watched file's reported content is when it was removed.
@@ -681,6 +713,7 @@ impl Protector {
             self.by_key.insert(k, t.path.clone());
         }
         self.by_real.insert(real.clone(), t.path.clone());
+        let pin = pin_of(&real, key);
         self.files.insert(
             t.path.clone(),
             Entry {
@@ -693,6 +726,7 @@ impl Protector {
                 declared: None,
                 reported: None,
                 writer: None,
+                pin,
             },
         );
     }
@@ -940,9 +974,20 @@ impl Protector {
             .values()
             .map(|e| {
                 let w = self.windows.get(&e.path);
+                // Protection follows the inode: after a parent's rename or
+                // a mount laid over one, say where the file is now.
+                let now = e.pin.as_deref().and_then(now_at);
+                let configured = match (e.key, key_of(&e.real, true)) {
+                    (None, _) => "missing",
+                    (Some(_), None) => "names nothing now",
+                    (Some(k), Some(h)) if k != h => "names another file now",
+                    _ => "this file",
+                };
                 json!({
                     "path": e.path,
                     "real_path": e.real,
+                    "now_at": now,
+                    "configured_path": configured,
                     "tier": e.tier.name(),
                     "origin": e.origin,
                     "dev_ino": e.key.map(|k| key_string(&k)),
@@ -1252,6 +1297,25 @@ impl Protector {
                 return Some((Some(p), Some(abs.clone())));
             }
         }
+        // A path longer than the kernel side copies (ATTEMPT_PATH_MAX)
+        // arrives cut short: a refused call on it is the protected file
+        // whose path it begins, when exactly one does.
+        if !a.allowed() {
+            for pa in a.paths.iter().filter(|p| truncated(&p.given)) {
+                let Some(abs) = &pa.absolute else {
+                    continue;
+                };
+                let prefix = abs.as_os_str().as_encoded_bytes();
+                let mut hits = self.files.values().filter(|e| {
+                    [&e.path, &e.real]
+                        .iter()
+                        .any(|p| p.as_os_str().as_encoded_bytes().starts_with(prefix))
+                });
+                if let (Some(e), None) = (hits.next(), hits.next()) {
+                    return Some((Some(e.path.clone()), Some(e.real.clone())));
+                }
+            }
+        }
         // Entries of the guarded state directory.
         for pa in &a.paths {
             let Some(abs) = &pa.absolute else {
@@ -1301,6 +1365,7 @@ impl Protector {
             "op": a.op.name(),
             "syscall": a.syscall,
             "path": a.paths.first().map(|p| p.given.clone()),
+            "path_truncated": a.paths.first().is_some_and(|p| truncated(&p.given)),
             "resolved": resolved,
             "file": file.clone().unwrap_or_else(|| self.implicit.state_dir.clone()),
             "tier": entry.as_ref().map(|e| e.tier.name()).unwrap_or("untouchable"),
@@ -1791,6 +1856,7 @@ impl Protector {
         }
         let old = e.key;
         e.key = new;
+        e.pin = pin_of(&e.real, new);
         if let Some(o) = old {
             self.by_key.remove(&o);
             if let Some(k) = self.kernel.as_mut() {

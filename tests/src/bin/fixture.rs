@@ -12,6 +12,14 @@
 //! flag), then prints how many opens it made: an unprivileged flood of
 //! attempts.
 //!
+//! `governor-fixture storm UID SECS WORKERS`: as UID, WORKERS threads run
+//! /bin/true back to back for SECS seconds; prints how many ran.
+//!
+//! `governor-fixture open-via uring|int80|syscall PATH`: opens PATH for
+//! writing through io_uring (IORING_OP_OPENAT), the 32-bit `int 0x80`
+//! ABI, or plain openat(2), and prints the result (an fd, or -errno):
+//! the paths a write attempt can take into the kernel.
+//!
 //! `governor-fixture grow RATE MAX`: touches RATE MiB/s of new memory (in
 //! 1 MiB steps) up to MAX MiB, then holds it until killed — a leak without
 //! node, for the guest.
@@ -86,6 +94,56 @@ fn main() {
             }
             println!("{made}");
         }
+        Some("storm") => {
+            // A fork/exec storm as `uid`: `workers` threads each running
+            // /bin/true back to back for `secs`; prints how many ran.
+            let uid = num(2, "uid") as u32;
+            let secs = num(3, "seconds");
+            let workers = num(4, "workers").max(1);
+            // SAFETY: plain system calls dropping privileges for good.
+            let dropped = unsafe {
+                libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setgid(uid) == 0
+                    && libc::setuid(uid) == 0
+            };
+            assert!(dropped, "governor-fixture storm: cannot become uid {uid}");
+            let end = std::time::Instant::now() + Duration::from_secs(secs);
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let mut n = 0u64;
+                        while std::time::Instant::now() < end {
+                            if std::process::Command::new("/bin/true").status().is_ok() {
+                                n += 1;
+                            }
+                        }
+                        n
+                    })
+                })
+                .collect();
+            let made: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+            println!("{made}");
+        }
+        Some("open-via") => {
+            let how = arg(2).unwrap_or_default();
+            let path = std::ffi::CString::new(arg(3).expect("governor-fixture open-via: PATH"))
+                .expect("no NUL in a path");
+            let r = match how.as_str() {
+                "uring" => open_uring(&path),
+                "int80" => open_int80(&path),
+                "syscall" => {
+                    // SAFETY: a NUL-terminated path; the fd (if any) is ours.
+                    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY) };
+                    if fd < 0 {
+                        -std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+                    } else {
+                        fd
+                    }
+                }
+                other => panic!("governor-fixture open-via: unknown way {other:?}"),
+            };
+            println!("{r}");
+        }
         Some("threads") => {
             for _ in 1..num(2, "threads") {
                 std::thread::spawn(|| loop {
@@ -97,8 +155,70 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: governor-fixture leader-exits MS CODE | threads N");
+            eprintln!(
+                "usage: governor-fixture leader-exits MS CODE | threads N | grow RATE MAX \
+                 | flood UID SECS PATH… | storm UID SECS WORKERS"
+            );
             std::process::exit(2);
         }
     }
+}
+
+/// openat(AT_FDCWD, path, O_WRONLY) submitted through an io_uring: the
+/// kernel's io_uring worker opens it, no open syscall is made.
+fn open_uring(path: &std::ffi::CStr) -> i32 {
+    let mut ring = io_uring::IoUring::new(2).expect("io_uring_setup");
+    let sqe = io_uring::opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), path.as_ptr())
+        .flags(libc::O_WRONLY)
+        .build();
+    // SAFETY: the path outlives the submission (we wait for completion).
+    unsafe { ring.submission().push(&sqe).expect("submission queue full") };
+    ring.submit_and_wait(1).expect("io_uring_enter");
+    let cqe = ring.completion().next().expect("a completion");
+    cqe.result()
+}
+
+/// open(path, O_WRONLY) through the 32-bit ABI (`int 0x80`, syscall 5),
+/// which 64-bit syscall hooks don't see. The path must sit below 4 GiB.
+#[cfg(target_arch = "x86_64")]
+fn open_int80(path: &std::ffi::CStr) -> i32 {
+    let bytes = path.to_bytes_with_nul();
+    assert!(bytes.len() < 4096, "path too long for one page");
+    // SAFETY: a fresh private anonymous page below 4 GiB (MAP_32BIT).
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(page, libc::MAP_FAILED, "mmap MAP_32BIT");
+    // SAFETY: the page is ours and larger than the path.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), page.cast::<u8>(), bytes.len()) };
+    let addr = page as usize as u32;
+    let ret: i32;
+    // SAFETY: the i386 open syscall (eax 5) with ebx = the path (below
+    // 4 GiB), ecx = flags, edx = mode; rbx is LLVM's, so it is saved and
+    // restored around the call. int 0x80 clobbers only eax (the result).
+    unsafe {
+        std::arch::asm!(
+            "push rbx",
+            "mov ebx, {p:e}",
+            "int 0x80",
+            "pop rbx",
+            p = in(reg) addr,
+            inlateout("eax") 5i32 => ret,
+            in("ecx") libc::O_WRONLY,
+            in("edx") 0i32,
+        );
+    }
+    ret
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn open_int80(_path: &std::ffi::CStr) -> i32 {
+    panic!("int 0x80 is x86_64 only")
 }
