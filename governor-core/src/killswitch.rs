@@ -160,6 +160,10 @@ pub struct Engaged {
     /// partial release: no longer held.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub released: BTreeSet<String>,
+    /// Services named before a widening to `non-critical`: a critical one
+    /// named explicitly stays held (the wider scope doesn't cover it).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub named: BTreeSet<String>,
 }
 
 /// The switch.
@@ -227,6 +231,7 @@ impl KillSwitch {
                         })
                         .collect(),
                     released: BTreeSet::new(),
+                    named: BTreeSet::new(),
                 });
                 Ok(to_stop)
             }
@@ -250,6 +255,11 @@ impl KillSwitch {
                 (have, wider @ (Scope::All | Scope::NonCritical))
                     if wider.wider_than(have) =>
                 {
+                    if let Scope::Services(names) = have {
+                        // Still held: non-critical doesn't cover a
+                        // critical service the operator named.
+                        e.named.extend(names.iter().cloned());
+                    }
                     *have = wider;
                     e.released.clear();
                     for c in &to_stop {
@@ -271,9 +281,10 @@ impl KillSwitch {
 
     /// Whether a new process of `service` must be killed at its exec.
     pub fn holds(&self, service: &str, critical: bool) -> bool {
-        self.engaged
-            .as_ref()
-            .is_some_and(|e| e.scope.covers(service, critical) && !e.released.contains(service))
+        self.engaged.as_ref().is_some_and(|e| {
+            (e.scope.covers(service, critical) || e.named.contains(service))
+                && !e.released.contains(service)
+        })
     }
 
     /// Records that the switch stopped `service` again (a blocked start):
@@ -322,6 +333,7 @@ impl KillSwitch {
             if let Some(st) = e.stopped.remove(s) {
                 back.insert(s.clone(), st);
             }
+            e.named.remove(s);
             match &mut e.scope {
                 Scope::Services(have) => {
                     have.remove(s);
@@ -507,6 +519,33 @@ mod tests {
         assert!(!k.holds("bot", false) && k.holds("db", true));
         k.engage(Scope::Services(names.clone()), "again", "op", 2, &running())
             .unwrap();
+        assert!(k.holds("bot", false));
+    }
+
+    /// Found in review: widening `Services([a critical one])` to
+    /// `non-critical` left the critical service stopped but no longer held
+    /// (the wider scope doesn't cover critical services).
+    #[test]
+    fn widening_keeps_a_named_critical_service_held() {
+        let mut k = KillSwitch::default();
+        let cand = |s: &str, critical: bool| Candidate {
+            service: s.into(),
+            critical,
+            supervisor: Supervisor::None,
+            pids: vec![1],
+        };
+        let running = [cand("db", true), cand("bot", false)];
+        let named: BTreeSet<String> = ["db".to_string()].into();
+        k.engage(Scope::Services(named.clone()), "db first", "t", 0, &running)
+            .unwrap();
+        assert!(k.holds("db", true) && !k.holds("bot", false));
+        k.engage(Scope::NonCritical, "everything", "t", 1, &running)
+            .unwrap();
+        assert!(k.holds("db", true), "the named critical one is still held");
+        assert!(k.holds("bot", false));
+        assert!(!k.holds("other-critical", true), "not named: not held");
+        k.release_some(&named, "db back").unwrap();
+        assert!(!k.holds("db", true));
         assert!(k.holds("bot", false));
     }
 }
