@@ -161,6 +161,20 @@ fn a_full_state_directory_holds_entries_keeps_enforcing_and_records_the_gap() {
         by_kind, dropped,
         "every dropped entry counted by kind: {g:#}"
     );
+    // The held service's killed starts are the switch's doing, not a
+    // crash loop (a shell loop is no supervisor, and was counted before).
+    let loops: Vec<Value> = d
+        .entries_of("crash_loop.entered")
+        .into_iter()
+        .filter(|e| e["service"] == "held")
+        .collect();
+    assert!(loops.is_empty(), "{loops:#?}");
+    let held_row = d.status();
+    assert_ne!(
+        row(&held_row, "held")["state"],
+        "crash-loop",
+        "{held_row:#}"
+    );
     let ok = governor_audit::verify(&d.audit_log(), None).expect("the chain verifies");
     println!(
         "disk full: {filler} bytes of filler; full for {:.1} s: 20 entries held, {dropped} \

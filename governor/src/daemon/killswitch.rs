@@ -267,8 +267,10 @@ impl Daemon {
         // One stop at a time per service: pm2 may respawn it several
         // times before the first stop lands; each respawn is killed, and
         // the stop's confirmation catches the last.
-        if instance {
-            // A held start's death is the switch's, not a crash.
+        if p.instance {
+            // A held start's death is the switch's, not a crash: also for
+            // a service restarted by something that is no supervisor (a
+            // shell loop), which would otherwise read as a crash loop.
             let info = crate::velocity::InstanceInfo {
                 service: service.clone(),
                 configured: self.service_index.contains_key(&service),
