@@ -387,11 +387,11 @@ impl AuditLog {
             return Ok(());
         }
         if let Err(e) = self.file.write_all(buf) {
-            self.needs_recovery = true;
+            self.undo_partial();
             return Err(e).with_context(|| format!("appending to {}", self.log_path.display()));
         }
         if let Err(e) = self.file.sync_data() {
-            self.needs_recovery = true;
+            self.undo_partial();
             return Err(e).with_context(|| format!("fsync of {}", self.log_path.display()));
         }
         self.len += buf.len() as u64;
@@ -404,6 +404,26 @@ impl AuditLog {
             self.head_file_errors += 1;
         }
         Ok(())
+    }
+
+    /// A write that failed part-way (a full disk) leaves some of its lines
+    /// in the file, none of them known durable: they are cut off again, so
+    /// a failed group is all-or-nothing and its caller can write it again
+    /// without duplicates (a truncate needs no space). If even that fails,
+    /// the next append repairs the tail as after a crash.
+    fn undo_partial(&mut self) {
+        let len = self.len;
+        let cut = with_append_cleared(&self.file, || {
+            self.file
+                .set_len(len)
+                .with_context(|| format!("cutting {} back to {len} bytes", self.log_path.display()))
+        });
+        match cut {
+            Ok(()) => {
+                let _ = self.file.sync_data();
+            }
+            Err(_) => self.needs_recovery = true,
+        }
     }
 
     /// [`append`](Self::append) after the recovery and size checks.

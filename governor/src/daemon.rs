@@ -785,15 +785,18 @@ impl Daemon {
                     Ok(out) => ("done", out.trim().chars().take(500).collect::<String>()),
                     Err(e) => ("failed", e.clone()),
                 };
-                if result.is_err() {
-                    self.memory.restart_failed(&service);
-                }
                 // A flush waits for its victim's old instances to be gone.
-                self.flush.victim_gone(
-                    &service,
-                    monotonic_ns(),
-                    &self.config.system.floor_limits(),
-                );
+                // After a failed restart that is when the reaper is done
+                // (Side::MemKilled), and only then may the policy try again:
+                // a retry before it would credit the same deaths twice as
+                // planned and pile supervisor calls on a wedged pm2.
+                if result.is_ok() {
+                    self.flush.victim_gone(
+                        &service,
+                        monotonic_ns(),
+                        &self.config.system.floor_limits(),
+                    );
+                }
                 let alert = (result.is_err() || !killed.is_empty()).then(|| {
                     alert_of(
                         Severity::Critical,
@@ -815,6 +818,12 @@ impl Daemon {
                 );
             }
             Side::MemKilled { service, killed } => {
+                self.memory.restart_failed(&service);
+                self.flush.victim_gone(
+                    &service,
+                    monotonic_ns(),
+                    &self.config.system.floor_limits(),
+                );
                 if killed.is_empty() {
                     return;
                 }
@@ -1760,9 +1769,16 @@ fn fetch_views_bounded(
     let spawned = std::thread::Builder::new()
         .name("status-views".into())
         .spawn(move || {
+            // Cleared however the fetch ends (a panic in it included).
+            struct Done(Arc<std::sync::atomic::AtomicBool>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let _done = Done(flag);
             let refs: Vec<&Supervisor> = owned.iter().collect();
             let _ = tx.send(ops.views(&refs));
-            flag.store(false, Ordering::SeqCst);
         });
     if let Err(e) = spawned {
         busy.store(false, Ordering::SeqCst);
@@ -1950,6 +1966,21 @@ fn report_protection(r: &crate::protect::StartReport, effects: &Effects) {
 /// eBPF object. The loader and aya's BTF are dropped here, and glibc keeps
 /// freed heap unless asked to give it back: a daemon that stays resident
 /// should not carry its start-up peak forever.
+/// Each protected file holds an O_PATH descriptor (where it is now, after
+/// a rename or a mount over a parent), on top of pidfds, sockets and
+/// pipes: the soft limit on open files (often 1024) goes up to the hard
+/// one.
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            log::warn!("raising the open-file limit to its hard limit: {e}");
+        }
+    }
+}
+
 fn release_startup_memory() {
     crate::layout::release_setup();
     crate::layout::release_object_pages();
@@ -2000,6 +2031,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let src = std::fs::read_to_string(&config_path).unwrap_or_default();
     let state_dir = config.daemon.state_dir.clone();
     state_dir_secure(&state_dir)?;
+    raise_nofile();
 
     // The audit chain first: everything after this is recorded.
     let (log, report) = AuditLog::open(

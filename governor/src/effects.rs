@@ -52,6 +52,9 @@ pub struct Effect {
     alert: Option<Alert>,
     act: Option<Act>,
     done: Option<oneshot::Sender<Outcome>>,
+    /// Never held on a full disk: it fails instead (see
+    /// [`Effect::durable_only`]).
+    durable: bool,
 }
 
 /// What became of an effect, once its act (if any) has run.
@@ -85,6 +88,7 @@ impl Effect {
             alert: None,
             act: None,
             done: None,
+            durable: false,
         }
     }
 
@@ -96,12 +100,22 @@ impl Effect {
             alert: Some(a),
             act: None,
             done: None,
+            durable: false,
         }
     }
 
     /// Sends `a` once the entry is durable, with the chain's head in it.
     pub fn with_alert(mut self, a: Alert) -> Effect {
         self.alert = Some(a);
+        self
+    }
+
+    /// An entry whose caller answers someone on the strength of it (an
+    /// accepted drift, an opened window): on a full disk it is not held
+    /// for later (the answer would be wrong now and the entry true later)
+    /// but fails, and the caller says so.
+    pub fn durable_only(mut self) -> Effect {
+        self.durable = true;
         self
     }
 
@@ -121,6 +135,7 @@ impl Effect {
             alert: None,
             act: Some(Box::new(act)),
             done: None,
+            durable: false,
         }
     }
 }
@@ -226,6 +241,22 @@ impl Effects {
         })
     }
 
+    /// Appends one entry that must be durable before its caller answers
+    /// (never held on a full disk); `None` when it could not be written.
+    pub async fn audit_durable(&self, kind: &str, service: Option<&str>, d: Value) -> Option<Head> {
+        match self
+            .commit(Effect::audit(kind, service, d).durable_only())
+            .await
+            .head
+        {
+            Ok(h) => h,
+            Err(e) => {
+                log::error!("audit append of {kind} failed: {e}");
+                None
+            }
+        }
+    }
+
     /// Appends one entry and waits until it is durable.
     pub async fn audit(&self, kind: &str, service: Option<&str>, d: Value) -> Option<Head> {
         match self.commit(Effect::audit(kind, service, d)).await.head {
@@ -246,6 +277,7 @@ impl Effects {
             alert: None,
             act: None,
             done: None,
+            durable: false,
         })
         .await;
     }
@@ -271,6 +303,13 @@ fn no_space(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Whether an append failed in the filesystem (rather than the writer
+/// refusing the entry itself).
+fn is_io(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<std::io::Error>().is_some())
+}
+
 /// What became of one entry of a group.
 enum Fate {
     Durable(Head),
@@ -278,6 +317,8 @@ enum Fate {
     Held,
     /// Beyond the bound: counted, its act not run.
     Dropped,
+    /// A durable-only entry on a full disk: not written, not held.
+    Refused,
 }
 
 /// Entries held in memory while the state directory is full.
@@ -285,8 +326,16 @@ struct Held {
     items: std::collections::VecDeque<BatchItem>,
     max: usize,
     dropped_kinds: std::collections::BTreeMap<String, u64>,
+    /// Held entries written but not yet summed up in an
+    /// `audit.backlog_written` (its own write may fail).
+    written_unsummarised: u64,
+    /// The last write attempt of the held entries (one a second at most).
+    last_try: Option<std::time::Instant>,
     shared: Arc<std::sync::Mutex<HeldState>>,
 }
+
+/// How often held entries are tried again.
+const HELD_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Held {
     fn new(max: usize, shared: Arc<std::sync::Mutex<HeldState>>) -> Held {
@@ -294,6 +343,8 @@ impl Held {
             items: Default::default(),
             max,
             dropped_kinds: Default::default(),
+            written_unsummarised: 0,
+            last_try: None,
             shared,
         }
     }
@@ -306,6 +357,12 @@ impl Held {
             .unwrap_or(false)
     }
 
+    /// Whether a write attempt is due (throttled: each retry re-hashes
+    /// every held entry).
+    fn due(&self) -> bool {
+        self.last_try.is_none_or(|t| t.elapsed() >= HELD_RETRY)
+    }
+
     fn update(&self, f: impl FnOnce(&mut HeldState)) {
         if let Ok(mut h) = self.shared.lock() {
             f(&mut h);
@@ -315,13 +372,15 @@ impl Held {
 
     /// The disk is full: starts holding (the first time, with an alert).
     fn start(&mut self, error: &str, alerts: &dyn AlertSink) {
+        self.last_try = Some(std::time::Instant::now());
         if self.active() {
             return;
         }
         let now = governor_audit::time::format_rfc3339_millis(std::time::SystemTime::now());
         log::error!(
             "audit log: the state directory is full ({error}); entries are held in memory \
-             (up to {}) and written when space returns; enforcement continues",
+             (up to {}; each also logged here) and written when space returns; enforcement \
+             continues",
             self.max
         );
         alerts.send(Alert::new(
@@ -342,49 +401,86 @@ impl Held {
         });
     }
 
-    /// Holds `item` (marked as written late) or counts it as dropped.
+    fn count_dropped(&mut self, kind: String) {
+        *self.dropped_kinds.entry(kind).or_default() += 1;
+        self.update(|h| {
+            h.dropped += 1;
+            h.dropped_total += 1;
+        });
+    }
+
+    /// Holds `item` (marked as written late) or counts it as dropped. Each
+    /// held entry also goes to the log at once: a crash or a stop before
+    /// the disk has space loses none of them without a trace.
     fn hold(&mut self, mut item: BatchItem) -> Fate {
         if self.items.len() >= self.max {
-            *self.dropped_kinds.entry(item.0).or_default() += 1;
-            self.update(|h| {
-                h.dropped += 1;
-                h.dropped_total += 1;
-            });
+            self.count_dropped(item.0);
             return Fate::Dropped;
         }
         let now = governor_audit::time::format_rfc3339_millis(std::time::SystemTime::now());
         item.2.insert("written_late".into(), Value::Bool(true));
         item.2.insert("decided_at".into(), Value::String(now));
+        log::warn!(
+            "audit entry held (state directory full): {}",
+            serde_json::json!({"kind": item.0, "service": item.1, "detail": item.2})
+        );
         self.items.push_back(item);
         self.update(|_| {});
         Fate::Held
     }
 
-    /// Writes what is held, then `audit.backlog_written`; false while the
-    /// disk still refuses.
+    /// Writes what is held, in order, then `audit.backlog_written`; false
+    /// while the disk still refuses. An entry the writer rejects for
+    /// itself (not for the disk) is dropped and counted, so one bad entry
+    /// can't hold up the rest for good.
     async fn flush(&mut self, audit: &AuditHandle, alerts: &dyn AlertSink) -> bool {
         if !self.active() {
             return true;
         }
-        let n = self.items.len();
-        let batch: Vec<BatchItem> = self.items.iter().cloned().collect();
-        if !batch.is_empty() {
-            if let Err(e) = audit.append_batch(batch).await {
-                if !no_space(&e) {
-                    log::error!("audit log: writing {n} held entries failed: {e:#}");
+        self.last_try = Some(std::time::Instant::now());
+        if !self.items.is_empty() {
+            let batch: Vec<BatchItem> = self.items.iter().cloned().collect();
+            match audit.append_batch(batch).await {
+                Ok(_) => {
+                    self.written_unsummarised += self.items.len() as u64;
+                    self.items.clear();
+                    self.update(|_| {});
                 }
-                return false;
+                Err(e) if is_io(&e) => {
+                    self.note_error(&e);
+                    return false;
+                }
+                Err(_) => {
+                    // One by one: the writer refuses some entry itself.
+                    while let Some(item) = self.items.pop_front() {
+                        let kind = item.0.clone();
+                        match audit.append_batch(vec![item.clone()]).await {
+                            Ok(_) => self.written_unsummarised += 1,
+                            Err(e) if is_io(&e) => {
+                                self.items.push_front(item);
+                                self.note_error(&e);
+                                self.update(|_| {});
+                                return false;
+                            }
+                            Err(e) => {
+                                log::error!("audit: a held {kind} entry is refused: {e:#}");
+                                self.count_dropped(kind);
+                            }
+                        }
+                    }
+                    self.update(|_| {});
+                }
             }
-            self.items.clear();
         }
         let (since, dropped, error) = self
             .shared
             .lock()
             .map(|h| (h.since.clone(), h.dropped, h.error.clone()))
             .unwrap_or_default();
+        let n = self.written_unsummarised;
         let until = governor_audit::time::format_rfc3339_millis(std::time::SystemTime::now());
         let mut d = Detail::new();
-        d.insert("written_late".into(), Value::from(n as u64));
+        d.insert("written_late".into(), Value::from(n));
         d.insert("dropped".into(), Value::from(dropped));
         d.insert(
             "dropped_kinds".into(),
@@ -398,10 +494,7 @@ impl Held {
             .await;
         if let Err(e) = recorded {
             // The held entries are in; the summary waits for the next try.
-            self.update(|_| {});
-            if !no_space(&e) {
-                log::error!("audit log: recording the backlog failed: {e:#}");
-            }
+            self.note_error(&e);
             return false;
         }
         log::warn!(
@@ -421,13 +514,22 @@ impl Held {
             ),
         ));
         self.dropped_kinds.clear();
+        self.written_unsummarised = 0;
         self.update(|h| {
-            h.written_late_total += n as u64;
+            h.written_late_total += n;
             h.since = None;
             h.error = None;
             h.dropped = 0;
         });
         true
+    }
+
+    fn note_error(&self, e: &anyhow::Error) {
+        if !no_space(e) {
+            log::error!("audit log: writing held entries failed: {e:#}");
+        }
+        let msg = format!("{e:#}");
+        self.update(|h| h.error = Some(msg));
     }
 
     /// At shutdown with the disk still full: the journal gets every held
@@ -465,7 +567,9 @@ async fn run(
             match tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await {
                 Ok(x) => x,
                 Err(_) => {
-                    held.flush(&audit, alerts.as_ref()).await;
+                    if held.due() {
+                        held.flush(&audit, alerts.as_ref()).await;
+                    }
                     continue;
                 }
             }
@@ -478,6 +582,11 @@ async fn run(
             }
             break;
         };
+        if held.active() && held.due() {
+            // Earlier entries first, if the disk takes them now (also
+            // when effects keep coming faster than the retry timer).
+            held.flush(&audit, alerts.as_ref()).await;
+        }
         group.push(first);
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -488,16 +597,21 @@ async fn run(
         let n = group.len();
         // Audit first: the whole group in one durable write.
         let had_entry: Vec<bool> = group.iter().map(|e| e.audit.is_some()).collect();
+        let durable: Vec<bool> = group
+            .iter()
+            .filter(|e| e.audit.is_some())
+            .map(|e| e.durable)
+            .collect();
         let items: Vec<BatchItem> = group.iter_mut().filter_map(|e| e.audit.take()).collect();
         let fates: Result<Vec<Fate>, String> = if items.is_empty() {
             Ok(Vec::new())
         } else {
             if held.active() {
-                // Earlier entries first, if the disk takes them now.
-                held.flush(&audit, alerts.as_ref()).await;
-            }
-            if held.active() {
-                Ok(items.into_iter().map(|i| held.hold(i)).collect())
+                Ok(items
+                    .into_iter()
+                    .zip(durable)
+                    .map(|(i, d)| if d { Fate::Refused } else { held.hold(i) })
+                    .collect())
             } else {
                 let kinds: Vec<String> = items.iter().map(|(k, _, _)| k.clone()).collect();
                 let copy = items.clone();
@@ -505,7 +619,11 @@ async fn run(
                     Ok(heads) => Ok(heads.into_iter().map(Fate::Durable).collect()),
                     Err(e) if no_space(&e) => {
                         held.start(&format!("{e:#}"), alerts.as_ref());
-                        Ok(copy.into_iter().map(|i| held.hold(i)).collect())
+                        Ok(copy
+                            .into_iter()
+                            .zip(durable)
+                            .map(|(i, d)| if d { Fate::Refused } else { held.hold(i) })
+                            .collect())
                     }
                     Err(e) => {
                         let e = format!("{e:#}");
@@ -531,6 +649,12 @@ async fn run(
                         Some(Fate::Held) => {
                             (Ok(None), Some(audit.head().unwrap_or_else(Head::genesis)))
                         }
+                        Some(Fate::Refused) => (
+                            Err("not written: the state directory is full, and this entry \
+                                 must be durable before it is answered"
+                                .into()),
+                            None,
+                        ),
                         Some(Fate::Dropped) | None => (
                             Err("dropped: the state directory is full and so is the audit \
                                  memory buffer"

@@ -200,11 +200,15 @@ fn pm2_cli(god_pid: u32, god_uid: u32, daemon_js: Option<&str>) -> Result<Pm2Cli
 }
 
 fn run(mut cmd: Command, what: &str, timeout: Duration) -> Result<String> {
-    let out = run_with_timeout(&mut cmd, timeout).with_context(|| {
-        format!(
-            "running {what}: no answer within {timeout:?}, killed it (a supervisor that \
-             is stopped or wedged answers nothing; [system] supervisor_timeout sets the wait)"
-        )
+    let out = run_with_timeout(&mut cmd, timeout).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            anyhow::Error::new(e).context(format!(
+                "running {what}: no answer within {timeout:?}, killed it (a supervisor that \
+                 is stopped or wedged answers nothing; [system] supervisor_timeout sets the wait)"
+            ))
+        } else {
+            anyhow::Error::new(e).context(format!("running {what}"))
+        }
     })?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {

@@ -315,7 +315,11 @@ impl Daemon {
         };
         let d = json!({"service": target, "kind": "uptime", "reason": reason, "by": caller,
                        "item": item});
-        match self.audit("drift.accept", Some(&target), d.clone()).await {
+        match self
+            .effects
+            .audit_durable("drift.accept", Some(&target), d.clone())
+            .await
+        {
             Some(_) => {
                 let _ = reply.send(Response::ok(d));
             }

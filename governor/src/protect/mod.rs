@@ -187,6 +187,18 @@ fn truncated(given: &str) -> bool {
     given.len() + 1 >= abi::ATTEMPT_PATH_MAX
 }
 
+/// An absolute path with no `.`/`..`/empty components and no bytes that
+/// were not UTF-8 (the string is then the kernel's bytes as they were).
+fn literal(given: &str) -> bool {
+    given.starts_with('/')
+        && !given.contains('\u{fffd}')
+        && given
+            .split('/')
+            .skip(1)
+            .enumerate()
+            .all(|(i, c)| !(c == "." || c == ".." || (c.is_empty() && i > 0)))
+}
+
 /// An O_PATH descriptor of `real` if it still is the inode `key`.
 fn pin_of(real: &Path, key: Option<InodeKey>) -> Option<Arc<std::os::fd::OwnedFd>> {
     use rustix::fs::{Mode, OFlags};
@@ -977,7 +989,7 @@ impl Protector {
                 // Protection follows the inode: after a parent's rename or
                 // a mount laid over one, say where the file is now.
                 let now = e.pin.as_deref().and_then(now_at);
-                let configured = match (e.key, key_of(&e.real, true)) {
+                let configured = match (e.key, key_of(&e.path, true)) {
                     (None, _) => "missing",
                     (Some(_), None) => "names nothing now",
                     (Some(k), Some(h)) if k != h => "names another file now",
@@ -1301,11 +1313,15 @@ impl Protector {
         // arrives cut short: a refused call on it is the protected file
         // whose path it begins, when exactly one does.
         if !a.allowed() {
-            for pa in a.paths.iter().filter(|p| truncated(&p.given)) {
-                let Some(abs) = &pa.absolute else {
-                    continue;
-                };
-                let prefix = abs.as_os_str().as_encoded_bytes();
+            // Only a literal absolute path: `.`, `..` or `//` in it would
+            // be collapsed before the match and let a caller aim the prefix
+            // at a protected file its call never reached.
+            for pa in a
+                .paths
+                .iter()
+                .filter(|p| truncated(&p.given) && literal(&p.given))
+            {
+                let prefix = pa.given.as_bytes();
                 let mut hits = self.files.values().filter(|e| {
                     [&e.path, &e.real]
                         .iter()
@@ -1747,7 +1763,10 @@ impl Protector {
             "path": key, "reason": reason, "by": by, "old_sha256": e.declared,
             "new_sha256": now, "had_drift": item.is_some(),
         });
-        let head = self.effects.audit("drift.accept", None, d.clone()).await;
+        let head = self
+            .effects
+            .audit_durable("drift.accept", None, d.clone())
+            .await;
         if head.is_none() {
             if let Some(i) = item {
                 self.drift.insert(key.clone(), i);
@@ -2331,7 +2350,8 @@ impl Protector {
                            "reason": reason, "by_uid": uid, "via": via, "sha256": e.declared,
                            "session": session, "writers": writers}),
                 )
-                .with_alert(alert),
+                .with_alert(alert)
+                .durable_only(),
             )
             .await;
         let head = match out.head {
