@@ -46,7 +46,7 @@ fn sample() -> Value {
             {"ring": "memory", "events": 1, "lost": null},
             {"events": 5}
         ],
-        "audit": {"entries_total": 12, "head_seq": 11, "held": 5, "dropped_total": 7},
+        "audit": {"entries_total": 12, "head_seq": 11, "held": 5, "dropped_total": 13},
         "alerts": {"sent": 1, "dropped": 0, "queued": 4, "failed": 2},
         "protect_attempts": [
             {"tier": "untouchable", "result": "refused", "count": 4},
@@ -87,7 +87,7 @@ fn exact_values() {
         "governor_audit_entries_total 12",
         "governor_audit_head_seq 11",
         "governor_audit_held_entries 5",
-        "governor_audit_dropped_total 7",
+        "governor_audit_dropped_total 13",
         "governor_alerts_queued 4",
         "governor_alerts_failed_total 2",
         r#"governor_protect_attempts_total{tier="untouchable",result="refused"} 4"#,
