@@ -107,7 +107,9 @@ impl Attempt {
         if self.ret >= 0 {
             return None;
         }
-        let e = (-self.ret) as i32;
+        // From the kernel record: any i64, i64::MIN included (found by the
+        // event_decode fuzz target), so no plain negation.
+        let e = i32::try_from(self.ret.unsigned_abs()).unwrap_or(i32::MAX);
         Some(
             match e {
                 libc::EPERM => "EPERM",
@@ -255,6 +257,34 @@ pub fn decode(
 
 #[cfg(test)]
 mod tests {
+
+    /// Found by the event_decode fuzz target (fuzz/regressions/event_decode/
+    /// ret-i64-min): a record whose result is i64::MIN made errno_name
+    /// negate with overflow (a panic in debug builds).
+    #[test]
+    fn errno_name_of_any_result() {
+        let mut a = Attempt {
+            op: Op::Open,
+            syscall: "openat".into(),
+            pid: 1,
+            tid: 1,
+            ppid: 0,
+            uid: 0,
+            ret: i64::MIN,
+            ts_ns: 0,
+            comm: String::new(),
+            exe: String::new(),
+            key: None,
+            paths: Vec::new(),
+            flags: 0,
+            arg: 0,
+        };
+        assert_eq!(a.errno_name().as_deref(), Some("errno 2147483647"));
+        a.ret = -i64::from(libc::EPERM);
+        assert_eq!(a.errno_name().as_deref(), Some("EPERM"));
+        a.ret = 3;
+        assert_eq!(a.errno_name(), None);
+    }
     use super::*;
 
     #[test]
