@@ -170,10 +170,45 @@ pub const VALID_BASE1: u32 = 16;
 /// the flooder, not the record: another uid's attempt in the middle of
 /// it still has room on the ring.
 pub const ATTEMPT_BURST: u32 = 16;
-/// Uids with a budget (an LRU map: the least recently active goes).
+/// Budgets kept (an LRU map: the least recently active goes); two per uid
+/// at most, one per [`BudgetClass`].
 pub const ATTEMPT_BUDGET_ENTRIES: u32 = 4096;
 
-/// Per uid and CPU (`ATTEMPT_BUDGET`, an LRU per-CPU hash the kernel
+/// Which budget a record is paid from. Each uid has two, so that one kind
+/// of traffic cannot starve the other: a root process renaming its own
+/// `audit.jsonl` thousands of times a second (a name a protected file also
+/// has) must not turn root's real attempts into a mere count.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BudgetClass {
+    /// Attempts: refused calls, and calls on an inode known protected.
+    Attempts = 0,
+    /// Successful path-based calls reported only because a basename is a
+    /// protected one: user space resolves the path to learn whether the
+    /// file is protected (mostly it is not).
+    NameMatches = 1,
+}
+
+impl BudgetClass {
+    /// The `ATTEMPT_BUDGET` key of `uid`'s budget of this class.
+    pub const fn key(self, uid: u32) -> u64 {
+        ((self as u64) << 32) | uid as u64
+    }
+
+    /// The (uid, class) of an `ATTEMPT_BUDGET` key; `None` for a class
+    /// this build doesn't know.
+    pub const fn split(key: u64) -> Option<(u32, BudgetClass)> {
+        let uid = key as u32;
+        match key >> 32 {
+            0 => Some((uid, BudgetClass::Attempts)),
+            1 => Some((uid, BudgetClass::NameMatches)),
+            _ => None,
+        }
+    }
+}
+
+/// Per uid, class and CPU (`ATTEMPT_BUDGET`, keyed by
+/// [`BudgetClass::key`]; an LRU per-CPU hash the kernel
 /// writes without atomics): the current one-second window and the running
 /// count of attempts it didn't report one by one (user space sums the
 /// CPUs).

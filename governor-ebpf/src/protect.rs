@@ -41,11 +41,11 @@ use aya_ebpf::{
 };
 use governor_common::{
     protect::{
-        AttemptBudget, AttemptEvent, ProtectRuntime, SyscallDesc, ARG_NONE, ATTEMPT_BUDGET_ENTRIES,
-        ATTEMPT_BURST, ATTEMPT_PATH_MAX, EXE_DEPTH, FNV_OFFSET, FNV_PRIME, FS_IOC32_SETFLAGS,
-        FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS, INODE_DENY, INODE_DIR_GUARD, INODE_SESSION, KIND_FD,
-        KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE, VALID_BASE0, VALID_BASE1, VALID_KEY,
-        VALID_PATH0, VALID_PATH1,
+        AttemptBudget, AttemptEvent, BudgetClass, ProtectRuntime, SyscallDesc, ARG_NONE,
+        ATTEMPT_BUDGET_ENTRIES, ATTEMPT_BURST, ATTEMPT_PATH_MAX, EXE_DEPTH, FNV_OFFSET, FNV_PRIME,
+        FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS, INODE_DENY, INODE_DIR_GUARD,
+        INODE_SESSION, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE, VALID_BASE0,
+        VALID_BASE1, VALID_KEY, VALID_PATH0, VALID_PATH1,
     },
     InodeKey, PIDTYPE_SID,
 };
@@ -101,6 +101,9 @@ pub struct Work {
     nr: u32,
     valid: u32,
     desc: SyscallDesc,
+    /// The budget the record is paid from (a `BudgetClass` as u32).
+    class: u32,
+    _pad: u32,
 }
 
 #[map(name = "PROTECT_WORK")]
@@ -145,18 +148,19 @@ fn is_daemon() -> bool {
     (bpf_get_current_pid_tgid() >> 32) as u32 == rt!(daemon_tgid)
 }
 
-/// Per-uid attempt budgets (see `ATTEMPT_BURST`).
+/// Per-uid attempt budgets, two per uid (see `ATTEMPT_BURST`, `BudgetClass`).
 #[map]
-static ATTEMPT_BUDGET: LruPerCpuHashMap<u32, AttemptBudget> =
+static ATTEMPT_BUDGET: LruPerCpuHashMap<u64, AttemptBudget> =
     LruPerCpuHashMap::with_max_entries(ATTEMPT_BUDGET_ENTRIES, 0);
 
-/// Takes one ring record from `uid`'s budget for this second on this
-/// CPU: `false` when it is spent, and this attempt was counted instead.
+/// Takes one ring record from budget `key` (a uid's budget of one class,
+/// `BudgetClass::key`) for this second on this CPU: `false` when it is
+/// spent, and this attempt was counted instead.
 #[inline(always)]
-fn take_budget(uid: u32) -> bool {
+fn take_budget(key: u64) -> bool {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    match ATTEMPT_BUDGET.get_ptr_mut(&uid) {
+    match ATTEMPT_BUDGET.get_ptr_mut(&key) {
         Some(b) => {
             // SAFETY: this CPU's copy of the map value, from the lookup,
             // valid for this program run (no other program touches it
@@ -181,7 +185,7 @@ fn take_budget(uid: u32) -> bool {
                 emitted: 1,
                 _pad: 0,
             };
-            let _ = ATTEMPT_BUDGET.insert(&uid, &fresh, 0);
+            let _ = ATTEMPT_BUDGET.insert(&key, &fresh, 0);
             true
         }
     }
@@ -584,6 +588,7 @@ fn attempt(nr: i32, ret: i64, regs: impl Fn() -> u64) {
     let mut valid = 0;
     let mut flags = 0u64;
     let mut value = 0u64;
+    let mut class = BudgetClass::Attempts;
     match d.kind {
         KIND_OPEN => {
             flags = d.implied_flags as u64;
@@ -664,6 +669,7 @@ fn attempt(nr: i32, ret: i64, regs: impl Fn() -> u64) {
                 {
                     return;
                 }
+                class = BudgetClass::NameMatches;
             }
         }
         _ => return,
@@ -676,6 +682,7 @@ fn attempt(nr: i32, ret: i64, regs: impl Fn() -> u64) {
     p.ret = ret;
     p.nr = nr as u32;
     p.desc = d;
+    p.class = class as u32;
     emit(p, task);
 }
 
@@ -686,7 +693,12 @@ fn emit(p: &Work, task: u64) {
     let d = p.desc;
     let mut valid = p.valid;
     let uid = bpf_get_current_uid_gid() as u32;
-    if !take_budget(uid) {
+    let class = if p.class == BudgetClass::NameMatches as u32 {
+        BudgetClass::NameMatches
+    } else {
+        BudgetClass::Attempts
+    };
+    if !take_budget(class.key(uid)) {
         return;
     }
     let Some(mut entry) = PROTECT_EVENTS.reserve::<AttemptEvent>(0) else {

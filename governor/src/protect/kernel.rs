@@ -25,10 +25,10 @@ use aya::{
 };
 use governor_common::{
     protect::{
-        AttemptBudget, AttemptEvent, Op, SyscallDesc, ARG_NONE, ATTEMPT_BUDGET_MAP, FEXIT_SLOTS,
-        FEXIT_WORKER_MAP, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, PROTECTED_INODES_MAP,
-        PROTECTED_NAMES_MAP, PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP, SYSCALL_DESCS_MAP,
-        SYSCALL_TABLE_SIZE, WINDOW_SESSIONS_MAP,
+        AttemptBudget, AttemptEvent, BudgetClass, Op, SyscallDesc, ARG_NONE, ATTEMPT_BUDGET_MAP,
+        FEXIT_SLOTS, FEXIT_WORKER_MAP, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH,
+        PROTECTED_INODES_MAP, PROTECTED_NAMES_MAP, PROTECT_DROPS_MAP, PROTECT_EVENTS_MAP,
+        SYSCALL_DESCS_MAP, SYSCALL_TABLE_SIZE, WINDOW_SESSIONS_MAP,
     },
     InodeKey, KernelConfig, EVENTS_MAP,
 };
@@ -353,7 +353,7 @@ pub struct KernelLayer {
     _ebpf: Ebpf,
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
-    budgets: PerCpuHashMap<MapData, u32, AttemptBudget>,
+    budgets: PerCpuHashMap<MapData, u64, AttemptBudget>,
     inodes: BpfHashMap<MapData, InodeKey, u32>,
     names: BpfHashMap<MapData, u64, u32>,
     sessions: BpfHashMap<MapData, InodeKey, u32>,
@@ -779,14 +779,17 @@ impl KernelLayer {
         Ok(per_cpu.iter().sum())
     }
 
-    /// Each uid's running count of attempts the kernel counted instead of
-    /// reporting (its per-second budget spent: a flood).
-    pub fn suppressed(&self) -> Vec<(u32, u64)> {
+    /// Each uid's running count, per budget class, of records the kernel
+    /// counted instead of reporting (that per-second budget spent: a flood).
+    pub fn suppressed(&self) -> Vec<(u32, BudgetClass, u64)> {
         self.budgets
             .iter()
             .filter_map(|r| r.ok())
-            .map(|(uid, per_cpu)| (uid, per_cpu.iter().map(|b| b.suppressed_total).sum()))
-            .filter(|(_, n)| *n > 0)
+            .filter_map(|(key, per_cpu)| {
+                let (uid, class) = BudgetClass::split(key)?;
+                Some((uid, class, per_cpu.iter().map(|b| b.suppressed_total).sum()))
+            })
+            .filter(|(_, _, n)| *n > 0)
             .collect()
     }
 
@@ -893,4 +896,24 @@ pub fn require(layer: &KernelLayer) -> Result<()> {
         bail!("BPF LSM layer unavailable: {e}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BudgetClass;
+
+    #[test]
+    fn budget_keys_keep_uid_and_class_apart() {
+        for uid in [0, 1, 65534, u32::MAX - 1, u32::MAX] {
+            for class in [BudgetClass::Attempts, BudgetClass::NameMatches] {
+                assert_eq!(BudgetClass::split(class.key(uid)), Some((uid, class)));
+            }
+            assert_ne!(
+                BudgetClass::Attempts.key(uid),
+                BudgetClass::NameMatches.key(uid)
+            );
+        }
+        // A class a newer kernel side might add is skipped, not misread.
+        assert_eq!(BudgetClass::split((7 << 32) | 5), None);
+    }
 }

@@ -343,9 +343,9 @@ pub struct Protector {
     pub attempt_events: u64,
     /// `[export] events`: attempts go there too.
     pub export: Option<crate::export::Exporter>,
-    /// Per uid: the kernel's count of its unreported attempts, as far as
-    /// audited.
-    counted: HashMap<u32, u64>,
+    /// Per uid and budget class: the kernel's count of its unreported
+    /// records, as far as audited.
+    counted: HashMap<(u32, abi::BudgetClass), u64>,
     /// inotify on the directories of protected globs.
     new_files: Option<newfiles::NewFiles>,
     /// Open drift items of watched files, by configured path.
@@ -1206,8 +1206,8 @@ impl Protector {
                 .as_ref()
                 .map(|k| k.suppressed())
                 .unwrap_or_default();
-            for (uid, total) in counted {
-                self.counted_in_kernel(uid, total);
+            for (uid, class, total) in counted {
+                self.counted_in_kernel(uid, class, total);
             }
             if let Some(k) = &self.kernel {
                 if let Ok(d) = k.dropped() {
@@ -1231,20 +1231,28 @@ impl Protector {
         }
     }
 
-    /// `uid`'s running count of attempts the kernel counted instead of
-    /// reporting (over `ATTEMPT_BURST` a second): what is new since the
-    /// last report becomes one entry, "uid N tried M more times".
-    fn counted_in_kernel(&mut self, uid: u32, total: u64) {
-        let last = self.counted.entry(uid).or_insert(0);
+    /// `uid`'s running count of records of one class the kernel counted
+    /// instead of reporting (over `ATTEMPT_BURST` a second): what is new
+    /// since the last report becomes one entry, "uid N tried M more times"
+    /// (`protect.attempts_counted`) or, for successful calls on a
+    /// protected basename that went unexamined, "uid N renamed/unlinked/…
+    /// M more files named like protected ones"
+    /// (`protect.name_matches_counted`).
+    fn counted_in_kernel(&mut self, uid: u32, class: abi::BudgetClass, total: u64) {
+        let last = self.counted.entry((uid, class)).or_insert(0);
         if total <= *last {
             return;
         }
         let n = total - *last;
         *last = total;
-        *self
-            .attempt_counts
-            .entry(("any", "counted-in-kernel"))
-            .or_default() += n;
+        let (metric, kind) = match class {
+            abi::BudgetClass::Attempts => ("counted-in-kernel", "protect.attempts_counted"),
+            abi::BudgetClass::NameMatches => (
+                "name-matches-counted-in-kernel",
+                "protect.name_matches_counted",
+            ),
+        };
+        *self.attempt_counts.entry(("any", metric)).or_default() += n;
         // Counted attempts may include changes to watched files (allowed,
         // so nothing refused them): re-hash those, or drift could hide in a
         // flood.
@@ -1258,8 +1266,22 @@ impl Protector {
             self.schedule_rehash(&w);
         }
         let user = crate::users::name_of(uid);
+        if class == abi::BudgetClass::NameMatches {
+            // Successful calls: nothing refused them, so none touched an
+            // UNTOUCHABLE file (its flag refuses) or a PROTECTED one outside
+            // its window; a watched file among them is re-hashed above. A
+            // record, not an alarm: the usual cause is a program renaming
+            // its own files that share a name with protected ones.
+            self.audit(
+                kind,
+                None,
+                json!({"uid": uid, "user": user, "count": n, "total": total,
+                       "why": format!("more than {} successful calls a second from this uid on paths whose name a protected file also has: the kernel counted these instead of reporting each; its refused attempts have a budget of their own", abi::ATTEMPT_BURST)}),
+            );
+            return;
+        }
         self.audit(
-            "protect.attempts_counted",
+            kind,
             None,
             json!({"uid": uid, "user": user, "count": n, "total": total,
                    "why": format!("more than {} attempt records a second from this uid: the kernel counted these instead of reporting each (refused or on watched files)", abi::ATTEMPT_BURST)}),

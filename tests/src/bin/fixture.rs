@@ -12,6 +12,11 @@
 //! flag), then prints how many opens it made: an unprivileged flood of
 //! attempts.
 //!
+//! `governor-fixture renames SECS DIR NAME`: renames DIR/a to DIR/NAME and
+//! back for SECS seconds (as whoever runs it), then prints how many renames
+//! it made: successful calls on a name a protected file also has — what a
+//! program renaming its own `audit.jsonl` does.
+//!
 //! `governor-fixture storm UID SECS WORKERS`: as UID, WORKERS threads run
 //! /bin/true back to back for SECS seconds; prints how many ran.
 //!
@@ -91,6 +96,21 @@ fn main() {
                     }
                     made += 1;
                 }
+            }
+            println!("{made}");
+        }
+        Some("renames") => {
+            let secs = num(2, "seconds");
+            let dir = std::path::PathBuf::from(arg(3).expect("governor-fixture renames: DIR"));
+            let name = arg(4).expect("governor-fixture renames: NAME");
+            let (a, b) = (dir.join("a"), dir.join(&name));
+            std::fs::write(&a, "x").expect("governor-fixture renames: creating DIR/a");
+            let end = std::time::Instant::now() + Duration::from_secs(secs);
+            let mut made: u64 = 0;
+            while std::time::Instant::now() < end {
+                std::fs::rename(&a, &b).expect("governor-fixture renames: a to NAME");
+                std::fs::rename(&b, &a).expect("governor-fixture renames: NAME to a");
+                made += 2;
             }
             println!("{made}");
         }
