@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
 
 use governor_alerts::Severity;
+use governor_audit::Head;
 use governor_core::killswitch::{self as ks, Action, Candidate, KillSwitch, Scope, Who};
 use serde_json::{json, Value};
 
@@ -518,28 +519,53 @@ impl Daemon {
             format!("KILL SWITCH ENGAGED ({}): {reason}", scope.describe()),
             format!("by {by}; stopping {}", services.join(", ")),
         );
-        let head = self
-            .audit_with_alert(
+        // The engage entry names every service it stops: the stops run on
+        // its strength — once it is durable, or held in memory on a full
+        // disk (then the per-service entries below may be held or, past
+        // the buffer, dropped and counted, without holding up any stop).
+        let engaged = self
+            .commit_with_alert(
                 "killswitch.engage",
                 json!({"scope": scope, "reason": reason, "caller": caller, "by": by,
                        "stopping": services, "passed_over": passed}),
                 alert,
             )
             .await;
+        let proof = match &engaged {
+            Ok(Some(h)) => h.clone(),
+            // Held: the chain's head, as the pipeline hands a held entry's act.
+            Ok(None) => self.audit.head().unwrap_or_else(Head::genesis),
+            Err(e) => {
+                let names: Vec<String> = to_stop.iter().map(|c| c.service.clone()).collect();
+                log::error!(
+                    "kill switch engaged (held from now on) but {} not stopped: the engage entry \
+                     could not be recorded ({e})",
+                    names.join(", ")
+                );
+                let _ = reply.send(Response::err(format!(
+                    "the kill switch is engaged and holds new starts, but nothing was stopped: \
+                     its audit entry could not be recorded ({e}); see `governor doctor`, then \
+                     engage again to stop {}",
+                    names.join(", ")
+                )));
+                return;
+            }
+        };
         let grace = self.config.defaults.kill_timeout.0;
         self.ks_pending = Some(Pending {
             since: std::time::Instant::now(),
             reply,
             waiting: to_stop.iter().map(|c| c.service.clone()).collect(),
             results: Vec::new(),
-            head: json!({"engaged": true, "scope": scope, "audit_head": head.map(|h| h.to_string()),
+            head: json!({"engaged": true, "scope": scope,
+                         "audit_head": engaged.ok().flatten().map(|h| h.to_string()),
                          "passed_over": passed}),
         });
-        // Each service's entry durable, then one act for them all: one
-        // `pm2 stop ID…` per God while every tree's grace runs.
-        let n = to_stop.len();
+        // Each service's entry, then one act for them all once those are
+        // written (effects are carried out in order): one `pm2 stop ID…`
+        // per God while every tree's grace runs.
         let mut batch: Vec<ToStop> = Vec::new();
-        for (i, c) in to_stop.into_iter().enumerate() {
+        for c in to_stop {
             let fds: Vec<(u32, OwnedFd)> = c
                 .pids
                 .iter()
@@ -559,14 +585,12 @@ impl Daemon {
                 json!({"supervisor": c.supervisor, "pids": c.pids, "grace_ms": grace.as_millis() as u64}),
             );
             batch.push((c.service, c.supervisor, fds));
-            if i + 1 < n {
-                self.effects.submit(entry);
-                continue;
-            }
+            self.effects.submit(entry);
+        }
+        if !batch.is_empty() {
             let ops = self.supervisors.clone();
             let tx = self.side_tx.clone();
-            let batch = std::mem::take(&mut batch);
-            self.effects.submit(entry.then(move |_| {
+            self.effects.submit(Effect::after(proof, move |_| {
                 let _ = std::thread::Builder::new()
                     .name("ks-stop".into())
                     .spawn(move || stop_batch(ops.as_ref(), batch, grace, &tx));
