@@ -38,8 +38,10 @@ enum Cmd {
         config: Option<PathBuf>,
     },
     /// Set up if needed and run every test: unit tests, the root integration
-    /// tests on this kernel, then the integration tests inside a qemu guest
-    /// running a stock Debian 6.1 kernel with BPF LSM.
+    /// tests on this kernel, a one-minute smoke of each fuzz target
+    /// (GOVERNOR_FUZZ_SECS=N to change, 0 to skip; skipped with a filter),
+    /// then the integration tests inside a qemu guest running a stock Debian
+    /// 6.1 kernel with BPF LSM.
     Test {
         /// Guest kernels to also test on: 6.1, 6.12, all, or none.
         #[arg(long, default_value = "6.1")]
@@ -82,6 +84,9 @@ enum Cmd {
         /// Seconds per target (0: only build them).
         #[arg(long, default_value_t = 600)]
         secs: u64,
+        /// Targets run at once (one core each).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
         /// Only these targets (config, control_request, audit_line, proc_parsers, event_decode).
         targets: Vec<String>,
     },
@@ -140,7 +145,13 @@ fn main() -> Result<()> {
         }
         Cmd::Test { kernel, filter } => {
             let started = std::time::Instant::now();
+            let mut phases: Vec<(&str, f64)> = Vec::new();
+            let mut phase = |name, since: std::time::Instant| {
+                phases.push((name, since.elapsed().as_secs_f64()));
+                std::time::Instant::now()
+            };
             setup::setup(&setup::Needs::all())?;
+            let mut t = phase("setup", started);
             let mut c = cargo();
             c.args(["build"]);
             run_cmd(&mut c)?;
@@ -148,16 +159,25 @@ fn main() -> Result<()> {
             c.args(["test", "--no-fail-fast", "--", "--test-threads=1"]);
             c.args(&filter);
             run_timed_tests(&mut c)?;
-            // The fuzz smoke (fuzz_smoke) joins this run once the crashes
-            // the first runs found are fixed: their inputs are replayed
-            // first (fuzz/regressions), so it would fail every run now.
-            // `cargo xtask fuzz` runs them meanwhile.
+            t = phase("build + host tests", t);
+            if filter.is_empty() {
+                fuzz_smoke(&root)?;
+                t = phase("fuzz smoke", t);
+            } else {
+                println!("xtask: fuzz smoke skipped (a test filter was given)");
+            }
             if kernel != "none" {
                 vm_test(&root, &kernel, Duration::from_secs(900), &filter)?;
+                phase("guest", t);
             }
+            let each: Vec<String> = phases
+                .iter()
+                .map(|(n, s)| format!("{n} {s:.0} s"))
+                .collect();
             println!(
-                "xtask: all tests passed in {:.0} s",
-                started.elapsed().as_secs_f64()
+                "xtask: all tests passed in {:.0} s ({})",
+                started.elapsed().as_secs_f64(),
+                each.join(", ")
             );
             Ok(())
         }
@@ -220,15 +240,18 @@ fn main() -> Result<()> {
             }
             run_cmd(&mut c)
         }
-        Cmd::Fuzz { secs, targets } => {
+        Cmd::Fuzz {
+            secs,
+            jobs,
+            targets,
+        } => {
             setup::setup(&setup::Needs::all())?;
-            setup::cargo_fuzz()?;
             let targets = if targets.is_empty() {
                 FUZZ_TARGETS.iter().map(|t| t.to_string()).collect()
             } else {
                 targets
             };
-            fuzz_run(&root, &targets, secs)
+            fuzz_run(&root, &targets, secs, jobs)
         }
     }
 }
@@ -416,8 +439,10 @@ const FUZZ_TARGETS: &[&str] = &[
 /// says otherwise (0 skips).
 const FUZZ_SMOKE_SECS: u64 = 60;
 
-/// The fuzz step of `cargo xtask test`: every target for a minute.
-#[allow(dead_code)]
+/// The fuzz step of `cargo xtask test`: every target for a minute, the
+/// crashes found before (fuzz/regressions) replayed first, one target per
+/// core. The build is the one `cargo xtask fuzz` uses (AddressSanitizer,
+/// target/fuzz), so a long run afterwards starts from it.
 fn fuzz_smoke(root: &Path) -> Result<()> {
     let secs = match std::env::var("GOVERNOR_FUZZ_SECS") {
         Ok(v) => v
@@ -431,7 +456,8 @@ fn fuzz_smoke(root: &Path) -> Result<()> {
         return Ok(());
     }
     let targets: Vec<String> = FUZZ_TARGETS.iter().map(|t| t.to_string()).collect();
-    fuzz_run(root, &targets, secs)
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    fuzz_run(root, &targets, secs, cores)
 }
 
 /// `cargo fuzz` with the pinned nightly, its build under target/fuzz.
@@ -474,12 +500,132 @@ fn cargo_fuzz(root: &Path, sub: &str) -> Command {
     c
 }
 
+/// One fuzz target running under `cargo fuzz run`.
+struct FuzzRun {
+    target: String,
+    child: std::process::Child,
+    log_path: PathBuf,
+    regressions: PathBuf,
+    started: std::time::Instant,
+}
+
+/// Starts target `t` for `secs` seconds, its libFuzzer output to a log.
+fn fuzz_start(root: &Path, work: &Path, t: &str, secs: u64) -> Result<FuzzRun> {
+    let corpus = work.join("corpus").join(t);
+    std::fs::create_dir_all(&corpus)?;
+    let log_path = work.join("logs").join(format!("{t}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut c = cargo_fuzz(root, "run");
+    // New inputs go to the first directory: the committed seeds stay as they are.
+    c.arg(t).arg(&corpus).arg(root.join("fuzz/corpus").join(t));
+    let regressions = root.join("fuzz/regressions").join(t);
+    if regressions.is_dir() {
+        c.arg(&regressions);
+    }
+    c.arg("--")
+        .arg(format!("-max_total_time={secs}"))
+        .args(["-timeout=30", "-print_final_stats=1"]);
+    println!(
+        "xtask: fuzz {t}: {secs} s (libFuzzer output in {})",
+        log_path.display()
+    );
+    let child = c
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("failed to start cargo fuzz run {t}"))?;
+    Ok(FuzzRun {
+        target: t.to_string(),
+        child,
+        log_path,
+        regressions,
+        started: std::time::Instant::now(),
+    })
+}
+
+/// Reports how target run `r` ended: its execs, or the crash (what it
+/// said, the input libFuzzer saved, how to reproduce it) as the error.
+fn fuzz_report(r: &FuzzRun, status: std::process::ExitStatus, work: &Path) -> Result<()> {
+    let t = &r.target;
+    let out = std::fs::read_to_string(&r.log_path).unwrap_or_default();
+    let stat = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    if !status.success() {
+        // The panic (or sanitizer report) and libFuzzer's summary; the
+        // rest is in the log.
+        let lines: Vec<&str> = out.lines().collect();
+        let mut shown = 0;
+        for (i, l) in lines.iter().enumerate() {
+            if l.contains("panicked at") || l.contains("ERROR: ") || l.starts_with("SUMMARY:") {
+                eprintln!("  {l}");
+                if l.contains("panicked at") {
+                    if let Some(msg) = lines.get(i + 1) {
+                        eprintln!("  {msg}");
+                    }
+                }
+                shown += 1;
+            }
+        }
+        if shown == 0 {
+            for l in &lines[lines.len().saturating_sub(20)..] {
+                eprintln!("  {l}");
+            }
+        }
+        let artifact = out
+            .lines()
+            .find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim()))
+            .unwrap_or("(none written: see the log)");
+        // An input that crashed before and is kept as a regression.
+        let known = std::fs::read(artifact).ok().and_then(|a| {
+            std::fs::read_dir(&r.regressions)
+                .ok()?
+                .flatten()
+                .find(|e| std::fs::read(e.path()).ok().as_ref() == Some(&a))
+                .map(|e| e.path())
+        });
+        if let Some(k) = known {
+            eprintln!("xtask: that input is the regression {}", k.display());
+        }
+        bail!(
+            "fuzz target {t} failed ({status}) after {:.0} s; input: {artifact}; log: {}\n\
+             reproduce: cargo +{n} fuzz run --fuzz-dir fuzz --target-dir {w} {t} {artifact}\n\
+             minimise:  cargo +{n} fuzz tmin --fuzz-dir fuzz --target-dir {w} {t} {artifact}",
+            r.started.elapsed().as_secs_f64(),
+            r.log_path.display(),
+            n = setup::PINNED_NIGHTLY,
+            w = work.display(),
+        );
+    }
+    match (
+        stat("stat::number_of_executed_units:"),
+        stat("stat::average_exec_per_sec:"),
+    ) {
+        (Some(n), Some(rate)) => println!(
+            "xtask: fuzz {t}: ok, {n} execs in {:.0} s ({rate}/s), {} new corpus inputs, peak RSS {} MiB",
+            r.started.elapsed().as_secs_f64(),
+            stat("stat::new_units_added:").unwrap_or(0),
+            stat("stat::peak_rss_mb:").unwrap_or(0),
+        ),
+        _ => println!(
+            "xtask: fuzz {t}: ok in {:.0} s (no libFuzzer stats in {})",
+            r.started.elapsed().as_secs_f64(),
+            r.log_path.display()
+        ),
+    }
+    Ok(())
+}
+
 /// Builds the fuzz targets once, then runs each for `secs` seconds on its
 /// grown corpus (target/fuzz/corpus/T), the committed seeds (fuzz/corpus/T)
-/// and the regressions (fuzz/regressions/T). Prints each target's execs;
-/// a crash, leak, timeout or out-of-memory stops the run, naming the
-/// target and the input libFuzzer saved.
-fn fuzz_run(root: &Path, targets: &[String], secs: u64) -> Result<()> {
+/// and the regressions (fuzz/regressions/T), `jobs` targets at a time
+/// (each libFuzzer process uses one core). Prints each target's execs; a
+/// crash, leak, timeout or out-of-memory fails the run, naming the target
+/// and the input libFuzzer saved (the targets already running finish).
+fn fuzz_run(root: &Path, targets: &[String], secs: u64, jobs: usize) -> Result<()> {
     for t in targets {
         if !FUZZ_TARGETS.contains(&t.as_str()) {
             bail!("no fuzz target {t:?}; they are {}", FUZZ_TARGETS.join(", "));
@@ -498,100 +644,40 @@ fn fuzz_run(root: &Path, targets: &[String], secs: u64) -> Result<()> {
     }
     let work = target_dir().join("fuzz");
     std::fs::create_dir_all(work.join("logs"))?;
-    for t in targets {
-        let corpus = work.join("corpus").join(t);
-        std::fs::create_dir_all(&corpus)?;
-        let log_path = work.join("logs").join(format!("{t}.log"));
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let mut c = cargo_fuzz(root, "run");
-        // New inputs go to the first directory: the committed seeds stay as they are.
-        c.arg(t).arg(&corpus).arg(root.join("fuzz/corpus").join(t));
-        let regressions = root.join("fuzz/regressions").join(t);
-        if regressions.is_dir() {
-            c.arg(&regressions);
+    let mut queue: std::collections::VecDeque<&String> = targets.iter().collect();
+    let mut running: Vec<FuzzRun> = Vec::new();
+    let mut failures: Vec<anyhow::Error> = Vec::new();
+    while !queue.is_empty() || !running.is_empty() {
+        while running.len() < jobs.max(1) && failures.is_empty() {
+            let Some(t) = queue.pop_front() else { break };
+            running.push(fuzz_start(root, &work, t, secs)?);
         }
-        c.arg("--")
-            .arg(format!("-max_total_time={secs}"))
-            .args(["-timeout=30", "-print_final_stats=1"]);
-        println!(
-            "xtask: fuzz {t}: {secs} s (libFuzzer output in {})",
-            log_path.display()
-        );
-        let started = std::time::Instant::now();
-        let status = c
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .status()
-            .with_context(|| format!("failed to start cargo fuzz run {t}"))?;
-        let out = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let stat = |k: &str| {
-            out.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        if !status.success() {
-            // The panic (or sanitizer report) and libFuzzer's summary; the
-            // rest is in the log.
-            let lines: Vec<&str> = out.lines().collect();
-            let mut shown = 0;
-            for (i, l) in lines.iter().enumerate() {
-                if l.contains("panicked at") || l.contains("ERROR: ") || l.starts_with("SUMMARY:") {
-                    eprintln!("  {l}");
-                    if l.contains("panicked at") {
-                        if let Some(msg) = lines.get(i + 1) {
-                            eprintln!("  {msg}");
-                        }
-                    }
-                    shown += 1;
+        if running.is_empty() {
+            break;
+        }
+        // Wait for one to end: each ends by itself after `secs` (or at a
+        // crash), so this polls the children's state, not the clock.
+        let mut ended = None;
+        while ended.is_none() {
+            for (i, r) in running.iter_mut().enumerate() {
+                if let Some(status) = r.child.try_wait()? {
+                    ended = Some((i, status));
+                    break;
                 }
             }
-            if shown == 0 {
-                for l in &lines[lines.len().saturating_sub(20)..] {
-                    eprintln!("  {l}");
-                }
+            if ended.is_none() {
+                std::thread::sleep(Duration::from_millis(200));
             }
-            let artifact = out
-                .lines()
-                .find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim()))
-                .unwrap_or("(none written: see the log)");
-            // An input that crashed before and is kept as a regression.
-            let known = std::fs::read(artifact).ok().and_then(|a| {
-                std::fs::read_dir(&regressions)
-                    .ok()?
-                    .flatten()
-                    .find(|e| std::fs::read(e.path()).ok().as_ref() == Some(&a))
-                    .map(|e| e.path())
-            });
-            if let Some(r) = known {
-                eprintln!("xtask: that input is the regression {}", r.display());
-            }
-            bail!(
-                "fuzz target {t} failed ({status}) after {:.0} s; input: {artifact}; log: {}\n\
-                 reproduce: cargo +{n} fuzz run --fuzz-dir fuzz --target-dir {w} {t} {artifact}\n\
-                 minimise:  cargo +{n} fuzz tmin --fuzz-dir fuzz --target-dir {w} {t} {artifact}",
-                started.elapsed().as_secs_f64(),
-                log_path.display(),
-                n = setup::PINNED_NIGHTLY,
-                w = work.display(),
-            );
         }
-        match (
-            stat("stat::number_of_executed_units:"),
-            stat("stat::average_exec_per_sec:"),
-        ) {
-            (Some(n), Some(rate)) => println!(
-                "xtask: fuzz {t}: ok, {n} execs in {:.0} s ({rate}/s), {} new corpus inputs, peak RSS {} MiB",
-                started.elapsed().as_secs_f64(),
-                stat("stat::new_units_added:").unwrap_or(0),
-                stat("stat::peak_rss_mb:").unwrap_or(0),
-            ),
-            _ => println!(
-                "xtask: fuzz {t}: ok in {:.0} s (no libFuzzer stats in {})",
-                started.elapsed().as_secs_f64(),
-                log_path.display()
-            ),
+        let Some((i, status)) = ended else { continue };
+        let r = running.swap_remove(i);
+        if let Err(e) = fuzz_report(&r, status, &work) {
+            failures.push(e);
         }
+    }
+    if !failures.is_empty() {
+        let all: Vec<String> = failures.iter().map(|e| format!("{e:#}")).collect();
+        bail!("{}", all.join("\n"));
     }
     println!(
         "xtask: fuzzing done in {:.0} s ({built:.0} s of it building)",

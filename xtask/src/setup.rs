@@ -296,6 +296,8 @@ pub fn setup(needs: &Needs) -> Result<()> {
     if needs.pm2 {
         pm2()?;
         mcp_sdk()?;
+        // The fuzz smoke of `cargo xtask test`.
+        cargo_fuzz()?;
     }
     Ok(())
 }
