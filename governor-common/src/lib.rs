@@ -193,6 +193,18 @@ pub struct KernelConfig {
     pub tp_rss_member: u32,
     pub tp_rss_size: u32,
     pub _pad2: u32,
+    // --- Executable paths across mounts (issue 14). ---
+    /// `path.mnt`, `vfsmount.mnt_root`, and in `struct mount` (which
+    /// embeds the `vfsmount` at `mount_mnt`) `mnt_parent` and
+    /// `mnt_mountpoint`: at the root of a mount, the walk from an
+    /// executable's dentry up to `/` steps to where that mount is mounted,
+    /// so a binary on another mount gets its whole path.
+    pub path_mnt: u32,
+    pub vfsmount_mnt_root: u32,
+    pub mount_mnt: u32,
+    pub mount_mnt_parent: u32,
+    pub mount_mnt_mountpoint: u32,
+    pub _pad3: u32,
 }
 
 /// `PIDTYPE_SID` of the kernel's `enum pid_type` (stable since 4.19).

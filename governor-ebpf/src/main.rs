@@ -103,6 +103,12 @@ static GOVERNOR_KERNEL_CONFIG: KernelConfig = KernelConfig {
     tp_rss_member: NO_FIELD,
     tp_rss_size: NO_FIELD,
     _pad2: 0,
+    path_mnt: 0,
+    vfsmount_mnt_root: 0,
+    mount_mnt: 0,
+    mount_mnt_parent: 0,
+    mount_mnt_mountpoint: 0,
+    _pad3: 0,
 };
 
 /// Lifecycle events. The size is a default: the loader sets the real one.

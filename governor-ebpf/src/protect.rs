@@ -47,10 +47,14 @@ use governor_common::{
         INODE_SESSION, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE, VALID_BASE0,
         VALID_BASE1, VALID_KEY, VALID_PATH0, VALID_PATH1,
     },
-    InodeKey, PIDTYPE_SID,
+    InodeKey, NO_FIELD, PIDTYPE_SID,
 };
 
 use crate::{read_at, GOVERNOR_KERNEL_CONFIG};
+
+/// Mounts the executable walk crosses at most (a binary on a mount on a
+/// mount…); each crossing records no name.
+const EXE_MOUNT_HOPS: u32 = 4;
 
 /// Filled in by the protect loader before load (see `ProtectRuntime`).
 #[no_mangle]
@@ -757,15 +761,41 @@ fn emit(p: &Work, task: u64) {
             valid |= VALID_BASE1;
         }
         (*ev).valid = valid;
-        // The executable's path, leaf first, from its dentries.
+        // The executable's path, leaf first, from its dentries; at the
+        // root of a mount, on from the dentry it is mounted on.
         let mm: u64 = read_at(task, kc!(task_mm));
         let exe_file: u64 = read_at(mm, kc!(mm_exe_file));
         let mut dentry: u64 = read_at(exe_file, kc!(file_f_path) + kc!(path_dentry));
+        let mounts = kc!(path_mnt) != NO_FIELD
+            && kc!(vfsmount_mnt_root) != NO_FIELD
+            && kc!(mount_mnt) != NO_FIELD
+            && kc!(mount_mnt_parent) != NO_FIELD
+            && kc!(mount_mnt_mountpoint) != NO_FIELD;
+        let mut vfsmnt: u64 = if mounts {
+            read_at(exe_file, kc!(file_f_path) + kc!(path_mnt))
+        } else {
+            0
+        };
         let mut depth = 0u32;
         let mut i = 0;
+        let mut hops = 0;
         while i < EXE_DEPTH {
             if dentry == 0 {
                 break;
+            }
+            if vfsmnt != 0 && hops < EXE_MOUNT_HOPS {
+                let root: u64 = read_at(vfsmnt, kc!(vfsmount_mnt_root));
+                if dentry == root {
+                    // `struct mount` embeds the vfsmount at `mount_mnt`.
+                    let mount = vfsmnt.wrapping_sub(kc!(mount_mnt) as u64);
+                    let parent: u64 = read_at(mount, kc!(mount_mnt_parent));
+                    if parent != 0 && parent != mount {
+                        dentry = read_at(mount, kc!(mount_mnt_mountpoint));
+                        vfsmnt = parent + kc!(mount_mnt) as u64;
+                        hops += 1;
+                        continue;
+                    }
+                }
             }
             let name: u64 = read_at(dentry, kc!(dentry_d_name_ptr));
             let Some(slot) = (*ev).exe.get_mut(i) else {

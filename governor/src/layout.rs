@@ -271,6 +271,14 @@ fn compute_kernel_config() -> Result<KernelConfig> {
         tp_rss_size: tracefs::field_offset(&tracefs, "kmem", "rss_stat", "size")
             .unwrap_or(governor_common::NO_FIELD),
         _pad2: 0,
+        // Soft: without them a binary on another mount is named relative
+        // to that mount (user space then asks /proc/PID/exe).
+        path_mnt: off("path", "mnt").unwrap_or(governor_common::NO_FIELD),
+        vfsmount_mnt_root: off("vfsmount", "mnt_root").unwrap_or(governor_common::NO_FIELD),
+        mount_mnt: off("mount", "mnt").unwrap_or(governor_common::NO_FIELD),
+        mount_mnt_parent: off("mount", "mnt_parent").unwrap_or(governor_common::NO_FIELD),
+        mount_mnt_mountpoint: off("mount", "mnt_mountpoint").unwrap_or(governor_common::NO_FIELD),
+        _pad3: 0,
         lsm: lsm_args(&btf),
         ..regs_layout(&btf)
     })

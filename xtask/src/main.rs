@@ -8,6 +8,7 @@ mod setup;
 mod vm;
 
 use std::{
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -160,16 +161,25 @@ fn main() -> Result<()> {
             c.args(&filter);
             run_timed_tests(&mut c)?;
             t = phase("build + host tests", t);
-            if filter.is_empty() {
-                fuzz_smoke(&root)?;
+            // A fuzz find is reported after the guest has run too: one
+            // failure must not hide the other's results.
+            let fuzzed = if filter.is_empty() {
+                let r = fuzz_smoke(&root);
                 t = phase("fuzz smoke", t);
+                r
             } else {
                 println!("xtask: fuzz smoke skipped (a test filter was given)");
-            }
+                Ok(())
+            };
             if kernel != "none" {
-                vm_test(&root, &kernel, Duration::from_secs(900), &filter)?;
+                let guest = vm_test(&root, &kernel, Duration::from_secs(900), &filter);
                 phase("guest", t);
+                if let (Err(f), Err(_)) = (&fuzzed, &guest) {
+                    eprintln!("xtask: the fuzz smoke failed too: {f:#}");
+                }
+                guest?;
             }
+            fuzzed?;
             let each: Vec<String> = phases
                 .iter()
                 .map(|(n, s)| format!("{n} {s:.0} s"))
@@ -500,13 +510,27 @@ fn cargo_fuzz(root: &Path, sub: &str) -> Command {
     c
 }
 
-/// One fuzz target running under `cargo fuzz run`.
+/// One fuzz target running under `cargo fuzz run`, in a process group of
+/// its own: dropped before it ended (xtask failing on the way), the whole
+/// group — cargo and the libFuzzer process under it — is killed and reaped.
 struct FuzzRun {
     target: String,
     child: std::process::Child,
     log_path: PathBuf,
     regressions: PathBuf,
     started: std::time::Instant,
+}
+
+impl Drop for FuzzRun {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // The group's id is the child's pid (process_group(0)), and the
+            // child is not reaped yet, so the id is still this group's.
+            // SAFETY: kill(2) on a process group this xtask created.
+            unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Starts target `t` for `secs` seconds, its libFuzzer output to a log.
@@ -533,6 +557,7 @@ fn fuzz_start(root: &Path, work: &Path, t: &str, secs: u64) -> Result<FuzzRun> {
     let child = c
         .stdout(log.try_clone()?)
         .stderr(log)
+        .process_group(0)
         .spawn()
         .with_context(|| format!("failed to start cargo fuzz run {t}"))?;
     Ok(FuzzRun {
@@ -650,7 +675,10 @@ fn fuzz_run(root: &Path, targets: &[String], secs: u64, jobs: usize) -> Result<(
     while !queue.is_empty() || !running.is_empty() {
         while running.len() < jobs.max(1) && failures.is_empty() {
             let Some(t) = queue.pop_front() else { break };
-            running.push(fuzz_start(root, &work, t, secs)?);
+            match fuzz_start(root, &work, t, secs) {
+                Ok(r) => running.push(r),
+                Err(e) => failures.push(e.context(format!("fuzz target {t} did not start"))),
+            }
         }
         if running.is_empty() {
             break;
@@ -676,7 +704,11 @@ fn fuzz_run(root: &Path, targets: &[String], secs: u64, jobs: usize) -> Result<(
         }
     }
     if !failures.is_empty() {
-        let all: Vec<String> = failures.iter().map(|e| format!("{e:#}")).collect();
+        let mut all: Vec<String> = failures.iter().map(|e| format!("{e:#}")).collect();
+        if !queue.is_empty() {
+            let rest: Vec<&str> = queue.iter().map(|t| t.as_str()).collect();
+            all.push(format!("not run after that: {}", rest.join(", ")));
+        }
         bail!("{}", all.join("\n"));
     }
     println!(

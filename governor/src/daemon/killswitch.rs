@@ -498,6 +498,7 @@ impl Daemon {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
+        let before = self.killswitch.clone();
         let to_stop = match self
             .killswitch
             .engage(scope.clone(), &reason, &by, now_ms, &running)
@@ -536,17 +537,20 @@ impl Daemon {
             // Held: the chain's head, as the pipeline hands a held entry's act.
             Ok(None) => self.audit.head().unwrap_or_else(Head::genesis),
             Err(e) => {
-                let names: Vec<String> = to_stop.iter().map(|c| c.service.clone()).collect();
+                // Not recorded, so not done: the switch goes back to what
+                // it was (a release must never restart what this engage
+                // would have stopped but didn't).
+                self.killswitch = before;
+                self.save_killswitch();
+                self.killswitch_file.synced().await;
                 log::error!(
-                    "kill switch engaged (held from now on) but {} not stopped: the engage entry \
-                     could not be recorded ({e})",
-                    names.join(", ")
+                    "kill switch not engaged ({}): its audit entry could not be recorded ({e})",
+                    scope.describe()
                 );
                 let _ = reply.send(Response::err(format!(
-                    "the kill switch is engaged and holds new starts, but nothing was stopped: \
-                     its audit entry could not be recorded ({e}); see `governor doctor`, then \
-                     engage again to stop {}",
-                    names.join(", ")
+                    "the kill switch was not engaged and nothing was stopped: its audit entry \
+                     could not be recorded ({e}). Fix the audit log (`governor doctor` says what \
+                     is wrong) and engage again; meanwhile stop services through pm2 directly."
                 )));
                 return;
             }

@@ -147,11 +147,12 @@ fn exe_path(ev: &AttemptEvent) -> String {
     }
 }
 
-/// The executable's path. The kernel side walks dentries only up to the
-/// root of the binary's own mount, so a binary on another mount comes out
-/// relative to it (`/tool` for `/mnt/tools/tool`); the live process's
-/// `/proc/PID/exe` has the whole path and is taken when it ends with what
-/// the kernel saw (a process already gone keeps the kernel's).
+/// The executable's path. The kernel side walks the dentries up to `/`,
+/// across mounts. Deeper than the `EXE_DEPTH` names it carries (or on a
+/// kernel whose BTF lacks `struct mount`, where the walk stops at the
+/// binary's own mount), the live process's `/proc/PID/exe` completes it
+/// when it ends with what the kernel saw (a process already gone keeps the
+/// kernel's part).
 fn exe_of(ev: &AttemptEvent) -> String {
     let seen = exe_path(ev);
     let tail = seen.trim_start_matches('…');

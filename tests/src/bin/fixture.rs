@@ -13,9 +13,10 @@
 //! attempts.
 //!
 //! `governor-fixture renames SECS DIR NAME`: renames DIR/a to DIR/NAME and
-//! back for SECS seconds (as whoever runs it), then prints how many renames
-//! it made: successful calls on a name a protected file also has — what a
-//! program renaming its own `audit.jsonl` does.
+//! back (as whoever runs it) until its stdin is closed, or SECS seconds at
+//! most, then prints how many renames it made: successful calls on a name
+//! a protected file also has — what a program renaming its own
+//! `audit.jsonl` does.
 //!
 //! `governor-fixture storm UID SECS WORKERS`: as UID, WORKERS threads run
 //! /bin/true back to back for SECS seconds; prints how many ran.
@@ -105,9 +106,17 @@ fn main() {
             let name = arg(4).expect("governor-fixture renames: NAME");
             let (a, b) = (dir.join("a"), dir.join(&name));
             std::fs::write(&a, "x").expect("governor-fixture renames: creating DIR/a");
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopper = stop.clone();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+                stopper.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
             let end = std::time::Instant::now() + Duration::from_secs(secs);
             let mut made: u64 = 0;
-            while std::time::Instant::now() < end {
+            while std::time::Instant::now() < end
+                && !stop.load(std::sync::atomic::Ordering::Relaxed)
+            {
                 std::fs::rename(&a, &b).expect("governor-fixture renames: a to NAME");
                 std::fs::rename(&b, &a).expect("governor-fixture renames: NAME to a");
                 made += 2;
