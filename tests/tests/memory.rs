@@ -37,7 +37,12 @@ const held = [Buffer.alloc({hold} << 20, 1)];
 let grown = 0;
 if (first || !{once}) {{
   setInterval(() => {{
-    if (grown < {max}) {{ held.push(Buffer.alloc(({rate} / 10) << 20, 1)); grown += {rate} / 10; }}
+    if (grown < {max}) {{
+      held.push(Buffer.alloc(({rate} / 10) << 20, 1)); grown += {rate} / 10;
+      // Logged at once too: governor may act on a crossing within the 20 ms
+      // between the timer's readings, and the app must see itself over first.
+      fs.appendFileSync({log:?}, Date.now() + ' ' + process.memoryUsage.rss() + '\n');
+    }}
   }}, 100);
 }}
 setInterval(() => fs.appendFileSync({log:?}, Date.now() + ' ' + process.memoryUsage.rss() + '\n'), 20);
