@@ -164,6 +164,9 @@ pub const VALID_PATH0: u32 = 2;
 pub const VALID_PATH1: u32 = 4;
 pub const VALID_BASE0: u32 = 8;
 pub const VALID_BASE1: u32 = 16;
+/// The executable's path reached the namespace's root across mounts: the
+/// names in `exe` are the whole path.
+pub const VALID_EXE_WHOLE: u32 = 32;
 
 /// Attempt records one uid may put on the ring per second per CPU; beyond, its
 /// attempts are counted in its [`AttemptBudget`] instead. A flood costs

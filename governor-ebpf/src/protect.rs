@@ -45,7 +45,7 @@ use governor_common::{
         ATTEMPT_BUDGET_ENTRIES, ATTEMPT_BURST, ATTEMPT_PATH_MAX, EXE_DEPTH, FNV_OFFSET, FNV_PRIME,
         FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS, INODE_DENY, INODE_DIR_GUARD,
         INODE_SESSION, KIND_FD, KIND_IOCTL, KIND_OPEN, KIND_PATH, SYSCALL_TABLE_SIZE, VALID_BASE0,
-        VALID_BASE1, VALID_KEY, VALID_PATH0, VALID_PATH1,
+        VALID_BASE1, VALID_EXE_WHOLE, VALID_KEY, VALID_PATH0, VALID_PATH1,
     },
     InodeKey, NO_FIELD, PIDTYPE_SID,
 };
@@ -54,7 +54,7 @@ use crate::{read_at, GOVERNOR_KERNEL_CONFIG};
 
 /// Mounts the executable walk crosses at most (a binary on a mount on a
 /// mount…); each crossing records no name.
-const EXE_MOUNT_HOPS: u32 = 4;
+const EXE_MOUNT_HOPS: u32 = 8;
 
 /// Filled in by the protect loader before load (see `ProtectRuntime`).
 #[no_mangle]
@@ -783,18 +783,32 @@ fn emit(p: &Work, task: u64) {
             if dentry == 0 {
                 break;
             }
-            if vfsmnt != 0 && hops < EXE_MOUNT_HOPS {
+            if vfsmnt != 0 {
                 let root: u64 = read_at(vfsmnt, kc!(vfsmount_mnt_root));
                 if dentry == root {
+                    // The root of a mount: never walk above it (a bind
+                    // mount's root has parents the path doesn't go through).
+                    if hops >= EXE_MOUNT_HOPS {
+                        // Incomplete (no "/"): user space asks /proc.
+                        break;
+                    }
                     // `struct mount` embeds the vfsmount at `mount_mnt`.
                     let mount = vfsmnt.wrapping_sub(kc!(mount_mnt) as u64);
                     let parent: u64 = read_at(mount, kc!(mount_mnt_parent));
-                    if parent != 0 && parent != mount {
-                        dentry = read_at(mount, kc!(mount_mnt_mountpoint));
-                        vfsmnt = parent + kc!(mount_mnt) as u64;
-                        hops += 1;
-                        continue;
+                    if parent == 0 || parent == mount {
+                        // The namespace's root (or a detached mount): "/".
+                        if let Some(slot) = (*ev).exe.get_mut(i) {
+                            slot[0] = b'/';
+                            slot[1] = 0;
+                            depth += 1;
+                            (*ev).valid |= VALID_EXE_WHOLE;
+                        }
+                        break;
                     }
+                    dentry = read_at(mount, kc!(mount_mnt_mountpoint));
+                    vfsmnt = parent + kc!(mount_mnt) as u64;
+                    hops += 1;
+                    continue;
                 }
             }
             let name: u64 = read_at(dentry, kc!(dentry_d_name_ptr));

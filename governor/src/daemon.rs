@@ -443,29 +443,18 @@ impl Daemon {
 
     /// Appends one entry with its alert and waits until it is durable.
     async fn audit_with_alert(&self, kind: &str, detail: Value, alert: Alert) -> Option<Head> {
-        self.commit_with_alert(kind, detail, alert)
-            .await
-            .unwrap_or(None)
-    }
-
-    /// As [`Daemon::audit_with_alert`], telling a held entry (`Ok(None)`:
-    /// the state directory is full, the entry is in memory and will be
-    /// written) from one that was not recorded at all (`Err`).
-    async fn commit_with_alert(
-        &self,
-        kind: &str,
-        detail: Value,
-        alert: Alert,
-    ) -> std::result::Result<Option<Head>, String> {
-        let head = self
+        match self
             .effects
             .commit(Effect::audit(kind, None, detail).with_alert(alert))
             .await
-            .head;
-        if let Err(e) = &head {
-            log::error!("audit append of {kind} failed: {e}");
+            .head
+        {
+            Ok(h) => h,
+            Err(e) => {
+                log::error!("audit append of {kind} failed: {e}");
+                None
+            }
         }
-        head
     }
 
     /// Applies one kernel event; decisions are collected and carried out

@@ -8,7 +8,6 @@ mod setup;
 mod vm;
 
 use std::{
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -510,9 +509,10 @@ fn cargo_fuzz(root: &Path, sub: &str) -> Command {
     c
 }
 
-/// One fuzz target running under `cargo fuzz run`, in a process group of
-/// its own: dropped before it ended (xtask failing on the way), the whole
-/// group — cargo and the libFuzzer process under it — is killed and reaped.
+/// One fuzz target running under `cargo fuzz run`. It stays in xtask's
+/// process group, so Ctrl-C at the terminal reaches cargo and libFuzzer
+/// too; dropped before it ended (xtask failing on the way), its whole tree
+/// — cargo and the libFuzzer process under it — is killed and reaped.
 struct FuzzRun {
     target: String,
     child: std::process::Child,
@@ -524,13 +524,49 @@ struct FuzzRun {
 impl Drop for FuzzRun {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            // The group's id is the child's pid (process_group(0)), and the
-            // child is not reaped yet, so the id is still this group's.
-            // SAFETY: kill(2) on a process group this xtask created.
-            unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+            // The tree is read while the child (unreaped, so its pid is
+            // still its own) holds it together, then killed all at once.
+            for pid in descendants(self.child.id()) {
+                // SAFETY: kill(2) of a live descendant of our own child.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            let _ = self.child.kill();
             let _ = self.child.wait();
         }
     }
+}
+
+/// Every live descendant of `root` (children, grandchildren…), from the
+/// parent pid in each /proc/PID/stat.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`: comm may hold spaces and parens.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 /// Starts target `t` for `secs` seconds, its libFuzzer output to a log.
@@ -557,7 +593,6 @@ fn fuzz_start(root: &Path, work: &Path, t: &str, secs: u64) -> Result<FuzzRun> {
     let child = c
         .stdout(log.try_clone()?)
         .stderr(log)
-        .process_group(0)
         .spawn()
         .with_context(|| format!("failed to start cargo fuzz run {t}"))?;
     Ok(FuzzRun {

@@ -524,14 +524,22 @@ impl Daemon {
         // its strength — once it is durable, or held in memory on a full
         // disk (then the per-service entries below may be held or, past
         // the buffer, dropped and counted, without holding up any stop).
+        // The alert goes out once the entry is recorded (not with it: an
+        // engage that fails to record is rolled back below and must not
+        // page anyone as engaged).
         let engaged = self
-            .commit_with_alert(
+            .effects
+            .commit(Effect::audit(
                 "killswitch.engage",
+                None,
                 json!({"scope": scope, "reason": reason, "caller": caller, "by": by,
                        "stopping": services, "passed_over": passed}),
-                alert,
-            )
-            .await;
+            ))
+            .await
+            .head;
+        if engaged.is_ok() {
+            self.effects.submit(Effect::alert_only(alert));
+        }
         let proof = match &engaged {
             Ok(Some(h)) => h.clone(),
             // Held: the chain's head, as the pipeline hands a held entry's act.
@@ -547,6 +555,16 @@ impl Daemon {
                     "kill switch not engaged ({}): its audit entry could not be recorded ({e})",
                     scope.describe()
                 );
+                self.effects.submit(Effect::alert_only(alert_of(
+                    Severity::Critical,
+                    "kill switch",
+                    None,
+                    format!("kill switch NOT engaged ({}): {reason}", scope.describe()),
+                    format!(
+                        "by {by}; its audit entry could not be recorded ({e}), so nothing was \
+                         stopped. Fix the audit log and engage again."
+                    ),
+                )));
                 let _ = reply.send(Response::err(format!(
                     "the kill switch was not engaged and nothing was stopped: its audit entry \
                      could not be recorded ({e}). Fix the audit log (`governor doctor` says what \

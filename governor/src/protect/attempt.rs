@@ -14,7 +14,10 @@ use std::{
 };
 
 use governor_common::{
-    protect::{AttemptEvent, Op, VALID_BASE0, VALID_BASE1, VALID_KEY, VALID_PATH0, VALID_PATH1},
+    protect::{
+        AttemptEvent, Op, VALID_BASE0, VALID_BASE1, VALID_EXE_WHOLE, VALID_KEY, VALID_PATH0,
+        VALID_PATH1,
+    },
     InodeKey,
 };
 
@@ -148,7 +151,8 @@ fn exe_path(ev: &AttemptEvent) -> String {
 }
 
 /// The executable's path. The kernel side walks the dentries up to `/`,
-/// across mounts. Deeper than the `EXE_DEPTH` names it carries (or on a
+/// across mounts, and says when it got there (`VALID_EXE_WHOLE`): that path
+/// is taken as it is. Deeper than the `EXE_DEPTH` names it carries (or on a
 /// kernel whose BTF lacks `struct mount`, where the walk stops at the
 /// binary's own mount), the live process's `/proc/PID/exe` completes it
 /// when it ends with what the kernel saw (a process already gone keeps the
@@ -156,7 +160,7 @@ fn exe_path(ev: &AttemptEvent) -> String {
 fn exe_of(ev: &AttemptEvent) -> String {
     let seen = exe_path(ev);
     let tail = seen.trim_start_matches('…');
-    if tail.is_empty() {
+    if tail.is_empty() || ev.valid & VALID_EXE_WHOLE != 0 {
         return seen;
     }
     match std::fs::read_link(format!("/proc/{}/exe", ev.pid)) {
@@ -258,6 +262,25 @@ pub fn decode(
 
 #[cfg(test)]
 mod tests {
+    /// A kernel walk that reached `/` across mounts is taken as it is; one
+    /// that didn't is completed from the live process's /proc/PID/exe.
+    #[test]
+    fn a_whole_exe_path_is_the_kernels() {
+        // SAFETY: AttemptEvent is plain old data (repr(C) integers and byte
+        // arrays): all zeroes is a valid value.
+        let mut ev: super::AttemptEvent = unsafe { std::mem::zeroed() };
+        let own = std::fs::read_link("/proc/self/exe").unwrap();
+        let leaf = own.file_name().unwrap().to_str().unwrap();
+        for (slot, name) in ev.exe.iter_mut().zip([leaf, "/"]) {
+            slot[..name.len()].copy_from_slice(name.as_bytes());
+        }
+        ev.exe_depth = 2;
+        ev.pid = std::process::id();
+        // Mount-relative as far as user space can tell: /proc completes it.
+        assert_eq!(super::exe_of(&ev), own.to_str().unwrap());
+        ev.valid |= super::VALID_EXE_WHOLE;
+        assert_eq!(super::exe_of(&ev), format!("/{leaf}"));
+    }
 
     /// Found by the event_decode fuzz target (fuzz/regressions/event_decode/
     /// ret-i64-min): a record whose result is i64::MIN made errno_name
